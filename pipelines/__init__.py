@@ -1,0 +1,1 @@
+"""pipelines: stage one (build), stage two (train), evaluation and the `richkd-cache` CLI."""
