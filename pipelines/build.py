@@ -1,0 +1,269 @@
+"""Stage one: dataset -> teacher + CLIP forward (no grad) -> a Zarr cache with its manifest.
+
+Every write block of rows is computed, written whole in one call and only then flagged in `written`
+(cache_store does the flagging), so a build killed at any moment resumes where it stopped and ends
+identical to an uninterrupted one. Writes run on a background thread so they overlap the next forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from cache_store import CacheLayout, CacheWriter, choose_block_rows, create_cache, open_cache
+from pipelines.config import BuildConfig
+from pipelines.progress import Reporter
+from richkd_cache.clip import ClipTeacher, load_clip, resolve_clip
+from richkd_cache.clip_logits import clip_logits
+from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
+from richkd_cache.errors import ConfigError
+from richkd_cache.models import load_checkpoint
+from richkd_cache.prompts import (
+    PromptSet,
+    get_prompt_set,
+    load_prompt_file,
+    prompt_set_manifest,
+)
+
+# views/params columns: the crop as fractions of the image (top, left, height, width) and the flip.
+VIEW_PARAM_NAMES = ("top", "left", "height", "width", "hflip")
+CLEAN_VIEW = np.array([0.0, 0.0, 1.0, 1.0, 0.0], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Teacher:
+    model: torch.nn.Module
+    arch: str
+    manifest: dict
+
+
+def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
+    """Build (or resume) the cache at cfg.out and return its location."""
+    device = resolve_device(cfg.device)
+    dataset = create_dataset(cfg.dataset, cfg.data_root, cfg.split)
+    teacher = setup_teacher(cfg.teacher, cfg.teacher_checkpoint, dataset, device)
+    clip = load_clip(resolve_clip(cfg.clip, cfg.clip_pretrained, cfg.clip_checkpoint), device=device)
+    prompt_sets = [resolve_prompt_set(p, cfg.dataset) for p in cfg.prompts]
+    layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip)
+    manifest = build_manifest(cfg, dataset, teacher, clip)
+    writer = create_cache(cfg.out, layout, manifest, overwrite=cfg.overwrite)
+    store_prompt_sets(writer, clip, prompt_sets, dataset.classes)
+    forward_blocks(writer, dataset, teacher, clip, device, cfg.batch_size, cfg.workers, reporter)
+    writer.update_manifest(**accuracy_summary(cfg.out, dataset.num_classes))
+    writer.finalize()
+    return cfg.out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} was asked for but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def setup_teacher(arch: str | None, checkpoint: str, dataset: ImageDataset, device: torch.device) -> Teacher:
+    """Load the teacher strictly; its class count must be the dataset's."""
+    model, meta = load_checkpoint(checkpoint, arch=arch, num_classes=dataset.num_classes)
+    model = model.to(device).eval()
+    resolved_arch = arch or meta["arch"]
+    manifest = {
+        "arch": resolved_arch,
+        "checkpoint": checkpoint,
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "num_features": model.num_features,
+        "mean": list(dataset.mean),
+        "std": list(dataset.std),
+    }
+    return Teacher(model=model, arch=resolved_arch, manifest=manifest)
+
+
+def resolve_prompt_set(name_or_file: str, dataset: str) -> PromptSet:
+    """A shipped set by name, or a user set from a .toml/.json file."""
+    if name_or_file.endswith((".toml", ".json")):
+        return load_prompt_file(name_or_file)
+    return get_prompt_set(name_or_file, dataset)
+
+
+def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: ClipTeacher) -> CacheLayout:
+    """Chunks of whole write blocks, a few MB each (DESIGN.md section 3)."""
+    row_bytes = 2 * (num_classes + teacher_dim + clip.embed_dim + clip.feature_dim)
+    return CacheLayout(
+        num_samples=num_samples,
+        num_views=1,
+        num_classes=num_classes,
+        teacher_dim=teacher_dim,
+        clip_embed_dim=clip.embed_dim,
+        clip_feature_dim=clip.feature_dim,
+        view_param_dim=len(VIEW_PARAM_NAMES),
+        block_rows=min(choose_block_rows(row_bytes), max(num_samples, 1)),
+    )
+
+
+def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, clip: ClipTeacher) -> dict:
+    """Provenance: what produced every array. `build_key` is what a resumed build must match."""
+    fingerprint = dataset_fingerprint(dataset)
+    clip_manifest = clip.manifest()
+    dataset_manifest = {
+        "name": cfg.dataset,
+        "split": dataset.split,
+        "root": dataset.root,
+        "num_samples": len(dataset),
+        "num_classes": dataset.num_classes,
+        "classes": list(dataset.classes),
+        "fingerprint": fingerprint,
+    }
+    views = {"num_views": 1, "policy": "clean", "param_names": list(VIEW_PARAM_NAMES), "seed": None}
+    build_key = {
+        "dataset_fingerprint": fingerprint,
+        "split": dataset.split,
+        "teacher_arch": teacher.arch,
+        "teacher_checkpoint_sha256": teacher.manifest["checkpoint_sha256"],
+        "clip": {k: clip_manifest.get(k) for k in ("arch", "pretrained", "checkpoint_sha256")},
+        "views": views["policy"],
+    }
+    return {
+        "tool": {"name": "richkd-cache", "version": importlib.metadata.version("richkd-cache")},
+        "versions": {
+            "torch": torch.__version__,
+            "open_clip": importlib.metadata.version("open_clip_torch"),
+        },
+        "dataset": dataset_manifest,
+        "views": views,
+        "teacher": teacher.manifest,
+        "clip": clip_manifest,
+        "build_key": build_key,
+    }
+
+
+def store_prompt_sets(
+    writer: CacheWriter, clip: ClipTeacher, prompt_sets: list[PromptSet], classes: list[str]
+) -> None:
+    """Per-template text embeddings [M, C, D]: prompt sets stay a training-time choice (eq. 2-3)."""
+    for ps in prompt_sets:
+        embeds = clip.encode_prompt_set(ps, classes)
+        writer.put_text_embeddings(ps.name, embeds, prompt_set_manifest(ps, classes))
+
+
+def forward_blocks(
+    writer: CacheWriter,
+    dataset: ImageDataset,
+    teacher: Teacher,
+    clip: ClipTeacher,
+    device: torch.device,
+    batch_size: int,
+    workers: int,
+    reporter: Reporter,
+) -> None:
+    """Run teacher and CLIP over every pending block; a writer thread stores finished blocks."""
+    pending = writer.pending_blocks()
+    ranges = [writer.block_range(b) for b in pending]
+    rows = [i for start, stop in ranges for i in range(start, stop)]
+    if not rows:
+        return
+    loader = DataLoader(
+        Subset(dataset, rows),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    forward = make_forward(teacher, clip, dataset, device)
+    with reporter.task("build", total=len(rows), unit="img") as advance, ThreadPoolExecutor(1) as pool:
+        writes: list[Future] = []
+        for block, arrays in zip(pending, assemble_blocks(ranges, map(forward, loader))):
+            writes.append(pool.submit(writer.write_block, block, arrays))
+            advance(len(arrays["labels"]))
+            raise_finished_errors(writes)
+        for w in writes:
+            w.result()
+
+
+def raise_finished_errors(writes: list[Future]) -> None:
+    """Surface a failed write (e.g. non-finite outputs) at once instead of after the whole split."""
+    for w in writes:
+        if w.done() and w.exception() is not None:
+            raise w.exception()
+
+
+def make_forward(
+    teacher: Teacher, clip: ClipTeacher, dataset: ImageDataset, device: torch.device
+) -> Callable[[dict], dict[str, np.ndarray]]:
+    """One batch of clean views -> numpy rows for every sample-axis array (V = 1)."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    @torch.no_grad()
+    def forward(batch: dict) -> dict[str, np.ndarray]:
+        images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) uint8
+        with autocast:
+            logits, feats = teacher.model(normalize(images, dataset.mean, dataset.std))
+            embeds, clip_feats = clip.encode_images(images)
+        n = images.shape[0]
+
+        def rows(t: torch.Tensor) -> np.ndarray:  # (B, X) -> (B, 1, X) float32
+            return t.float().cpu().numpy()[:, None, :]
+
+        return {
+            "labels": batch["label"].numpy().astype(np.int32),
+            "views/params": np.broadcast_to(CLEAN_VIEW, (n, 1, CLEAN_VIEW.size)).copy(),
+            "teacher/logits": rows(logits),
+            "teacher/features": rows(feats),
+            "clip/image_embeds": rows(embeds),
+            "clip/features": rows(clip_feats),
+        }
+
+    return forward
+
+
+def assemble_blocks(
+    ranges: list[tuple[int, int]], batches: Iterator[dict[str, np.ndarray]]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Regroup a stream of batches (in row order) into whole write blocks of the given sizes."""
+    held: dict[str, list[np.ndarray]] = {}
+    held_rows = 0
+    sizes = iter(stop - start for start, stop in ranges)
+    need = next(sizes)
+    for batch in batches:
+        for name, value in batch.items():
+            held.setdefault(name, []).append(value)
+        held_rows += len(batch["labels"])
+        while need is not None and held_rows >= need:
+            joined = {name: np.concatenate(parts) for name, parts in held.items()}
+            yield {name: value[:need] for name, value in joined.items()}
+            held = {name: [value[need:]] for name, value in joined.items()}
+            held_rows -= need
+            need = next(sizes, None)
+
+
+def accuracy_summary(url: str, num_classes: int) -> dict:
+    """Teacher top-1 and CLIP zero-shot top-1 per stored prompt set, from the cache itself."""
+    reader = open_cache(url, require_complete=False)
+    labels = reader.load("labels").astype(np.int64)
+    teacher_logits = reader.load("teacher/logits")[:, 0].astype(np.float32)
+    embeds = torch.from_numpy(reader.load("clip/image_embeds")[:, 0].astype(np.float32))
+    tau = reader.manifest["clip"]["tau"]
+    zero_shot = {}
+    for name in reader.prompt_sets():
+        text = torch.from_numpy(reader.text_embeddings(name))
+        zero_shot[name] = top1(clip_logits(embeds, text, tau).numpy(), labels)
+    teacher = dict(reader.manifest["teacher"], accuracy=top1(teacher_logits, labels))
+    clip_manifest = dict(reader.manifest["clip"], zero_shot_accuracy=zero_shot)
+    return {"teacher": teacher, "clip": clip_manifest}
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(axis=1) == labels).mean()) if len(labels) else 0.0
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+

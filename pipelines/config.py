@@ -1,0 +1,99 @@
+"""Typed configuration filled once at the edge (the CLI or a recipe) and passed down read-only.
+
+Below the pipelines, functions take plain arguments; only `run_build(cfg)` and `run_train(cfg)` see these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from richkd_cache.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides what stage one computes (and so what a resumed build must match)."""
+
+    dataset: str
+    data_root: str | None
+    split: str
+    teacher: str | None
+    teacher_checkpoint: str
+    clip: str
+    clip_pretrained: str | None
+    clip_checkpoint: str | None
+    prompts: tuple[str, ...]
+    out: str
+    batch_size: int = 256
+    workers: int = 4
+    device: str = "cpu"
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One stage-two run. `cache=None` means plain cross-entropy (how a teacher is made)."""
+
+    student: str
+    out: str
+    cache: str | None = None
+    dataset: str | None = None
+    data_root: str | None = None
+    target: str | None = None  # ce | kd | clip | richkd; None: richkd with a cache, ce without
+    method: str = "kd"  # the logit loss applied to the target logits
+    feature_loss: str | None = "cosine"
+    alpha: float = 0.7  # eq. 4
+    temperature: float = 3.0  # eq. 5
+    lam: float = 0.7  # eq. 7
+    beta: float = 3.0  # eq. 9
+    gamma: float = 0.8  # eq. 9
+    prompts: str | None = None  # None: the first prompt set stored in the cache
+    clip_renormalize: bool = False
+    clip_tau: float | None = None
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float | None = None  # None: 0.05, or 0.01 for MobileNet/ShuffleNet students
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] = (150, 180, 210)
+    lr_decay: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+    workers: int = 4
+    resume: bool = False
+    quiet: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def resolved_target(self) -> str:
+        if self.target is not None:
+            return self.target
+        return "richkd" if self.cache else "ce"
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """A recipe is a TOML table of TrainConfig fields shipped in pipelines/recipes/NAME.toml."""
+    available = list_recipes()
+    if name not in available:
+        raise ConfigError(f"unknown recipe {name!r}; available: {', '.join(available) or 'none'}")
+    text = resources.files("pipelines.recipes").joinpath(f"{name}.toml").read_text()
+    table = tomllib.loads(text)
+    check_fields(TrainConfig, table, f"recipe {name}")
+    return table
+
+
+def list_recipes() -> list[str]:
+    folder = resources.files("pipelines.recipes")
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def check_fields(cls: type, table: dict[str, Any], where: str) -> None:
+    """Reject unknown keys: a typo in a recipe must not silently fall back to a default."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}")

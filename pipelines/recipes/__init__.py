@@ -1,0 +1,1 @@
+"""The paper's experiments as TOML tables of `richkd-cache train` settings."""
