@@ -1,0 +1,378 @@
+"""Stage two: images + cache -> student checkpoint and per-epoch metrics.
+
+No teacher and no CLIP model is ever built here. The cached arrays are read whole once, turned into
+the distillation targets once (eq. 2-4 and 7 do not depend on the student), and gathered by sample
+index per batch, so a step costs what a plain cross-entropy step costs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from cache_store import CacheReader, open_cache
+from pipelines.config import TrainConfig
+from pipelines.progress import Reporter
+from richkd_cache.clip_logits import clip_logits
+from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize, random_crop_flip
+from richkd_cache.distill import DistillObjective, build_targets, create_objective, fit_feature_map
+from richkd_cache.errors import ConfigError, DataError
+from richkd_cache.models import create_model, save_checkpoint, uses_small_lr
+
+# Settings that do not change what a run computes; everything else must match to resume.
+_NOT_IDENTITY = ("resume", "quiet", "epochs", "workers", "device", "out")
+
+
+@dataclass
+class Targets:
+    """Distillation targets for every training row, on the training device."""
+
+    logits: torch.Tensor | None  # (N, C) float32
+    features: torch.Tensor | None  # (N, Ft) float32
+
+
+@dataclass
+class RunState:
+    epoch: int
+    best_top1: float
+    history: list[dict]
+
+
+def run_train(cfg: TrainConfig, reporter: Reporter) -> dict:
+    """Train one student; returns the summary also written to OUT/summary.json."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    cache = open_cache(cfg.cache) if cfg.cache else None
+    train_set, val_set = setup_data(cfg, cache)
+    targets = setup_targets(cfg, cache, train_set, device) if cache else Targets(None, None)
+    student = create_model(cfg.student, train_set.num_classes).to(device)
+    objective = setup_objective(cfg, student, targets, len(train_set)).to(device)
+    optimizer, scheduler = setup_optimizer(cfg, student, objective)
+    state = restore(out, cfg, student, objective, optimizer, scheduler) if cfg.resume else None
+    state = state or RunState(epoch=0, best_top1=0.0, history=[])
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {**asdict(cfg), "target": cfg.resolved_target})
+    images = setup_images(train_set, device)
+    val_images = setup_images(val_set, device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * state.epoch)
+    for epoch in range(state.epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        train_stats = train_epoch(
+            student, objective, optimizer, images, train_set, targets, cfg, epoch, generator, reporter
+        )
+        top1, top5 = evaluate(student, val_images, val_set, cfg.batch_size)
+        scheduler.step()
+        seconds = time.perf_counter() - t0
+        state.best_top1 = max(state.best_top1, top1)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **train_stats,
+               "val_top1": top1, "val_top5": top5, "best_top1": state.best_top1, "epoch_s": seconds}
+        state.history.append(row)
+        state.epoch = epoch + 1
+        save_run(out, cfg, student, objective, optimizer, scheduler, state, train_set.num_classes, top1)
+        reporter.info(
+            f"epoch {epoch + 1}/{cfg.epochs}  loss {train_stats['loss']:.3f}  "
+            f"top1 {top1:.2f}  top5 {top5:.2f}  best {state.best_top1:.2f}  ({seconds:.1f}s)"
+        )
+    summary = summarize(cfg, state)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} was asked for but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- data and targets
+
+
+def setup_data(cfg: TrainConfig, cache: CacheReader | None) -> tuple[ImageDataset, ImageDataset]:
+    """The dataset named on the command line, else the one the cache records (its root is a default)."""
+    recorded = cache.manifest["dataset"] if cache else {}
+    name = cfg.dataset or recorded.get("name")
+    if name is None:
+        raise ConfigError("no dataset: pass --dataset NAME (and --data-root DIR) or --cache CACHE")
+    root = cfg.data_root or recorded.get("root")
+    train_set = create_dataset(name, root, "train")
+    val_set = create_dataset(name, root, "val")
+    if cache:
+        check_cache_matches(cache, train_set, name)
+    return train_set, val_set
+
+
+def check_cache_matches(cache: CacheReader, dataset: ImageDataset, name: str) -> None:
+    """Refuse to train against data the cache was not built from, naming what differs."""
+    recorded = cache.manifest["dataset"]
+    differences = []
+    if recorded.get("split") != dataset.split:
+        differences.append(f"split ({recorded.get('split')} in the cache, {dataset.split} here)")
+    if recorded.get("num_classes") != dataset.num_classes:
+        differences.append(
+            f"class count ({recorded.get('num_classes')} in the cache, {dataset.num_classes} here)"
+        )
+    elif list(recorded.get("classes", [])) != list(dataset.classes):
+        differences.append("class names")
+    if recorded.get("num_samples") != len(dataset):
+        differences.append(f"sample count ({recorded.get('num_samples')} in the cache, {len(dataset)} here)")
+    elif recorded.get("fingerprint") != dataset_fingerprint(dataset):
+        differences.append("fingerprint (same size, but images, labels or order differ)")
+    if differences:
+        raise DataError(
+            f"cache {cache.url} was built from other data than {name} at {dataset.root}: "
+            + "; ".join(differences)
+        )
+
+
+def setup_targets(cfg: TrainConfig, cache: CacheReader, dataset: ImageDataset, device: torch.device) -> Targets:
+    """Read the cache whole once and compute z_C (eq. 2-3), z_F (eq. 4) and f_F (eq. 7) for every row."""
+    target = cfg.resolved_target
+    if target == "ce":
+        return Targets(None, None)
+    prompts = cfg.prompts or cache.prompt_sets()[0]
+    arrays = cache.load_many(["teacher/logits", "teacher/features", "clip/image_embeds", "clip/features"])
+    # V = 1: the clean view of each sample; (N, 1, X) float16 -> (N, X) float32
+    t_logits, t_feats, c_embeds, c_feats = (
+        torch.from_numpy(arrays[k][:, 0].astype(np.float32))
+        for k in ("teacher/logits", "teacher/features", "clip/image_embeds", "clip/features")
+    )
+    tau = cfg.clip_tau if cfg.clip_tau is not None else cache.manifest["clip"]["tau"]
+    text = torch.from_numpy(cache.text_embeddings(prompts))
+    c_logits = clip_logits(c_embeds, text, tau, renormalize=cfg.clip_renormalize)
+    fmap = fit_feature_map(c_feats, t_feats) if target in ("clip", "richkd") else None
+    built = build_targets(
+        target,
+        teacher_logits=t_logits,
+        clip_logits=c_logits,
+        teacher_feats=t_feats,
+        clip_feats=c_feats,
+        alpha=cfg.alpha,
+        lam=cfg.lam,
+        fmap=fmap,
+    )
+    logits, feats = built.get("logits"), built.get("features")
+    return Targets(
+        logits=None if logits is None else logits.to(device),
+        features=None if feats is None or cfg.feature_loss is None else feats.to(device),
+    )
+
+
+def setup_images(dataset: ImageDataset, device: torch.device) -> torch.Tensor | None:
+    """CIFAR-sized sets live on the device as one uint8 tensor (N, 3, H, W); batches are index slices."""
+    images = getattr(dataset, "images", None)
+    if images is None:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+
+
+def batches(
+    images: torch.Tensor | None, dataset: ImageDataset, batch_size: int, order: torch.Tensor, workers: int = 0
+):
+    """Yield (index (B,), images uint8 (B, 3, H, W), labels (B,)) in the given order."""
+    labels = torch.from_numpy(dataset.labels)
+    if images is not None:
+        labels = labels.to(images.device)
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size].to(images.device)
+            yield index, images[index], labels[index]
+        return
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, order.tolist()), batch_size=batch_size, num_workers=workers
+    )
+    for batch in loader:
+        yield batch["index"], batch["image"], batch["label"]
+
+
+# ---------------------------------------------------------------- model, loss, optimiser
+
+
+def setup_objective(cfg: TrainConfig, student: torch.nn.Module, targets: Targets, num_samples: int) -> DistillObjective:
+    target = cfg.resolved_target
+    feature_loss = cfg.feature_loss if targets.features is not None else None
+    if cfg.feature_loss and target != "ce" and targets.features is None:
+        raise ConfigError(f"--feature-loss {cfg.feature_loss} needs target features, which target {target} lacks")
+    return create_objective(
+        target,
+        cfg.method if target != "ce" else None,
+        feature_loss,
+        student_dim=student.num_features,
+        target_dim=targets.features.shape[1] if targets.features is not None else None,
+        num_samples=num_samples,
+        beta=cfg.beta,
+        gamma=cfg.gamma,
+        temperature=cfg.temperature,
+    )
+
+
+def setup_optimizer(cfg: TrainConfig, student: torch.nn.Module, objective: torch.nn.Module):
+    """mdistiller's CIFAR recipe: SGD momentum 0.9, x0.1 at the milestones, weight decay 5e-4."""
+    lr = cfg.lr if cfg.lr is not None else (0.01 if uses_small_lr(cfg.student) else 0.05)
+    params = list(student.parameters()) + list(objective.parameters())
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.lr_decay)
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------- loops
+
+
+def train_epoch(
+    student: torch.nn.Module,
+    objective: DistillObjective,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor | None,
+    dataset: ImageDataset,
+    targets: Targets,
+    cfg: TrainConfig,
+    epoch: int,
+    generator: torch.Generator,
+    reporter: Reporter,
+) -> dict[str, float]:
+    student.train()
+    objective.train()
+    device = next(student.parameters()).device
+    order = torch.randperm(len(dataset), generator=generator, device=generator.device)
+    sums: dict[str, float] = {}
+    correct = seen = 0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with reporter.task(f"epoch {epoch + 1}", total=len(dataset)) as advance:
+        for index, x, y in batches(images, dataset, cfg.batch_size, order, cfg.workers):
+            x, y, index = x.to(device), y.to(device), index.to(device)
+            x = normalize(random_crop_flip(x, padding=x.shape[-1] // 8, generator=generator), dataset.mean, dataset.std)
+            with autocast:
+                logits, feats = student(x)
+                terms = objective(
+                    logits.float(),
+                    feats.float(),
+                    y,
+                    target_logits=None if targets.logits is None else targets.logits[index],
+                    target_feats=None if targets.features is None else targets.features[index],
+                    index=index,
+                    epoch=epoch,
+                )
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                raise ConfigError(f"the loss became {loss.item()} at epoch {epoch + 1}; lower --lr or the loss weights")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.item() * len(y)
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            advance(len(y))
+    stats = {f"train_{k}" if k != "loss" else "loss": v / seen for k, v in sums.items()}
+    stats["train_top1"] = 100.0 * correct / seen
+    return stats
+
+
+@torch.no_grad()
+def evaluate(
+    student: torch.nn.Module, images: torch.Tensor | None, dataset: ImageDataset, batch_size: int
+) -> tuple[float, float]:
+    """Top-1 and top-5 (%) on the clean validation images."""
+    student.eval()
+    device = next(student.parameters()).device
+    order = torch.arange(len(dataset))
+    correct1 = correct5 = 0
+    k = min(5, dataset.num_classes)
+    for _, x, y in batches(images, dataset, max(batch_size, 256), order):
+        x, y = x.to(device), y.to(device)
+        logits, _ = student(normalize(x, dataset.mean, dataset.std))
+        top = logits.topk(k, dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=1).sum().item()
+    n = max(len(dataset), 1)
+    return 100.0 * correct1 / n, 100.0 * correct5 / n
+
+
+# ---------------------------------------------------------------- checkpoints, metrics, resume
+
+
+def run_identity(cfg: TrainConfig) -> str:
+    fields = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_run(out: Path, cfg: TrainConfig, student, objective, optimizer, scheduler, state: RunState,
+             num_classes: int, top1: float) -> None:
+    """last.pth and best.pth in mdistiller's layout; resume.pth with everything else; metrics.parquet."""
+    meta = {"config": run_identity(cfg), "target": cfg.resolved_target, "cache": cfg.cache}
+    save_checkpoint(str(out / "last.pth"), student, arch=cfg.student, num_classes=num_classes,
+                    epoch=state.epoch, best_acc=state.best_top1, extra=meta)
+    if top1 >= state.best_top1:
+        save_checkpoint(str(out / "best.pth"), student, arch=cfg.student, num_classes=num_classes,
+                        epoch=state.epoch, best_acc=state.best_top1, extra=meta)
+    resume = {
+        "identity": run_identity(cfg),
+        "student": student.state_dict(),
+        "objective": objective.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": asdict(state),
+    }
+    atomic_torch_save(resume, out / "resume.pth")
+    write_metrics(out / "metrics.parquet", state.history)
+
+
+def restore(out: Path, cfg: TrainConfig, student, objective, optimizer, scheduler) -> RunState | None:
+    """Continue from OUT/resume.pth; a file from a run with other settings is refused."""
+    path = out / "resume.pth"
+    if not path.exists():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if saved.get("identity") != run_identity(cfg):
+        raise ConfigError(
+            f"{path} belongs to a run with other settings; resume with the same settings or use another --out"
+        )
+    student.load_state_dict(saved["student"])
+    objective.load_state_dict(saved["objective"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return RunState(**saved["state"])
+
+
+def atomic_torch_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(history), tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def summarize(cfg: TrainConfig, state: RunState) -> dict:
+    last = state.history[-1] if state.history else {}
+    return {
+        "student": cfg.student,
+        "target": cfg.resolved_target,
+        "method": cfg.method if cfg.resolved_target != "ce" else None,
+        "epochs": state.epoch,
+        "seed": cfg.seed,
+        "last_top1": last.get("val_top1", math.nan),
+        "last_top5": last.get("val_top5", math.nan),
+        "best_top1": state.best_top1,
+        "out": cfg.out,
+    }
