@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from cache_store import CacheLayout, CacheWriter, choose_block_rows, create_cache, open_cache
-from pipelines.config import BuildConfig
+from pipelines.config import BuildConfig, resolve_device
 from pipelines.progress import Reporter
+from pipelines.summary import prompt_set_accuracy
 from richkd_cache.clip import ClipTeacher, load_clip, resolve_clip
-from richkd_cache.clip_logits import clip_logits
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.errors import ConfigError
 from richkd_cache.models import load_checkpoint
@@ -56,15 +56,10 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
     writer = create_cache(cfg.out, layout, manifest, overwrite=cfg.overwrite)
     store_prompt_sets(writer, clip, prompt_sets, dataset.classes)
     forward_blocks(writer, dataset, teacher, clip, device, cfg.batch_size, cfg.workers, reporter)
-    writer.update_manifest(**accuracy_summary(cfg.out, dataset.num_classes))
+    writer.update_manifest(**accuracy_summary(cfg.out))
     writer.finalize()
     return cfg.out
 
-
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but no CUDA device is available; use --device cpu")
-    return torch.device(name)
 
 
 def setup_teacher(arch: str | None, checkpoint: str, dataset: ImageDataset, device: torch.device) -> Teacher:
@@ -240,24 +235,13 @@ def assemble_blocks(
             need = next(sizes, None)
 
 
-def accuracy_summary(url: str, num_classes: int) -> dict:
+def accuracy_summary(url: str) -> dict:
     """Teacher top-1 and CLIP zero-shot top-1 per stored prompt set, from the cache itself."""
     reader = open_cache(url, require_complete=False)
-    labels = reader.load("labels").astype(np.int64)
-    teacher_logits = reader.load("teacher/logits")[:, 0].astype(np.float32)
-    embeds = torch.from_numpy(reader.load("clip/image_embeds")[:, 0].astype(np.float32))
-    tau = reader.manifest["clip"]["tau"]
-    zero_shot = {}
-    for name in reader.prompt_sets():
-        text = torch.from_numpy(reader.text_embeddings(name))
-        zero_shot[name] = top1(clip_logits(embeds, text, tau).numpy(), labels)
-    teacher = dict(reader.manifest["teacher"], accuracy=top1(teacher_logits, labels))
-    clip_manifest = dict(reader.manifest["clip"], zero_shot_accuracy=zero_shot)
-    return {"teacher": teacher, "clip": clip_manifest}
-
-
-def top1(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(axis=1) == labels).mean()) if len(labels) else 0.0
+    rows = prompt_set_accuracy(reader, alpha=0.7)
+    teacher = dict(reader.manifest["teacher"], accuracy=rows[0]["teacher_top1"] if rows else None)
+    zero_shot = {r["prompt_set"]: r["clip_top1"] for r in rows}
+    return {"teacher": teacher, "clip": dict(reader.manifest["clip"], zero_shot_accuracy=zero_shot)}
 
 
 def file_sha256(path: str) -> str:

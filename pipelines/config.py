@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import torch
+
 from richkd_cache.errors import ConfigError
 
 
@@ -30,7 +32,7 @@ class BuildConfig:
     out: str
     batch_size: int = 256
     workers: int = 4
-    device: str = "cpu"
+    device: str = "auto"
     overwrite: bool = False
 
 
@@ -62,7 +64,7 @@ class TrainConfig:
     milestones: tuple[int, ...] = (150, 180, 210)
     lr_decay: float = 0.1
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
     workers: int = 4
     resume: bool = False
     quiet: bool = False
@@ -97,3 +99,12 @@ def check_fields(cls: type, table: dict[str, Any], where: str) -> None:
     unknown = sorted(set(table) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks the GPU when there is one; asking for CUDA without one is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} was asked for but no CUDA device is available; use --device cpu")
+    return torch.device(name)

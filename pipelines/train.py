@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cache_store import CacheReader, open_cache
-from pipelines.config import TrainConfig
+from pipelines.config import TrainConfig, resolve_device
 from pipelines.progress import Reporter
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize, random_crop_flip
@@ -89,11 +89,6 @@ def run_train(cfg: TrainConfig, reporter: Reporter) -> dict:
     write_json(out / "summary.json", summary)
     return summary
 
-
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but no CUDA device is available; use --device cpu")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------- data and targets

@@ -1,0 +1,276 @@
+"""The `richkd-cache` command line. Each command fills a config once and calls one pipeline function.
+
+Anything a user can get wrong ends as one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cache_store import CacheError
+
+from pipelines.config import BuildConfig, TrainConfig, check_fields, list_recipes, load_recipe
+from pipelines.progress import Reporter
+from richkd_cache.errors import RichKDError
+
+app = typer.Typer(
+    name="richkd-cache",
+    help="Cache the teacher and CLIP once (build), then distill students at the cost of plain training (train).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+prompts_app = typer.Typer(help="Prompt sets stored in a cache.", no_args_is_help=True)
+app.add_typer(prompts_app, name="prompts")
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+EXIT_USER_ERROR = 2
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors a user can cause into one line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (RichKDError, CacheError) as e:
+            err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+        except ModuleNotFoundError as e:
+            err_console.print(
+                f"[red]error:[/red] missing package {e.name!r}; install it (for object stores: "
+                "pip install 'richkd-cache[s3]' or 'richkd-cache[gcs]')",
+                soft_wrap=True,
+            )
+        except KeyboardInterrupt:
+            err_console.print("interrupted: re-run the same command to resume", soft_wrap=True)
+        raise typer.Exit(EXIT_USER_ERROR)
+
+    return wrapper
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@app.command()
+@user_errors
+def build(
+    out: Annotated[str, typer.Option(help="Cache location: a directory NAME.zarr or a URL (s3://bucket/NAME.zarr).")],
+    teacher_checkpoint: Annotated[str, typer.Option(help="Teacher weights (mdistiller layout or ours).")],
+    dataset: Annotated[str, typer.Option(help="cifar10, cifar100, imagefolder or digits.")] = "cifar100",
+    data_root: Annotated[Optional[str], typer.Option(help="Folder holding the dataset files.")] = None,
+    split: Annotated[str, typer.Option(help="Split to cache (train for distillation).")] = "train",
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher architecture (read from our checkpoints if omitted).")] = None,
+    clip: Annotated[str, typer.Option(help="CLIP model: OpenAI name (ViT-L/14) or open_clip name.")] = "ViT-L/14",
+    clip_pretrained: Annotated[Optional[str], typer.Option(help="open_clip pretrained tag (openai for OpenAI names).")] = None,
+    clip_checkpoint: Annotated[Optional[str], typer.Option(help="Local CLIP weights file instead of a download.")] = None,
+    prompts: Annotated[str, typer.Option(help="Prompt sets to store: names (single,multi,complex) or .toml/.json files.")] = "single,multi,complex",
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    workers: Annotated[int, typer.Option(min=0)] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace a cache built with other settings.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Stage one: run the teacher and CLIP once over a split and write the cache."""
+    from pipelines.build import run_build
+
+    cfg = BuildConfig(
+        dataset=dataset, data_root=data_root, split=split, teacher=teacher,
+        teacher_checkpoint=teacher_checkpoint, clip=clip, clip_pretrained=clip_pretrained,
+        clip_checkpoint=clip_checkpoint, prompts=split_list(prompts), out=out,
+        batch_size=batch_size, workers=workers, device=device, overwrite=overwrite,
+    )
+    url = run_build(cfg, Reporter(err_console, quiet=quiet))
+    out_console.print(f"cache complete: {url}")
+
+
+@app.command()
+@user_errors
+def train(
+    out: Annotated[str, typer.Option(help="Run folder: checkpoints, metrics.parquet, summary.json.")],
+    student: Annotated[Optional[str], typer.Option(help="Student architecture (see `richkd-cache models`).")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="Cache from `build`; omit to train with cross-entropy only.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the cache records).")] = None,
+    data_root: Annotated[Optional[str], typer.Option(help="Dataset folder on this machine.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="A shipped recipe; other flags override it.")] = None,
+    target: Annotated[Optional[str], typer.Option(help="ce, kd (teacher), clip or richkd (fused).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Logit loss: kd, dkd, lskd, normkd, rld.")] = None,
+    feature_loss: Annotated[Optional[str], typer.Option(help="cosine, mse, crd or none.")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Teacher weight in the fused logits (eq. 4).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature (eq. 5).")] = None,
+    lam: Annotated[Optional[float], typer.Option(help="Teacher weight in the fused features (eq. 7).")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="Logit loss weight (eq. 9).")] = None,
+    gamma: Annotated[Optional[float], typer.Option(help="Feature loss weight (eq. 9).")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="Stored prompt set for CLIP's logits.")] = None,
+    clip_tau: Annotated[Optional[float], typer.Option(help="Override CLIP's logit scale tau.")] = None,
+    clip_renormalize: Annotated[Optional[bool], typer.Option(help="Re-normalise the mean text embedding (CLIP notebook).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Default 0.05 (0.01 for MobileNet/ShuffleNet).")] = None,
+    milestones: Annotated[Optional[str], typer.Option(help="Epochs where lr x0.1, e.g. 150,180,210.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option()] = None,
+    seeds: Annotated[str, typer.Option(help="One seed, or several (0,1,2): runs each, reports mean +- std.")] = "0",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    workers: Annotated[int, typer.Option(min=0)] = 4,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pth.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Stage two: train a student from a cache (or with cross-entropy alone, without one)."""
+    from pipelines.train import run_train
+
+    given = {
+        "student": student, "cache": cache, "dataset": dataset, "data_root": data_root, "target": target,
+        "method": method, "alpha": alpha, "temperature": temperature, "lam": lam, "beta": beta,
+        "gamma": gamma, "prompts": prompts, "clip_tau": clip_tau, "clip_renormalize": clip_renormalize,
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+        "milestones": tuple(int(m) for m in split_list(milestones)) if milestones else None,
+    }
+    settings: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if feature_loss is not None:
+        settings["feature_loss"] = None if feature_loss == "none" else feature_loss
+    if "milestones" in settings:
+        settings["milestones"] = tuple(settings["milestones"])
+    if "student" not in settings:
+        raise typer.BadParameter("--student is required (or a --recipe that names one)")
+    check_fields(TrainConfig, settings, "train")
+    base = TrainConfig(out=out, device=device, workers=workers, resume=resume, quiet=quiet, **settings)
+    seed_list = [int(s) for s in split_list(seeds)]
+    reporter = Reporter(err_console, quiet=quiet)
+    if len(seed_list) == 1:
+        summary = run_train(replace(base, seed=seed_list[0]), reporter)
+        out_console.print(f"best top-1 {summary['best_top1']:.2f}  last top-1 {summary['last_top1']:.2f}  -> {out}")
+        return
+    summaries = [run_train(replace(base, seed=s, out=f"{out}/seed{s}"), reporter) for s in seed_list]
+    print_seed_table(summaries)
+
+
+def print_seed_table(summaries: list[dict]) -> None:
+    table = Table(title="runs over seeds")
+    for col in ("seed", "best top-1", "last top-1"):
+        table.add_column(col, justify="right")
+    for s in summaries:
+        table.add_row(str(s["seed"]), f"{s['best_top1']:.2f}", f"{s['last_top1']:.2f}")
+    for name, key in (("best top-1", "best_top1"), ("last top-1", "last_top1")):
+        values = [s[key] for s in summaries]
+        out_console.print(f"{name}: {statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}")
+    out_console.print(table)
+
+
+@app.command()
+@user_errors
+def info(
+    cache: Annotated[str, typer.Argument(help="Cache location or .zip.")],
+    alpha: Annotated[float, typer.Option(help="Teacher weight for the fused accuracy (eq. 4).")] = 0.7,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Manifest summary, arrays and sizes, completeness, and accuracy per prompt set."""
+    from pipelines.summary import cache_summary, render_summary
+
+    summary = cache_summary(cache, alpha)
+    if as_json:
+        out_console.print_json(json.dumps(summary))
+    else:
+        render_summary(summary, out_console)
+
+
+@app.command()
+@user_errors
+def verify(cache: Annotated[str, typer.Argument(help="Cache location or .zip.")]) -> None:
+    """Check structure, dtypes, NaN/Inf and the written mask; exit 1 when something is wrong."""
+    from cache_store import verify_cache
+
+    report = verify_cache(cache)
+    out_console.print(f"{cache}: status {report.status}, {report.blocks_written}/{report.blocks_total} blocks written")
+    for problem in report.problems:
+        out_console.print(f"  problem: {problem}")
+    out_console.print("ok" if report.ok else "NOT OK")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def pack(
+    cache: Annotated[str, typer.Argument(help="Complete cache to pack.")],
+    out_zip: Annotated[str, typer.Argument(help="Output .zip; `train --cache FILE.zip` reads it directly.")],
+) -> None:
+    """Pack a cache into one zip file to copy around."""
+    from cache_store import pack_cache
+
+    pack_cache(cache, out_zip)
+    out_console.print(f"packed {cache} -> {out_zip}")
+
+
+@prompts_app.command("add")
+@user_errors
+def prompts_add(
+    cache: Annotated[str, typer.Argument(help="Cache to extend.")],
+    file: Annotated[str, typer.Option(help="Prompt set file (.toml or .json), or a shipped set name.")],
+    name: Annotated[Optional[str], typer.Option(help="Name to store it under (default: the file's).")] = None,
+    clip_checkpoint: Annotated[Optional[str], typer.Option(help="Local CLIP weights if the recorded tag cannot be fetched.")] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Add a prompt set to an existing cache by running only CLIP's text tower."""
+    from pipelines.prompts import add_prompt_set
+
+    stored = add_prompt_set(cache, file, name, clip_checkpoint, device)
+    out_console.print(f"stored prompt set {stored!r} in {cache}")
+
+
+@prompts_app.command("list")
+@user_errors
+def prompts_list(cache: Annotated[str, typer.Argument(help="Cache location.")]) -> None:
+    """List the prompt sets stored in a cache."""
+    from cache_store import open_cache
+
+    for name in open_cache(cache).prompt_sets():
+        out_console.print(name)
+
+
+@app.command()
+@user_errors
+def models() -> None:
+    """List the registered model names."""
+    from richkd_cache.models import list_models
+
+    out_console.print(", ".join(list_models()))
+
+
+@app.command()
+@user_errors
+def recipes() -> None:
+    """List the shipped training recipes."""
+    out_console.print(", ".join(list_recipes()) or "none")
+
+
+@app.command()
+@user_errors
+def quickstart(
+    out: Annotated[str, typer.Option(help="Folder for the quickstart's checkpoints, cache and runs.")] = "runs/quickstart",
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs for each student.")] = 8,
+    teacher_epochs: Annotated[int, typer.Option(min=1)] = 12,
+    clip_checkpoint: Annotated[Optional[str], typer.Option(help="Real CLIP weights for --clip.")] = None,
+    clip: Annotated[str, typer.Option(help="CLIP model (a tiny random one unless weights are given).")] = "richkd-tiny",
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """The whole pipeline offline on the bundled digits dataset, in a few minutes on a laptop CPU."""
+    from pipelines.quickstart import run_quickstart
+
+    run_quickstart(out, epochs, teacher_epochs, clip, clip_checkpoint, Reporter(err_console, quiet=quiet), out_console)
+
+
+def main() -> None:
+    app()

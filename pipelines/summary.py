@@ -1,0 +1,95 @@
+"""`richkd-cache info`: what a cache holds, what it cost, and how good its targets are."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from cache_store import open_cache
+from richkd_cache.clip_logits import clip_logits
+from richkd_cache.distill import fuse_logits
+
+
+def cache_summary(url: str, alpha: float) -> dict:
+    """A JSON-ready summary; accuracies are computed from the cached arrays, so they are exact."""
+    reader = open_cache(url, require_complete=False)
+    manifest = reader.manifest
+    written = reader.written_mask()
+    summary = {
+        "url": url,
+        "status": manifest.get("status"),
+        "format_version": manifest.get("format_version"),
+        "blocks_written": int(written.sum()),
+        "blocks_total": int(written.size),
+        "dataset": {k: manifest["dataset"].get(k) for k in ("name", "split", "num_samples", "num_classes", "fingerprint")},
+        "views": manifest.get("views"),
+        "teacher": {k: manifest["teacher"].get(k) for k in ("arch", "checkpoint_sha256", "accuracy")},
+        "clip": {k: manifest["clip"].get(k) for k in ("arch", "pretrained", "checkpoint_sha256", "tau", "image_size")},
+        "arrays": reader.array_info(),
+        "bytes_per_sample_view": reader.nbytes_per_sample_view(),
+        "alpha": alpha,
+        "prompt_sets": [],
+    }
+    if manifest.get("status") == "complete":
+        summary["prompt_sets"] = prompt_set_accuracy(reader, alpha)
+    return summary
+
+
+def prompt_set_accuracy(reader, alpha: float) -> list[dict]:
+    """Per stored prompt set: CLIP zero-shot top-1, the teacher's top-1, the fused top-1 at alpha (eq. 4)."""
+    labels = torch.from_numpy(reader.load("labels").astype(np.int64))
+    z_t = torch.from_numpy(reader.load("teacher/logits")[:, 0].astype(np.float32))
+    embeds = torch.from_numpy(reader.load("clip/image_embeds")[:, 0].astype(np.float32))
+    tau = reader.manifest["clip"]["tau"]
+    teacher_top1 = top1(z_t, labels)
+    rows = []
+    for name in reader.prompt_sets():
+        z_c = clip_logits(embeds, torch.from_numpy(reader.text_embeddings(name)), tau)
+        rows.append({
+            "prompt_set": name,
+            "num_templates": int(reader.text_embeddings(name).shape[0]),
+            "clip_top1": top1(z_c, labels),
+            "teacher_top1": teacher_top1,
+            "fused_top1": top1(fuse_logits(z_t, z_c, alpha), labels),
+        })
+    return rows
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item() if len(labels) else 0.0
+
+
+def render_summary(summary: dict, console: Console) -> None:
+    ds, clip, teacher = summary["dataset"], summary["clip"], summary["teacher"]
+    console.print(f"[bold]{summary['url']}[/bold]  format {summary['format_version']}  status {summary['status']}  "
+                  f"blocks {summary['blocks_written']}/{summary['blocks_total']}")
+    console.print(f"dataset  {ds['name']} / {ds['split']}: {ds['num_samples']} samples, {ds['num_classes']} classes, "
+                  f"fingerprint {str(ds['fingerprint'])[:16]}")
+    console.print(f"teacher  {teacher['arch']}  sha256 {str(teacher['checkpoint_sha256'])[:16]}")
+    weights = clip["pretrained"] or f"checkpoint {str(clip['checkpoint_sha256'])[:16]}"
+    console.print(f"clip     {clip['arch']} ({weights}), tau {clip['tau']:.2f}, input {clip['image_size']}px")
+    arrays = Table(title="arrays")
+    for col in ("array", "dtype", "shape", "chunks", "stored"):
+        arrays.add_column(col)
+    for a in summary["arrays"]:
+        arrays.add_row(a["name"], str(a["dtype"]), str(tuple(a["shape"])), str(tuple(a["chunks"])), human_bytes(a["stored_bytes"]))
+    console.print(arrays)
+    console.print(f"stored bytes per sample-view: {summary['bytes_per_sample_view']:.0f}")
+    if summary["prompt_sets"]:
+        acc = Table(title=f"top-1 (%) on the cached split, fused at alpha={summary['alpha']}")
+        for col in ("prompt set", "templates", "CLIP zero-shot", "teacher", "fused"):
+            acc.add_column(col, justify="right")
+        for r in summary["prompt_sets"]:
+            acc.add_row(r["prompt_set"], str(r["num_templates"]), f"{r['clip_top1']:.2f}",
+                        f"{r['teacher_top1']:.2f}", f"{r['fused_top1']:.2f}")
+        console.print(acc)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
