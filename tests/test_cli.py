@@ -1,0 +1,89 @@
+"""End to end through the real CLI: train a teacher, build a cache, train a student from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    result = invoke("train", "--dataset", "digits", "--student", "resnet8", "--epochs", "1",
+                    "--device", "cpu", "--workers", "0", "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out / "last.pth"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, teacher_ckpt) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "digits.zarr"
+    result = invoke("build", "--dataset", "digits", "--teacher-checkpoint", teacher_ckpt,
+                    "--clip", "richkd-tiny", "--clip-pretrained", "random", "--prompts", "single,multi",
+                    "--device", "cpu", "--workers", "0", "--batch-size", "128", "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_build_writes_a_cache_plain_zarr_can_read(cache: Path) -> None:
+    group = zarr.open_group(str(cache), mode="r")
+    labels = group["labels"][:]
+    logits = group["teacher/logits"][:]
+    assert labels.shape == (logits.shape[0],) and logits.shape[1:] == (1, 10)
+    assert logits.dtype == np.float16 and np.isfinite(logits).all()
+    manifest = group.attrs["richkd_cache"]
+    assert manifest["status"] == "complete"
+    assert set(group["clip/text"].array_keys()) == {"single", "multi"}
+
+
+def test_train_from_cache_writes_checkpoint_and_metrics(cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "student"
+    result = invoke("train", "--cache", cache, "--student", "resnet8", "--epochs", "1",
+                    "--device", "cpu", "--workers", "0", "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [m["epoch"] for m in metrics] == [1]
+    assert {"train_ce", "train_logit", "train_feat", "val_top1", "val_top5"} <= set(metrics[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["target"] == "richkd" and 0.0 <= summary["best_top1"] <= 100.0
+    assert (out / "last.pth").exists() and (out / "best.pth").exists()
+
+
+def test_rebuilding_with_another_teacher_is_refused(cache: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    invoke("train", "--dataset", "digits", "--student", "resnet8", "--epochs", "1", "--seeds", "3",
+           "--device", "cpu", "--workers", "0", "--quiet", "--out", other)
+    result = invoke("build", "--dataset", "digits", "--teacher-checkpoint", other / "last.pth",
+                    "--clip", "richkd-tiny", "--clip-pretrained", "random", "--prompts", "single",
+                    "--device", "cpu", "--workers", "0", "--quiet", "--out", cache)
+    assert result.exit_code == 2
+    assert "--overwrite" in result.output
+
+
+def test_unknown_student_is_one_line_listing_valid_names(tmp_path: Path) -> None:
+    result = invoke("train", "--dataset", "digits", "--student", "resnet9000", "--epochs", "1",
+                    "--device", "cpu", "--quiet", "--out", tmp_path / "x")
+    assert result.exit_code == 2
+    assert "resnet8" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_cifar_root_is_one_line(tmp_path: Path) -> None:
+    result = invoke("train", "--dataset", "cifar100", "--data-root", tmp_path / "nowhere", "--student", "resnet8",
+                    "--device", "cpu", "--quiet", "--out", tmp_path / "x")
+    assert result.exit_code == 2
+    assert "cifar-100-python" in result.output and "Traceback" not in result.output
