@@ -140,7 +140,10 @@ def train(
     settings: dict[str, Any] = load_recipe(recipe) if recipe else {}
     settings.update({k: v for k, v in given.items() if v is not None})
     if feature_loss is not None:
-        settings["feature_loss"] = None if feature_loss == "none" else feature_loss
+        settings["feature_loss"] = feature_loss
+    for key in ("feature_loss", "method"):  # "none" switches a loss off
+        if settings.get(key) == "none":
+            settings[key] = None
     if "milestones" in settings:
         settings["milestones"] = tuple(settings["milestones"])
     if "student" not in settings:

@@ -46,7 +46,7 @@ class TrainConfig:
     dataset: str | None = None
     data_root: str | None = None
     target: str | None = None  # ce | kd | clip | richkd; None: richkd with a cache, ce without
-    method: str = "kd"  # the logit loss applied to the target logits
+    method: str | None = "kd"  # the logit loss applied to the target logits; None: no logit loss
     feature_loss: str | None = "cosine"
     alpha: float = 0.7  # eq. 4
     temperature: float = 3.0  # eq. 5
