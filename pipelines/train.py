@@ -241,37 +241,57 @@ def train_epoch(
     order = torch.randperm(len(dataset), generator=generator, device=generator.device)
     sums: dict[str, float] = {}
     correct = seen = 0
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with reporter.task(f"epoch {epoch + 1}", total=len(dataset)) as advance:
         for index, x, y in batches(images, dataset, cfg.batch_size, order, cfg.workers):
             x, y, index = x.to(device), y.to(device), index.to(device)
             x = normalize(random_crop_flip(x, padding=x.shape[-1] // 8, generator=generator), dataset.mean, dataset.std)
-            with autocast:
-                logits, feats = student(x)
-                terms = objective(
-                    logits.float(),
-                    feats.float(),
-                    y,
-                    target_logits=None if targets.logits is None else targets.logits[index],
-                    target_feats=None if targets.features is None else targets.features[index],
-                    index=index,
-                    epoch=epoch,
-                )
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                raise ConfigError(f"the loss became {loss.item()} at epoch {epoch + 1}; lower --lr or the loss weights")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            terms, logits = train_step(student, objective, optimizer, x, y, index, targets, epoch)
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.item() * len(y)
-            sums["loss"] = sums.get("loss", 0.0) + loss.item() * len(y)
+                sums[name] = sums.get(name, 0.0) + value * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             advance(len(y))
     stats = {f"train_{k}" if k != "loss" else "loss": v / seen for k, v in sums.items()}
     stats["train_top1"] = 100.0 * correct / seen
     return stats
+
+
+def train_step(
+    student: torch.nn.Module,
+    objective: DistillObjective,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    index: torch.Tensor,
+    targets: Targets,
+    epoch: int,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """One optimisation step on a normalised batch x (B, 3, H, W); targets are gathered by sample index.
+
+    Returns the loss terms (eq. 9, each already weighted) as floats, plus their sum as "loss", and the
+    student's logits (B, C) for accuracy.
+    """
+    device = x.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits, feats = student(x)
+    terms = objective(
+        logits.float(),
+        feats.float(),
+        y,
+        target_logits=None if targets.logits is None else targets.logits[index],
+        target_feats=None if targets.features is None else targets.features[index],
+        index=index,
+        epoch=epoch,
+    )
+    loss = sum(terms.values())
+    if not torch.isfinite(loss):
+        raise ConfigError(f"the loss became {loss.item()} at epoch {epoch + 1}; lower --lr or the loss weights")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    values = {name: value.item() for name, value in terms.items()}
+    values["loss"] = loss.item()
+    return values, logits.detach()
 
 
 @torch.no_grad()
