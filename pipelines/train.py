@@ -246,13 +246,15 @@ def train_epoch(
             x, y, index = x.to(device), y.to(device), index.to(device)
             x = normalize(random_crop_flip(x, padding=x.shape[-1] // 8, generator=generator), dataset.mean, dataset.std)
             terms, logits = train_step(student, objective, optimizer, x, y, index, targets, epoch)
-            for name, value in terms.items():
+            for name, value in terms.items():  # summed on the device: no sync per step
                 sums[name] = sums.get(name, 0.0) + value * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            correct = correct + (logits.argmax(1) == y).sum()
             seen += len(y)
             advance(len(y))
-    stats = {f"train_{k}" if k != "loss" else "loss": v / seen for k, v in sums.items()}
-    stats["train_top1"] = 100.0 * correct / seen
+    stats = {f"train_{k}" if k != "loss" else "loss": float(v) / seen for k, v in sums.items()}
+    if not math.isfinite(stats["loss"]):
+        raise ConfigError(f"the loss became {stats['loss']} in epoch {epoch + 1}; lower --lr or the loss weights")
+    stats["train_top1"] = 100.0 * float(correct) / seen
     return stats
 
 
@@ -265,11 +267,11 @@ def train_step(
     index: torch.Tensor,
     targets: Targets,
     epoch: int,
-) -> tuple[dict[str, float], torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimisation step on a normalised batch x (B, 3, H, W); targets are gathered by sample index.
 
-    Returns the loss terms (eq. 9, each already weighted) as floats, plus their sum as "loss", and the
-    student's logits (B, C) for accuracy.
+    Returns the loss terms (eq. 9, each already weighted) and their sum as "loss", detached and left on
+    the device (reading them would wait for the GPU every step), and the student's logits (B, C).
     """
     device = x.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -284,13 +286,11 @@ def train_step(
         epoch=epoch,
     )
     loss = sum(terms.values())
-    if not torch.isfinite(loss):
-        raise ConfigError(f"the loss became {loss.item()} at epoch {epoch + 1}; lower --lr or the loss weights")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    values = {name: value.item() for name, value in terms.items()}
-    values["loss"] = loss.item()
+    values = {name: value.detach() for name, value in terms.items()}
+    values["loss"] = loss.detach()
     return values, logits.detach()
 
 
