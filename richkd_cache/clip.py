@@ -1,0 +1,253 @@
+"""The frozen CLIP teacher: name resolution, loading (tags, local files, random), preprocessing, encoders.
+
+OpenAI's weights were trained with QuickGELU. open_clip will load them into its plain architecture
+(GELU) without an error, and the outputs silently change; every OpenAI name therefore resolves to the
+`-quickgelu` architecture, whatever spelling the user gives.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from richkd_cache.errors import ClipError
+from richkd_cache.prompts import PromptSet, class_prompts
+
+# OpenAI's names -> open_clip's architecture names (weights tag "openai").
+OPENAI_NAMES = {
+    "RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "RN50x16": "RN50x16", "RN50x64": "RN50x64",
+    "ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14", "ViT-L/14@336px": "ViT-L-14-336",
+}
+RANDOM = ("random", "none")  # no weights: a randomly initialised model (seeded, so reproducible)
+RANDOM_SEED = 0
+
+
+def _register_shipped_configs() -> None:
+    """Our tiny config (`richkd-tiny`) joins open_clip's registry, for the quickstart and tests."""
+    folder = resources.files("richkd_cache") / "clip_configs"
+    open_clip.add_model_config(Path(str(folder)))
+
+
+_register_shipped_configs()
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    requested: str
+    arch: str  # open_clip architecture name
+    pretrained: str | None  # weights tag, or "random"
+    checkpoint: str | None  # local weights file
+    quick_gelu: bool
+
+
+def resolve_clip(name: str, pretrained: str | None = None, checkpoint: str | None = None) -> ClipSpec:
+    """`ViT-L/14` -> ViT-L-14-quickgelu + openai; `ViT-L-14` + a tag -> as given, quickgelu if the tag's weights need it."""
+    arch = OPENAI_NAMES.get(name, name)
+    if name in OPENAI_NAMES and pretrained is None and checkpoint is None:
+        pretrained = "openai"
+    known = open_clip.list_models()
+    if arch not in known:
+        choices = list(OPENAI_NAMES) + known
+        close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see open_clip.list_models()"
+        raise ClipError(f"unknown CLIP model {name!r}{hint}")
+    if pretrained is None and checkpoint is None:
+        raise ClipError(f"CLIP {name}: say which weights: --clip-pretrained TAG, --clip-checkpoint FILE, or random")
+    if _needs_quick_gelu(arch, pretrained, name) and not arch.endswith("-quickgelu"):
+        if f"{arch}-quickgelu" not in known:
+            raise ClipError(f"{arch} weights {pretrained} need QuickGELU, but open_clip has no {arch}-quickgelu")
+        arch = f"{arch}-quickgelu"
+    quick_gelu = bool(open_clip.get_model_config(arch).get("quick_gelu", False))
+    return ClipSpec(name, arch, pretrained, checkpoint, quick_gelu)
+
+
+def _needs_quick_gelu(arch: str, pretrained: str | None, name: str) -> bool:
+    if pretrained in (None, *RANDOM):
+        return name in OPENAI_NAMES  # a local file for an OpenAI name holds OpenAI weights
+    cfg = open_clip.get_pretrained_cfg(arch, pretrained) or {}
+    return bool(cfg.get("quick_gelu", False)) or pretrained == "openai"
+
+
+class ClipTeacher:
+    """Frozen CLIP in eval mode. Images go in as uint8 batches; preprocessing happens here, on the device."""
+
+    def __init__(self, model: torch.nn.Module, spec: ClipSpec, preprocess: dict, checkpoint_sha256: str | None) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.spec = spec
+        self.preprocess = preprocess
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.tokenizer = open_clip.get_tokenizer(spec.arch)
+        self.tau = float(model.logit_scale.exp().item())  # eq. 2's temperature, CLIP's learned scale
+        size = preprocess["size"]
+        self.image_size = int(size if isinstance(size, int) else size[0])
+        self.mean, self.std = tuple(preprocess["mean"]), tuple(preprocess["std"])
+        self.embed_dim, self.feature_dim = self._dims()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _dims(self) -> tuple[int, int]:
+        probe = torch.zeros(1, 3, self.image_size, self.image_size, dtype=torch.uint8, device=self.device)
+        embeds, feats = self.encode_images(probe)
+        return embeds.shape[1], feats.shape[1]
+
+    def manifest(self) -> dict:
+        return {
+            "requested": self.spec.requested,
+            "arch": self.spec.arch,
+            "pretrained": self.spec.pretrained,
+            "checkpoint": self.spec.checkpoint,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "quick_gelu": self.spec.quick_gelu,
+            "image_size": self.image_size,
+            "resize": "shortest side, bicubic (antialiased when shrinking), centre crop",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "tau": self.tau,
+            "embed_dim": self.embed_dim,
+            "feature_dim": self.feature_dim,
+            "feature": self._feature_source(),
+            "open_clip": importlib.metadata.version("open_clip_torch"),
+        }
+
+    def _feature_source(self) -> str:
+        visual = self.model.visual
+        if isinstance(visual, open_clip.modified_resnet.ModifiedResNet):
+            return "mean-pooled last stage (input of the attention pool)"
+        if isinstance(visual, open_clip.transformer.VisionTransformer):
+            return "pooled token before the projection"
+        return "projected embedding (this tower has no separate pre-projection feature)"
+
+    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> (B, 3, S, S) float: CLIP's own resize, crop and normalisation.
+
+        Resizing happens in float and is clamped and rounded back to 0..255, as resizing the uint8
+        image with PIL (CLIP's reference preprocessing) does.
+        """
+        x = images.float()
+        h, w = x.shape[-2:]
+        scale = self.image_size / min(h, w)
+        size = (max(self.image_size, round(h * scale)), max(self.image_size, round(w * scale)))
+        if size != (h, w):
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=scale < 1)
+            x = x.clamp(0, 255).round()
+        top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
+        x = x[..., top : top + self.image_size, left : left + self.image_size]
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x / 255.0 - mean) / std
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, 3, H, W) -> (normalised embeddings (B, D), pre-projection features (B, Fc)), float32.
+
+        One pass through the tower: the feature is taken on the way to the embedding.
+        """
+        x = self.preprocess_images(images.to(self.device))
+        visual = self.model.visual
+        if isinstance(visual, open_clip.transformer.VisionTransformer):
+            tokens = visual.transformer(visual._embeds(x))
+            feats, _ = visual._pool(tokens)  # (B, width)
+            embeds = feats @ visual.proj if visual.proj is not None else feats
+        elif isinstance(visual, open_clip.modified_resnet.ModifiedResNet):
+            x = visual.stem(x.to(visual.conv1.weight.dtype))
+            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+            feats = x.mean(dim=(2, 3))  # (B, width * 32)
+            embeds = visual.attnpool(x)
+        else:
+            embeds = visual(x)
+            feats = embeds
+        return F.normalize(embeds.float(), dim=-1), feats.float()
+
+    @torch.no_grad()
+    def encode_prompt_set(self, prompt_set: PromptSet, class_names: list[str], batch_size: int = 256) -> np.ndarray:
+        """[M, C, D] float32: entry (m, c) is the mean over class c's names of the normalised text
+        embeddings of template m filled with each name. Every template uses the same names of a class,
+        so the mean over m of (m, c) is the mean over all of class c's prompts: eq. 3 stays exact."""
+        filled = class_prompts(prompt_set, class_names)  # [M][C][S_c]
+        flat = [p for per_template in filled for per_class in per_template for p in per_class]
+        embeds = []
+        for start in range(0, len(flat), batch_size):
+            tokens = self.tokenizer(flat[start : start + batch_size]).to(self.device)
+            embeds.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu())
+        flat_embeds = torch.cat(embeds)
+        out = torch.empty(len(filled), len(class_names), flat_embeds.shape[1])
+        i = 0
+        for m, per_template in enumerate(filled):
+            for c, per_class in enumerate(per_template):
+                out[m, c] = flat_embeds[i : i + len(per_class)].mean(0)
+                i += len(per_class)
+        return out.numpy()
+
+
+def load_clip(spec: ClipSpec, device: str | torch.device = "cpu") -> ClipTeacher:
+    """Build the model and load its weights: a pretrained tag, a local file, or (seeded) random."""
+    sha = None
+    if spec.checkpoint:
+        sha = _sha256(spec.checkpoint)
+        model = _create(spec.arch, None)
+        try:
+            open_clip.load_checkpoint(model, spec.checkpoint, strict=True)
+        except Exception as e:  # wrong architecture, not a checkpoint: one line
+            raise ClipError(f"CLIP checkpoint {spec.checkpoint} does not fit {spec.arch}: {_first_line(e)}") from None
+    elif spec.pretrained in RANDOM:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            model = _create(spec.arch, None)
+    else:
+        try:
+            model = _create(spec.arch, spec.pretrained)
+        except Exception as e:
+            raise ClipError(
+                f"could not fetch CLIP weights {spec.arch}/{spec.pretrained} ({_first_line(e)}); "
+                "download them where there is network and pass --clip-checkpoint FILE"
+            ) from None
+    preprocess_tag = spec.pretrained if spec.pretrained not in (None, *RANDOM) else None
+    return ClipTeacher(model.to(device), spec, _preprocess_cfg(model, spec.arch, preprocess_tag), sha)
+
+
+def _create(arch: str, pretrained: str | None) -> torch.nn.Module:
+    # open_clip logs a warning whenever no tag is given; here that is always deliberate
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR if pretrained is None else level)
+    try:
+        return open_clip.create_model(arch, pretrained=pretrained, device="cpu")
+    finally:
+        logger.setLevel(level)
+
+
+def _preprocess_cfg(model: torch.nn.Module, arch: str, tag: str | None) -> dict:
+    """The tag's preprocessing when there is one (a file does not carry it), else the config's."""
+    cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    if tag:
+        pretrained_cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+        cfg.update({k: pretrained_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pretrained_cfg})
+    return cfg
+
+
+def _sha256(path: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise ClipError(f"CLIP checkpoint {path} not found")
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{e.__class__.__name__}: {text[0] if text else ''}"[:300]

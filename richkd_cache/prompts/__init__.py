@@ -1,0 +1,153 @@
+"""Prompt sets: which text CLIP is asked about each class (eq. 2-3 average over them).
+
+Shipped sets (by dataset): `single` ("a photo of a {}."), `multi` (CLIP's 18 CIFAR templates; the 80
+ImageNet templates open_clip carries for image folders), `complex` (the multi templates x several
+names per class, written for CIFAR-10, CIFAR-100 and the bundled digits). User sets come from TOML or
+JSON files with `templates`, optional per-class `synonyms` and optional `class_names` overrides.
+
+Class names are cleaned as CLIP's own CIFAR lists are (underscores to spaces: "aquarium_fish" ->
+"aquarium fish"); the names that stay ambiguous ("ray", "plain", "tank") get disambiguating
+synonyms in the `complex` set rather than being renamed, so `single` and `multi` match CLIP's lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from richkd_cache.errors import ClipError
+
+SHIPPED = ("single", "multi", "complex")
+_SYNONYM_FILES = {"cifar10": "cifar10_synonyms.json", "cifar100": "cifar100_synonyms.json", "digits": "digits_synonyms.json"}
+_CIFAR_LIKE = ("cifar10", "cifar100", "digits")
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """templates: each with one "{}" for the class name; synonyms: raw class -> names to fill in
+    (replacing the class name); class_names: raw class -> the single name to use instead;
+    classes: the class list a prompt file was written for, when it says (checked against the data)."""
+
+    name: str
+    templates: tuple[str, ...]
+    synonyms: dict[str, tuple[str, ...]] | None = None
+    class_names: dict[str, str] | None = None
+    classes: tuple[str, ...] | None = None
+
+
+def list_prompt_sets() -> list[str]:
+    return list(SHIPPED)
+
+
+def get_prompt_set(name: str, dataset: str) -> PromptSet:
+    if name not in SHIPPED:
+        raise ClipError(f"unknown prompt set {name!r}; shipped: {', '.join(SHIPPED)} (or give a .toml/.json file)")
+    if name == "single":
+        return PromptSet("single", tuple(_templates()["single"]))
+    multi = tuple(_templates()["cifar"]) if dataset in _CIFAR_LIKE else tuple(_imagenet_templates())
+    if name == "multi":
+        return PromptSet("multi", multi)
+    if dataset not in _SYNONYM_FILES:
+        raise ClipError(
+            f"no shipped synonym list for {dataset}: write a prompt file with `templates` and `synonyms` "
+            "and pass it to --prompts"
+        )
+    synonyms = json.loads(resources.files(__name__).joinpath(_SYNONYM_FILES[dataset]).read_text())
+    return PromptSet("complex", multi, {k: tuple(v) for k, v in synonyms.items()})
+
+
+def load_prompt_file(path: str, name: str | None = None) -> PromptSet:
+    """A user prompt set: TOML or JSON with `templates`, optional `synonyms`, `class_names`, `classes`."""
+    file = Path(path)
+    if not file.is_file():
+        raise ClipError(f"prompt file {path} not found")
+    try:
+        text = file.read_text()
+        table = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ClipError(f"cannot parse prompt file {path}: {e}") from None
+    unknown = sorted(set(table) - {"name", "templates", "synonyms", "class_names", "classes"})
+    if unknown:
+        raise ClipError(f"prompt file {path}: unknown key(s) {', '.join(unknown)}")
+    if not isinstance(table.get("templates"), list) or not table["templates"]:
+        raise ClipError(f"prompt file {path} needs a non-empty list `templates`")
+    synonyms = table.get("synonyms")
+    return PromptSet(
+        name=name or table.get("name") or file.stem,
+        templates=tuple(table["templates"]),
+        synonyms={k: tuple(v) for k, v in synonyms.items()} if synonyms else None,
+        class_names=table.get("class_names"),
+        classes=tuple(table["classes"]) if table.get("classes") else None,
+    )
+
+
+def clean_class_name(raw: str) -> str:
+    return raw.replace("_", " ").strip()
+
+
+def class_prompts(prompt_set: PromptSet, raw_classes: list[str]) -> list[list[list[str]]]:
+    """The filled prompts [M][C][S_c]: template m, class c, each of class c's names.
+
+    Raises ClipError for a template without exactly one "{}", or names given for unknown classes.
+    """
+    for template in prompt_set.templates:
+        if template.count("{}") != 1:
+            raise ClipError(f"prompt set {prompt_set.name}: template {template!r} must contain exactly one {{}}")
+    if prompt_set.classes is not None and len(prompt_set.classes) != len(raw_classes):
+        raise ClipError(
+            f"prompt set {prompt_set.name} is written for {len(prompt_set.classes)} classes; "
+            f"the dataset has {len(raw_classes)}"
+        )
+    known = set(raw_classes)
+    for field, table in (("synonyms", prompt_set.synonyms), ("class_names", prompt_set.class_names)):
+        unknown = sorted(set(table or {}) - known)
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise ClipError(f"prompt set {prompt_set.name}: {field} for classes the dataset does not have: {shown}")
+    names = [_names(prompt_set, c) for c in raw_classes]
+    return [[[template.format(n) for n in class_names] for class_names in names] for template in prompt_set.templates]
+
+
+def _names(prompt_set: PromptSet, raw: str) -> tuple[str, ...]:
+    if prompt_set.synonyms and raw in prompt_set.synonyms:
+        names = prompt_set.synonyms[raw]
+        if not names:
+            raise ClipError(f"prompt set {prompt_set.name}: empty synonym list for class {raw}")
+        return tuple(names)
+    if prompt_set.class_names and raw in prompt_set.class_names:
+        return (prompt_set.class_names[raw],)
+    return (clean_class_name(raw),)
+
+
+def prompt_set_hash(prompt_set: PromptSet, raw_classes: list[str]) -> str:
+    """Identity of a set by its filled prompts, so two sets with the same text are the same set."""
+    filled = class_prompts(prompt_set, raw_classes)
+    return hashlib.sha256(json.dumps(filled).encode()).hexdigest()
+
+
+def prompt_set_manifest(prompt_set: PromptSet, raw_classes: list[str]) -> dict:
+    return {
+        "name": prompt_set.name,
+        "templates": list(prompt_set.templates),
+        "synonyms": {k: list(v) for k, v in (prompt_set.synonyms or {}).items()},
+        "class_names": dict(prompt_set.class_names or {}),
+        "hash": prompt_set_hash(prompt_set, raw_classes),
+        "reduction": "per template: mean of the normalised embeddings of the class's names",
+    }
+
+
+@lru_cache(maxsize=1)
+def _templates() -> dict[str, list[str]]:
+    return json.loads(resources.files(__name__).joinpath("cifar_templates.json").read_text())
+
+
+def _imagenet_templates() -> list[str]:
+    """open_clip carries the 80 ImageNet templates as functions of the class name."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
