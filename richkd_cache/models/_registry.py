@@ -1,0 +1,54 @@
+"""Every model name in one greppable place, and `create_model` / `list_models` over them."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+import torch.nn as nn
+
+from richkd_cache.errors import ModelError
+from richkd_cache.models import mobilenetv2, resnet_cifar, resnet_large, shufflenet, torchvision_models, vgg, wrn
+
+_CIFAR: dict[str, Callable[[str, int], nn.Module]] = {
+    **{name: resnet_cifar.make for name in resnet_cifar.CIFAR_RESNETS},
+    **{name: wrn.make for name in wrn.WRNS},
+    **{name: vgg.make for name in vgg.CONFIGS},
+    "MobileNetV2": mobilenetv2.make,
+    "ShuffleV1": shufflenet.make,
+    "ShuffleV2": shufflenet.make,
+    "ResNet18": resnet_large.make,
+    "ResNet50": resnet_large.make,
+}
+_ALIASES = {"mobile_half": "MobileNetV2"}  # mdistiller's function name for the same network
+_SMALL_LR = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+
+def list_models(include_torchvision: bool = True) -> list[str]:
+    names = list(_CIFAR)
+    if include_torchvision:
+        names += [torchvision_models.PREFIX + n for n in torchvision_models.LISTED]
+    return names
+
+
+def canonical_name(name: str) -> str:
+    return _ALIASES.get(name, name)
+
+
+def create_model(name: str, num_classes: int) -> nn.Module:
+    """A model with the shared interface: model(x) -> (logits, pooled feature); .num_features, .num_classes."""
+    name = canonical_name(name)
+    if name.startswith(torchvision_models.PREFIX):
+        return torchvision_models.make(name, num_classes)
+    if name not in _CIFAR:
+        close = difflib.get_close_matches(name, list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ModelError(
+            f"unknown model {name!r}{hint}; valid: {', '.join(list_models(False))}, or tv:<torchvision name>"
+        )
+    return _CIFAR[name](name, num_classes)
+
+
+def uses_small_lr(name: str) -> bool:
+    """mdistiller trains MobileNet and ShuffleNet students with lr 0.01 instead of 0.05."""
+    return canonical_name(name) in _SMALL_LR
