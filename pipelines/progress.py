@@ -54,6 +54,6 @@ class Reporter:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         )
-        with Progress(*columns, console=self.console, transient=False) as progress:
+        with Progress(*columns, console=self.console, transient=True) as progress:
             task_id = progress.add_task(description, total=total, unit=unit)
             yield lambda n: progress.advance(task_id, n)
