@@ -1,0 +1,179 @@
+"""Fusion and losses against formulas written out independently here (explicit loops, numpy)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from richkd_cache.distill import (
+    build_targets,
+    create_feature_loss,
+    create_objective,
+    fit_feature_map,
+    fuse_features,
+    fuse_logits,
+    get_logit_loss,
+)
+from richkd_cache.errors import ConfigError
+
+B, C = 6, 7
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def kl(p: np.ndarray, q: np.ndarray) -> float:
+    return float(sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q) if pi > 0))
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(B, C, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(B, C, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, C, (B,), generator=g)
+    return s, t, y
+
+
+def test_kd_is_t_squared_kl(batch) -> None:
+    s, t, y = batch
+    T = 3.0
+    expected = np.mean([kl(softmax(t[i].numpy() / T), softmax(s[i].numpy() / T)) for i in range(B)]) * T * T
+    assert get_logit_loss("kd")(s, t, y, temperature=T).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dkd_by_hand(batch) -> None:
+    s, t, y = batch
+    T, a, b = 4.0, 1.0, 8.0
+    total = 0.0
+    for i in range(B):
+        ps, pt = softmax(s[i].numpy() / T), softmax(t[i].numpy() / T)
+        k = int(y[i])
+        tckd = kl(np.array([pt[k], 1 - pt[k]]), np.array([ps[k], 1 - ps[k]]))
+        others = [j for j in range(C) if j != k]
+        nckd = kl(softmax(t[i].numpy()[others] / T), softmax(s[i].numpy()[others] / T))
+        total += (a * tckd + b * nckd) * T * T
+    full = get_logit_loss("dkd")(s, t, y, epoch=20).item()
+    assert full == pytest.approx(total / B, rel=1e-5)
+    assert get_logit_loss("dkd")(s, t, y, epoch=5).item() == pytest.approx(full * 5 / 20, rel=1e-6)  # warm-up
+
+
+def test_lskd_is_kd_on_zscores(batch) -> None:
+    s, t, y = batch
+    T = 2.0
+
+    def z(v: np.ndarray) -> np.ndarray:
+        return (v - v.mean()) / (v.std(ddof=1) + 1e-7)
+
+    expected = np.mean([kl(softmax(z(t[i].numpy()) / T), softmax(z(s[i].numpy()) / T)) for i in range(B)]) * T * T
+    assert get_logit_loss("lskd")(s, t, y, temperature=T).item() == pytest.approx(expected, rel=1e-6)
+    # invariant to shifting and scaling either side's logits
+    assert get_logit_loss("lskd")(s * 5 + 2, t, y, temperature=T).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_normkd_per_sample_temperature(batch) -> None:
+    s, t, y = batch
+    tn = 1.5
+    total = 0.0
+    for i in range(B):
+        tt, ts = tn * t[i].numpy().std(ddof=1), tn * s[i].numpy().std(ddof=1)
+        total += kl(softmax(t[i].numpy() / tt), softmax(s[i].numpy() / ts)) * tt * tt
+    assert get_logit_loss("normkd")(s, t, y, t_norm=tn).item() == pytest.approx(total / B, rel=1e-6)
+
+
+def test_rld_by_hand(batch) -> None:
+    s, t, y = batch
+    T, a, b, at = 4.0, 1.0, 8.0, 1.0
+    total = 0.0
+    for i in range(B):
+        k, top = int(y[i]), int(t[i].argmax())
+        ps, pt = softmax(s[i].numpy() / at), softmax(t[i].numpy() / at)
+        scd = kl(np.array([pt[top], 1 - pt[top]]), np.array([ps[k], 1 - ps[k]])) * at * at
+        kept = [j for j in range(C) if t[i, j] < t[i, k]]  # classes the target ranks below the true one
+        mcd = kl(softmax(t[i].numpy()[kept] / T), softmax(s[i].numpy()[kept] / T)) * T * T if kept else 0.0
+        total += a * scd + b * mcd
+    assert get_logit_loss("rld")(s, t, y, epoch=20).item() == pytest.approx(total / B, rel=1e-5)
+
+
+def test_fusions_are_eq4_and_eq7() -> None:
+    zt, zc = torch.randn(3, 5), torch.randn(3, 5)
+    assert torch.allclose(fuse_logits(zt, zc, 0.7), 0.7 * zt + 0.3 * zc)
+    ft, fc = torch.randn(40, 4), torch.randn(40, 6)
+    fmap = fit_feature_map(fc, ft)
+    expected = 0.7 * ft + 0.3 * (fc @ fmap.weight + fmap.bias)
+    assert torch.allclose(fuse_features(ft, fc, 0.7, fmap), expected, atol=1e-6)
+
+
+def test_feature_map_recovers_a_linear_relation() -> None:
+    g = torch.Generator().manual_seed(1)
+    fc = torch.randn(500, 6, generator=g)
+    a, b = torch.randn(6, 4, generator=g), torch.randn(4, generator=g)
+    fmap = fit_feature_map(fc, fc @ a + b, ridge=1e-9)
+    assert torch.allclose(fmap.weight, a, atol=1e-4) and torch.allclose(fmap.bias, b, atol=1e-4)
+
+
+def test_targets_by_name() -> None:
+    zt, zc, ft, fc = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 2), torch.randn(4, 5)
+    fmap = fit_feature_map(torch.randn(20, 5), torch.randn(20, 2))
+    assert build_targets("ce") == {}
+    assert build_targets("kd", teacher_logits=zt, teacher_feats=ft)["logits"] is zt
+    assert torch.allclose(build_targets("clip", clip_logits=zc, clip_feats=fc, fmap=fmap)["features"], fmap(fc))
+    rich = build_targets("richkd", teacher_logits=zt, clip_logits=zc, teacher_feats=ft, clip_feats=fc,
+                         alpha=0.6, lam=0.2, fmap=fmap)
+    assert torch.allclose(rich["logits"], 0.6 * zt + 0.4 * zc)
+    with pytest.raises(ConfigError, match="richkd"):
+        build_targets("fused")
+
+
+@pytest.mark.parametrize("feature_loss", ["cosine", "mse", "crd"])
+@pytest.mark.parametrize("logit_loss", ["kd", "dkd", "lskd", "normkd", "rld"])
+def test_gradients_reach_only_the_student_and_its_maps(logit_loss: str, feature_loss: str) -> None:
+    objective = create_objective("richkd", logit_loss, feature_loss, student_dim=8, target_dim=5, num_samples=32,
+                                 beta=3.0, gamma=0.8)
+    s_logits = torch.randn(B, C, requires_grad=True)
+    s_feats = torch.randn(B, 8, requires_grad=True)
+    t_logits = torch.randn(B, C, requires_grad=True)
+    t_feats = torch.randn(B, 5, requires_grad=True)
+    terms = objective(s_logits, s_feats, torch.randint(0, C, (B,)), target_logits=t_logits,
+                      target_feats=t_feats, index=torch.arange(B), epoch=30)
+    assert set(terms) == {"ce", "logit", "feat"}
+    sum(terms.values()).backward()
+    assert s_logits.grad is not None and s_feats.grad is not None
+    assert t_logits.grad is None and t_feats.grad is None
+    assert all(p.grad is not None for p in objective.parameters())
+
+
+def test_weights_multiply_the_terms(batch) -> None:
+    s, t, y = (v.float() if v.is_floating_point() else v for v in batch)
+    one = create_objective("kd", "kd", None, student_dim=4, target_dim=None, num_samples=None, beta=1.0)
+    three = create_objective("kd", "kd", None, student_dim=4, target_dim=None, num_samples=None, beta=3.0)
+    f = torch.zeros(B, 4)
+    assert three(s, f, y, target_logits=t)["logit"].item() == pytest.approx(3 * one(s, f, y, target_logits=t)["logit"].item())
+    assert set(create_objective("ce", "kd", "cosine", student_dim=4, target_dim=3, num_samples=None)(s, f, y)) == {"ce"}
+
+
+def test_crd_memory_updates_only_the_batch_rows() -> None:
+    crd = create_feature_loss("crd", 8, 5, num_samples=20, num_negatives=10)
+    before_s, before_t = crd.memory_s.clone(), crd.memory_t.clone()
+    index = torch.tensor([3, 7, 11])
+    loss = crd(torch.randn(3, 8), torch.randn(3, 5), index)
+    assert torch.isfinite(loss)
+    changed = ((crd.memory_s != before_s).any(1) | (crd.memory_t != before_t).any(1)).nonzero().flatten()
+    assert changed.tolist() == [3, 7, 11]
+    assert "memory_s" in crd.state_dict()  # saved for --resume
+
+
+def test_bad_names_and_missing_inputs_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="kd, dkd"):
+        get_logit_loss("kdd")
+    with pytest.raises(ConfigError, match="cosine"):
+        create_feature_loss("l2", 4, 4)
+    with pytest.raises(ConfigError, match="number of training samples"):
+        create_feature_loss("crd", 4, 4)
+    with pytest.raises(ConfigError, match="lacks"):
+        create_objective("richkd", "kd", "cosine", student_dim=4, target_dim=None, num_samples=None)
