@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from cache_store import CacheLayout, CacheWriter, choose_block_rows, create_cache, open_cache
 from pipelines.config import BuildConfig, resolve_device
@@ -51,7 +51,7 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
     teacher = setup_teacher(cfg.teacher, cfg.teacher_checkpoint, dataset, device)
     clip = load_clip(resolve_clip(cfg.clip, cfg.clip_pretrained, cfg.clip_checkpoint), device=device)
     prompt_sets = [resolve_prompt_set(p, cfg.dataset) for p in cfg.prompts]
-    layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip)
+    layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip, cfg.block_rows)
     manifest = build_manifest(cfg, dataset, teacher, clip)
     writer = create_cache(cfg.out, layout, manifest, overwrite=cfg.overwrite)
     store_prompt_sets(writer, clip, prompt_sets, dataset.classes)
@@ -85,9 +85,11 @@ def resolve_prompt_set(name_or_file: str, dataset: str) -> PromptSet:
     return get_prompt_set(name_or_file, dataset)
 
 
-def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: ClipTeacher) -> CacheLayout:
-    """Chunks of whole write blocks, a few MB each (DESIGN.md section 3)."""
+def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: ClipTeacher,
+                 block_rows: int | None = None) -> CacheLayout:
+    """Chunks of whole write blocks, a few MB each (DESIGN.md section 3) unless block_rows is given."""
     row_bytes = 2 * (num_classes + teacher_dim + clip.embed_dim + clip.feature_dim)
+    block_rows = block_rows or choose_block_rows(row_bytes)
     return CacheLayout(
         num_samples=num_samples,
         num_views=1,
@@ -96,7 +98,7 @@ def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: Cli
         clip_embed_dim=clip.embed_dim,
         clip_feature_dim=clip.feature_dim,
         view_param_dim=len(VIEW_PARAM_NAMES),
-        block_rows=min(choose_block_rows(row_bytes), max(num_samples, 1)),
+        block_rows=min(block_rows, max(num_samples, 1)),
     )
 
 
@@ -158,32 +160,30 @@ def forward_blocks(
     """Run teacher and CLIP over every pending block; a writer thread stores finished blocks."""
     pending = writer.pending_blocks()
     ranges = [writer.block_range(b) for b in pending]
-    rows = [i for start, stop in ranges for i in range(start, stop)]
-    if not rows:
+    if not ranges:
         return
+    # Batches never straddle blocks and start at block boundaries, so a resumed build runs exactly
+    # the batches an uninterrupted one does (and writes bit-identical rows).
+    batch_indices = [list(range(i, min(i + batch_size, stop))) for start, stop in ranges
+                     for i in range(start, stop, batch_size)]
     loader = DataLoader(
-        Subset(dataset, rows),
-        batch_size=batch_size,
+        dataset,
+        batch_sampler=batch_indices,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
     )
     forward = make_forward(teacher, clip, dataset, device)
-    with reporter.task("build", total=len(rows), unit="img") as advance, ThreadPoolExecutor(1) as pool:
-        writes: list[Future] = []
+    total = sum(stop - start for start, stop in ranges)
+    with reporter.task("build", total=total, unit="img") as advance, ThreadPoolExecutor(1) as pool:
+        in_flight: list[Future] = []
         for block, arrays in zip(pending, assemble_blocks(ranges, map(forward, loader))):
-            writes.append(pool.submit(writer.write_block, block, arrays))
+            in_flight.append(pool.submit(writer.write_block, block, arrays))
             advance(len(arrays["labels"]))
-            raise_finished_errors(writes)
-        for w in writes:
+            # at most two blocks wait for the disk; .result() re-raises a failed write (e.g. NaN) at once
+            while len(in_flight) > 2 or (in_flight and in_flight[0].done()):
+                in_flight.pop(0).result()
+        for w in in_flight:
             w.result()
-
-
-def raise_finished_errors(writes: list[Future]) -> None:
-    """Surface a failed write (e.g. non-finite outputs) at once instead of after the whole split."""
-    for w in writes:
-        if w.done() and w.exception() is not None:
-            raise w.exception()
 
 
 def make_forward(

@@ -81,6 +81,7 @@ def build(
     workers: Annotated[int, typer.Option(min=0)] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace a cache built with other settings.")] = False,
+    block_rows: Annotated[Optional[int], typer.Option(min=1, help="Rows per write block and chunk (default: ~4 MB chunks).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Stage one: run the teacher and CLIP once over a split and write the cache."""
@@ -90,7 +91,7 @@ def build(
         dataset=dataset, data_root=data_root, split=split, teacher=teacher,
         teacher_checkpoint=teacher_checkpoint, clip=clip, clip_pretrained=clip_pretrained,
         clip_checkpoint=clip_checkpoint, prompts=split_list(prompts), out=out,
-        batch_size=batch_size, workers=workers, device=device, overwrite=overwrite,
+        batch_size=batch_size, workers=workers, device=device, overwrite=overwrite, block_rows=block_rows,
     )
     url = run_build(cfg, Reporter(err_console, quiet=quiet))
     out_console.print(f"cache complete: {url}")

@@ -34,6 +34,7 @@ class BuildConfig:
     workers: int = 4
     device: str = "auto"
     overwrite: bool = False
+    block_rows: int | None = None  # rows per write block (= chunk); None: a few MB per chunk
 
 
 @dataclass(frozen=True)
