@@ -1,0 +1,215 @@
+"""The cache format's guarantees, with numpy data only (cache_store needs no torch)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from cache_store import CacheError, CacheLayout, create_cache, open_cache, open_for_write, pack_cache, verify_cache
+from cache_store.schema import MANIFEST_KEY
+
+LAYOUT = CacheLayout(num_samples=100, num_views=1, num_classes=10, teacher_dim=8, clip_embed_dim=4,
+                     clip_feature_dim=6, view_param_dim=5, block_rows=16)
+MANIFEST = {"dataset": {"name": "synthetic"}, "teacher": {}, "clip": {"tau": 100.0}, "build_key": {"teacher": "a"}}
+
+
+def block_arrays(layout: CacheLayout, block: int) -> dict[str, np.ndarray]:
+    """Deterministic rows for a block: a function of the sample index only."""
+    start, stop = layout.block_range(block)
+    idx = np.arange(start, stop)
+
+    def rows(width: int, salt: int) -> np.ndarray:
+        base = (idx[:, None] * 31 + np.arange(width)[None] * 7 + salt) % 97
+        return (base / 97.0).astype(np.float32)[:, None, :]
+
+    return {"labels": (idx % layout.num_classes).astype(np.int32),
+            "views/params": np.tile(np.array([0, 0, 1, 1, 0], np.float32), (len(idx), 1, 1)),
+            "teacher/logits": rows(layout.num_classes, 1), "teacher/features": rows(layout.teacher_dim, 2),
+            "clip/image_embeds": rows(layout.clip_embed_dim, 3), "clip/features": rows(layout.clip_feature_dim, 4)}
+
+
+def build(url: str, blocks=None, finalize: bool = True) -> None:
+    writer = create_cache(url, LAYOUT, MANIFEST)
+    for b in blocks if blocks is not None else writer.pending_blocks():
+        writer.write_block(b, block_arrays(LAYOUT, b))
+    writer.put_text_embeddings("multi", np.ones((3, 10, 4), np.float32) / 2, {"templates": ["a {}"] * 3})
+    if finalize:
+        writer.finalize()
+
+
+def all_arrays(url: str) -> dict[str, np.ndarray]:
+    reader = open_cache(url, require_complete=False)
+    return {name: reader.load(name) for name in LAYOUT.arrays()}
+
+
+def test_round_trip_out_of_order_and_plain_zarr(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.zarr")
+    build(url, blocks=[6, 0, 3, 1, 5, 2, 4])
+    reader = open_cache(url)
+    expected = np.concatenate([block_arrays(LAYOUT, b)["teacher/logits"] for b in range(LAYOUT.num_blocks)])
+    assert np.array_equal(reader.load("teacher/logits"), expected.astype(np.float16))
+    assert reader.load("teacher/logits").dtype == np.float16 and reader.prompt_sets() == ["multi"]
+    group = zarr.open_group(url, mode="r")  # anyone can read it
+    assert group["labels"][:10].tolist() == list(range(10))
+    assert group.attrs[MANIFEST_KEY]["status"] == "complete"
+
+
+def test_chunks_are_whole_blocks_and_flags_are_separate(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.zarr")
+    build(url)
+    group = zarr.open_group(url, mode="r")
+    assert group["teacher/logits"].chunks == (16, 1, 10) and group["written"].chunks == (1,)
+    assert np.isnan(zarr.open_group(url, mode="r")["teacher/logits"].fill_value)
+
+
+def test_resume_skips_written_blocks_and_ends_identical(tmp_path: Path) -> None:
+    straight, resumed = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    build(straight)
+    build(resumed, blocks=[0, 2, 5], finalize=False)  # then the process dies
+    writer = create_cache(resumed, LAYOUT, MANIFEST)  # the same build again
+    assert writer.pending_blocks() == [1, 3, 4, 6]
+    for b in writer.pending_blocks():
+        writer.write_block(b, block_arrays(LAYOUT, b))
+    writer.finalize()
+    a, b = all_arrays(straight), all_arrays(resumed)
+    assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+
+
+def test_another_build_into_the_same_place_is_refused(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.zarr")
+    build(url)
+    other = {**MANIFEST, "build_key": {"teacher": "b"}}
+    with pytest.raises(CacheError, match=r"differs in: build_key.teacher.*--overwrite"):
+        create_cache(url, LAYOUT, other)
+    writer = create_cache(url, LAYOUT, other, overwrite=True)
+    assert writer.pending_blocks() == list(range(LAYOUT.num_blocks))
+
+
+def test_incomplete_cache_is_refused_and_reported(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.zarr")
+    build(url, blocks=[0, 1], finalize=False)
+    with pytest.raises(CacheError, match=r"incomplete \(status building, 2 of 7 blocks written\).*resume"):
+        open_cache(url)
+    report = verify_cache(url)
+    assert not report.ok and report.blocks_written == 2 and "incomplete" in report.problems[0]
+    with pytest.raises(CacheError, match="missing 5 of 7 blocks"):
+        open_for_write(url).finalize()
+
+
+def test_unknown_version_and_broken_arrays_are_refused(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.zarr")
+    build(url)
+    group = zarr.open_group(url, mode="r+", use_consolidated=False)
+    manifest = dict(group.attrs[MANIFEST_KEY])
+    group.attrs[MANIFEST_KEY] = {**manifest, "format_version": 2}
+    zarr.consolidate_metadata(url)
+    with pytest.raises(CacheError, match="format 2, newer than this richkd-cache understands"):
+        open_cache(url)
+    group.attrs[MANIFEST_KEY] = manifest
+    del group["clip/features"]
+    zarr.consolidate_metadata(url)
+    with pytest.raises(CacheError, match="lacks array clip/features"):
+        open_cache(url)
+
+
+def test_non_finite_outputs_name_the_samples_and_flag_nothing(tmp_path: Path) -> None:
+    writer = create_cache(str(tmp_path / "c.zarr"), LAYOUT, MANIFEST)
+    arrays = block_arrays(LAYOUT, 2)
+    arrays["clip/features"][3, 0, 1] = np.nan
+    arrays["clip/features"][5, 0, 0] = np.inf
+    with pytest.raises(CacheError, match=r"sample\(s\) 35, 37"):
+        writer.write_block(2, arrays)
+    assert writer.pending_blocks() == list(range(LAYOUT.num_blocks))
+
+
+def _write_blocks(url: str, blocks: list[int]) -> None:
+    writer = open_for_write(url)
+    for b in blocks:
+        writer.write_block(b, block_arrays(LAYOUT, b))
+
+
+def test_two_processes_writing_one_cache_lose_nothing(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.zarr")
+    create_cache(url, LAYOUT, MANIFEST)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_blocks, args=(url, blocks)) for blocks in ([0, 2, 4, 6], [1, 3, 5])]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    writer = open_for_write(url)
+    writer.put_text_embeddings("multi", np.ones((1, 10, 4), np.float32), {})
+    writer.finalize()
+    straight = str(tmp_path / "straight.zarr")
+    build(straight)
+    a, b = all_arrays(straight), all_arrays(url)
+    assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+
+
+def test_reading_writes_nothing_and_zip_packs_read_the_same(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.zarr")
+    build(url)
+    before = {p: p.stat().st_mtime_ns for p in Path(url).rglob("*")}
+    arrays = all_arrays(url)
+    verify_cache(url)
+    assert {p: p.stat().st_mtime_ns for p in Path(url).rglob("*")} == before
+    packed = str(tmp_path / "c.zip")
+    pack_cache(url, packed)
+    reader = open_cache(packed)
+    assert all(np.array_equal(arrays[k], reader.load(k), equal_nan=True) for k in arrays)
+    assert reader.text_embeddings("multi").shape == (3, 10, 4)
+    with pytest.raises(CacheError, match="incomplete"):
+        incomplete = str(tmp_path / "i.zarr")
+        build(incomplete, blocks=[0], finalize=False)
+        pack_cache(incomplete, str(tmp_path / "i.zip"))
+    assert not os.path.exists(tmp_path / "i.zip")
+
+
+def test_prompt_sets_put_list_and_refuse_unknown(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.zarr")
+    build(url)
+    writer = open_for_write(url)
+    writer.put_text_embeddings("single", np.full((1, 10, 4), 0.5, np.float32), {"templates": ["a photo of a {}."]})
+    with pytest.raises(CacheError, match="already exists"):
+        writer.put_text_embeddings("single", np.zeros((1, 10, 4), np.float32), {})
+    with pytest.raises(CacheError, match=r"\[M, 10, 4\]"):
+        writer.put_text_embeddings("bad", np.zeros((1, 9, 4), np.float32), {})
+    writer.finalize()
+    reader = open_cache(url)
+    assert reader.prompt_sets() == ["multi", "single"]
+    assert reader.prompt_set_attrs("single")["templates"] == ["a photo of a {}."]
+    with pytest.raises(CacheError, match="stored: multi, single"):
+        reader.text_embeddings("complex")
+
+
+def test_verify_finds_corrupt_values(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.zarr")
+    build(url)
+    assert verify_cache(url).ok
+    group = zarr.open_group(url, mode="r+", use_consolidated=False)
+    rows = group["teacher/features"][16:32]
+    rows[4, 0, 0] = np.nan
+    group["teacher/features"][16:32] = rows
+    report = verify_cache(url)
+    assert not report.ok and "teacher/features: non-finite values in sample(s) [20]" in report.problems
+
+
+def test_the_documented_zarr_only_snippet_runs(tmp_path: Path, capsys) -> None:
+    url = str(tmp_path / "c.zarr")
+    build(url)
+    doc = (Path(__file__).parents[1] / "docs" / "cache-format.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    snippet = re.sub(r'^CACHE = ".*"$', f"CACHE = {url!r}", snippet, count=1, flags=re.M)
+    namespace: dict = {}
+    exec(compile(snippet, "cache-format.md", "exec"), namespace)
+    embeds = open_cache(url).load("clip/image_embeds")[:, 0].astype(np.float32)
+    expected = 100.0 * embeds @ np.full((10, 4), 0.5, np.float32).T
+    assert np.allclose(namespace["clip_logits"], expected, atol=1e-5)
+    assert "fused top-1" in capsys.readouterr().out
