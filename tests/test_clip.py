@@ -1,0 +1,171 @@
+"""The CLIP teacher on a tiny open_clip config: eq. 2-3 exactly, name resolution, local weights, prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from richkd_cache.clip import OPENAI_NAMES, load_clip, resolve_clip
+from richkd_cache.clip_logits import clip_logits
+from richkd_cache.errors import ClipError
+from richkd_cache.prompts import class_prompts, clean_class_name, get_prompt_set, load_prompt_file
+
+CLASSES = ["apple", "aquarium_fish", "maple_tree", "ray"]
+# CIFAR-100's fine label names in the order of its `meta` file
+CIFAR100 = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel
+can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
+elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man
+maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree
+plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail
+snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout
+tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_clip(resolve_clip("richkd-tiny", "random"))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def direct_prompt_logits(clip, images, prompt_set) -> torch.Tensor:
+    """eq. 2 per prompt, then eq. 3's mean, straight from open_clip's encoders (no stored embeddings)."""
+    with torch.no_grad():
+        e = F.normalize(clip.model.encode_image(clip.preprocess_images(images)), dim=-1)
+        per_prompt = []
+        for filled in class_prompts(prompt_set, CLASSES):  # one template: [C][S]
+            for s in range(len(filled[0])):
+                h = F.normalize(clip.model.encode_text(clip.tokenizer([names[s] for names in filled])), dim=-1)
+                per_prompt.append(clip.tau * e @ h.T)  # eq. 2
+    return torch.stack(per_prompt).mean(0)  # eq. 3
+
+
+@pytest.mark.parametrize("name", ["single", "multi"])
+def test_stored_embeddings_give_the_mean_of_per_prompt_logits(clip, images, name) -> None:
+    ps = get_prompt_set(name, "cifar100")
+    embeds, _ = clip.encode_images(images)
+    stored = torch.from_numpy(clip.encode_prompt_set(ps, CLASSES))
+    assert stored.shape == (len(ps.templates), len(CLASSES), clip.embed_dim)
+    assert torch.allclose(clip_logits(embeds, stored, clip.tau), direct_prompt_logits(clip, images, ps), atol=1e-4)
+
+
+def test_synonyms_average_like_every_other_prompt(clip, images) -> None:
+    shipped = get_prompt_set("complex", "cifar100")
+    ps = dataclasses.replace(shipped, synonyms={c: shipped.synonyms[c] for c in CLASSES})
+    assert len(ps.synonyms["ray"]) == 3  # names per class differ from prompts per template
+    stored = torch.from_numpy(clip.encode_prompt_set(ps, CLASSES))
+    embeds, _ = clip.encode_images(images)
+    assert torch.allclose(clip_logits(embeds, stored, clip.tau), direct_prompt_logits(clip, images, ps), atol=1e-4)
+
+
+def test_renormalised_variant_matches_open_clips_zero_shot_classifier(clip, images) -> None:
+    ps = get_prompt_set("multi", "cifar100")
+    names = [clean_class_name(c) for c in CLASSES]
+    weights = open_clip.build_zero_shot_classifier(clip.model, clip.tokenizer, names, list(ps.templates))  # (D, C)
+    embeds, _ = clip.encode_images(images)
+    ours = clip_logits(embeds, torch.from_numpy(clip.encode_prompt_set(ps, CLASSES)), clip.tau, renormalize=True)
+    assert torch.allclose(ours, clip.tau * embeds @ weights, atol=1e-4)
+    assert not torch.allclose(ours, clip_logits(embeds, torch.from_numpy(clip.encode_prompt_set(ps, CLASSES)), clip.tau))
+
+
+@pytest.mark.parametrize("name", list(OPENAI_NAMES))
+def test_openai_names_resolve_to_quickgelu(name: str) -> None:
+    spec = resolve_clip(name)
+    assert spec.arch.endswith("-quickgelu") and spec.pretrained == "openai" and spec.quick_gelu
+
+
+def test_open_clip_spelling_with_openai_weights_still_gets_quickgelu() -> None:
+    assert resolve_clip("ViT-B-32", "openai").arch == "ViT-B-32-quickgelu"
+    laion = resolve_clip("ViT-L-14", "laion2b_s32b_b82k")
+    assert laion.arch == "ViT-L-14" and not laion.quick_gelu
+
+
+def test_unknown_name_suggests_close_ones() -> None:
+    with pytest.raises(ClipError, match="did you mean.*ViT-L/14"):
+        resolve_clip("ViT-L/41")
+
+
+def test_checkpoint_file_loads_and_matches_its_model(clip, images, tmp_path: Path) -> None:
+    path = tmp_path / "tiny.pt"
+    torch.save(clip.model.state_dict(), path)
+    loaded = load_clip(resolve_clip("richkd-tiny", None, str(path)))
+    assert torch.equal(loaded.encode_images(images)[0], clip.encode_images(images)[0])
+    assert loaded.manifest()["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_checkpoint_for_another_architecture_is_refused(clip, tmp_path: Path) -> None:
+    path = tmp_path / "tiny.pt"
+    torch.save(clip.model.state_dict(), path)
+    with pytest.raises(ClipError, match="does not fit RN50-quickgelu"):
+        load_clip(resolve_clip("RN50", None, str(path)))
+
+
+def test_random_weights_are_reproducible_and_recorded(clip, images) -> None:
+    again = load_clip(resolve_clip("richkd-tiny", "random"))
+    assert torch.equal(again.encode_images(images)[0], clip.encode_images(images)[0])
+    manifest = clip.manifest()
+    assert manifest["pretrained"] == "random" and manifest["quick_gelu"]
+    assert manifest["tau"] == pytest.approx(clip.model.logit_scale.exp().item())
+    assert manifest["image_size"] == 32 and len(manifest["mean"]) == 3
+
+
+def test_image_encoder_outputs(clip, images) -> None:
+    embeds, feats = clip.encode_images(images)
+    assert embeds.shape == (5, clip.embed_dim) and feats.shape == (5, clip.feature_dim)
+    assert torch.allclose(embeds.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert clip.feature_dim == clip.model.visual.proj.shape[0]  # the width before the projection
+    with torch.no_grad():  # the embedding is the model's own
+        reference = F.normalize(clip.model.encode_image(clip.preprocess_images(images)), dim=-1)
+    assert torch.allclose(embeds, reference, atol=1e-5)
+
+
+def test_cifar_images_are_resized_bicubic_to_clips_size(clip) -> None:
+    big = load_clip(resolve_clip("ViT-B-32", "random"))
+    x = big.preprocess_images(torch.full((1, 3, 32, 32), 128, dtype=torch.uint8))
+    assert x.shape == (1, 3, 224, 224)
+    mean, std = torch.tensor(big.mean), torch.tensor(big.std)
+    assert torch.allclose(x[0, :, 100, 100], (128 / 255 - mean) / std, atol=1e-5)
+
+
+def test_shipped_synonyms_cover_every_cifar_class() -> None:
+    for dataset, classes in (("cifar100", CIFAR100), ("cifar10", ["airplane", "automobile", "bird", "cat", "deer",
+                                                                   "dog", "frog", "horse", "ship", "truck"])):
+        ps = get_prompt_set("complex", dataset)
+        assert set(ps.synonyms) == set(classes)
+        assert all(len(v) >= 2 for v in ps.synonyms.values())
+    assert len(get_prompt_set("multi", "cifar100").templates) == 18
+    assert len(get_prompt_set("multi", "imagefolder").templates) == 80
+    filled = class_prompts(get_prompt_set("single", "cifar100"), CIFAR100)
+    assert filled[0][1] == ["a photo of a aquarium fish."] and not any("_" in p[0] for p in filled[0])
+
+
+def test_prompt_files_and_their_errors(tmp_path: Path) -> None:
+    good = tmp_path / "mine.toml"
+    good.write_text('templates = ["a photo of {}, a fruit."]\n[synonyms]\napple = ["apple", "green apple"]\n'
+                    '[class_names]\nray = "stingray"\n')
+    ps = load_prompt_file(str(good))
+    assert ps.name == "mine"
+    assert class_prompts(ps, CLASSES)[0][0] == ["a photo of apple, a fruit.", "a photo of green apple, a fruit."]
+    assert class_prompts(ps, CLASSES)[0][3] == ["a photo of stingray, a fruit."]
+    cases = {
+        "no_braces.json": ({"templates": ["a photo"]}, "exactly one"),
+        "unknown.json": ({"templates": ["{}"], "synonyms": {"unicorn": ["u"]}}, "does not have: unicorn"),
+        "count.json": ({"templates": ["{}"], "classes": ["a", "b"]}, "written for 2 classes"),
+        "key.json": ({"templates": ["{}"], "prompts": []}, "unknown key"),
+    }
+    for name, (table, message) in cases.items():
+        (tmp_path / name).write_text(json.dumps(table))
+        with pytest.raises(ClipError, match=message):
+            class_prompts(load_prompt_file(str(tmp_path / name)), CLASSES)
+    with pytest.raises(ClipError, match="complex"):
+        get_prompt_set("complicated", "cifar100")
