@@ -278,3 +278,7 @@ def quickstart(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
