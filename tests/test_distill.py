@@ -17,7 +17,7 @@ from richkd_cache.distill import (
     fuse_logits,
     get_logit_loss,
 )
-from richkd_cache.errors import ConfigError
+from richkd_cache.errors import ConfigError, DataError
 
 B, C = 6, 7
 
@@ -177,3 +177,33 @@ def test_bad_names_and_missing_inputs_are_config_errors() -> None:
         create_feature_loss("crd", 4, 4)
     with pytest.raises(ConfigError, match="lacks"):
         create_objective("richkd", "kd", "cosine", student_dim=4, target_dim=None, num_samples=None)
+
+
+def test_feature_map_ignores_the_feature_scale() -> None:
+    g = torch.Generator().manual_seed(2)
+    fc, ft = torch.randn(50, 6, generator=g), torch.randn(50, 4, generator=g)
+    small, large = fit_feature_map(fc, ft, ridge=0.1), fit_feature_map(fc * 1000, ft, ridge=0.1)
+    assert torch.allclose(small(fc), large(fc * 1000), atol=1e-4)  # the ridge is relative, not absolute
+    with pytest.raises(DataError, match="same rows"):
+        fit_feature_map(fc, ft[:10])
+
+
+def test_crd_resumes_with_its_memory_and_normalisers() -> None:
+    torch.manual_seed(0)
+    crd = create_feature_loss("crd", 8, 5, num_samples=20, num_negatives=10)
+    s, t, index = torch.randn(4, 8), torch.randn(4, 5), torch.tensor([0, 5, 9, 19])
+    crd(s, t, index)
+    z_first = crd.z_s.item()
+    assert z_first > 0
+    crd(s, t, index)
+    assert crd.z_s.item() == z_first  # estimated once, from the first batch
+    resumed = create_feature_loss("crd", 8, 5, num_samples=20, num_negatives=10)
+    resumed.load_state_dict(crd.state_dict())
+    torch.manual_seed(1)
+    expected = crd(s, t, index)
+    torch.manual_seed(1)
+    assert resumed(s, t, index).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert resumed.z_t.item() == crd.z_t.item()
+    fresh = create_feature_loss("crd", 8, 5, num_samples=20, num_negatives=10)
+    crd.load_state_dict(fresh.state_dict())  # back to unset normalisers: they are estimated again
+    assert torch.isfinite(crd(s, t, index)) and crd.z_s.item() > 0

@@ -42,8 +42,9 @@ class CRDLoss(nn.Module):
     """Contrastive representation distillation (Tian et al.), with memory banks keyed by sample index.
 
     Student and target features are embedded (linear, L2-normalised, `feat_dim`), then each is
-    contrasted against the other side's memory bank: its own sample as the positive, K random samples
-    as negatives, with NCE. Both embedding heads are learned (as in CRD): the negatives, not a fixed
+    contrasted against the other side's memory bank: its own sample as the positive, K samples drawn
+    uniformly from the whole bank as negatives (CRD's draw when no per-class negative list is given),
+    with NCE. Both embedding heads are learned (as in CRD): the negatives, not a fixed
     target, keep them from collapsing. The banks are buffers: they move with .to() and are saved in
     the state_dict, so a resumed run continues with them. The sample index is the cache's row.
     """
@@ -60,6 +61,8 @@ class CRDLoss(nn.Module):
         self.register_buffer("memory_t", torch.rand(num_samples, feat_dim) * 2 * bound - bound)
         self.register_buffer("z_s", torch.tensor(-1.0))  # NCE partition constants, set on first use
         self.register_buffer("z_t", torch.tensor(-1.0))
+        self._z_set = False  # avoids reading z back from the device (a sync) on every step
+        self.register_load_state_dict_post_hook(_recheck_normalisers)
 
     def forward(self, student: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         if index is None:
@@ -71,6 +74,7 @@ class CRDLoss(nn.Module):
         idx[:, 0] = index  # column 0: the positive
         out_s = self._scores(self.memory_t[idx], v_s, "z_s")  # student vs target bank, (B, K + 1)
         out_t = self._scores(self.memory_s[idx], v_t, "z_t")
+        self._z_set = True  # both normalisers are set now (or were loaded from a state_dict)
         self._update(self.memory_s, index, v_s)
         self._update(self.memory_t, index, v_t)
         return self._nce(out_s) + self._nce(out_t)
@@ -78,7 +82,7 @@ class CRDLoss(nn.Module):
     def _scores(self, bank_rows: torch.Tensor, v: torch.Tensor, z_name: str) -> torch.Tensor:
         scores = torch.exp(torch.bmm(bank_rows.detach(), v[:, :, None]).squeeze(2) / self.nce_t)
         z = getattr(self, z_name)
-        if z.item() < 0:  # estimate the normaliser once from the first batch, as CRD does
+        if not self._z_set and z.item() < 0:  # estimate the normaliser once from the first batch, as CRD does
             z.fill_(scores.mean().item() * self.num_samples)
         return scores / z
 
@@ -94,6 +98,11 @@ class CRDLoss(nn.Module):
         log_d1 = torch.log(pos / (pos + m_pn + 1e-7))
         log_d0 = torch.log(m_pn / (neg + m_pn + 1e-7))
         return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
+
+
+def _recheck_normalisers(module: CRDLoss, incompatible_keys: object) -> None:
+    """Loaded normalisers may be unset (-1): look at them again on the next step."""
+    module._z_set = False
 
 
 FEATURE_LOSSES = {"cosine": CosineFeatureLoss, "mse": MSEFeatureLoss, "crd": CRDLoss}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from richkd_cache.errors import ConfigError
+from richkd_cache.errors import ConfigError, DataError
 
 TARGETS = ("ce", "kd", "clip", "richkd")
 
@@ -42,6 +42,11 @@ def fit_feature_map(clip_feats: torch.Tensor, teacher_feats: torch.Tensor, ridge
     The ridge is relative (scaled by the mean eigenvalue of the centred Gram matrix) so the fit does
     not depend on the features' overall scale.
     """
+    if clip_feats.ndim != 2 or teacher_feats.ndim != 2 or len(clip_feats) != len(teacher_feats):
+        raise DataError(
+            f"the feature map needs (N, Fc) CLIP and (N, Ft) teacher features of the same rows, got "
+            f"{tuple(clip_feats.shape)} and {tuple(teacher_feats.shape)}; rebuild the cache"
+        )
     x = clip_feats.double()
     y = teacher_feats.double()
     x_mean, y_mean = x.mean(0), y.mean(0)

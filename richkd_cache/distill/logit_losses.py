@@ -64,7 +64,9 @@ def lskd_loss(student: Tensor, target: Tensor, labels: Tensor, *, temperature: f
 def normkd_loss(student: Tensor, target: Tensor, labels: Tensor, *, t_norm: float = 1.5, epoch: int = 1) -> Tensor:
     """NormKD: a per-sample temperature from each side's own logit spread, T_i = t_norm * std(z_i).
 
-    The target's T_i^2 scales its sample's KL (the T^2 rule of KD, per sample).
+    Each side is divided by its own T_i, as NormKD's code does (the student's spread is not forced to
+    the target's); the target's T_i^2 scales its sample's KL (KD's T^2 rule, per sample). t_norm 1.5
+    is NormKD's CIFAR-100 value.
     """
     target = target.detach()
     t_t = t_norm * target.std(dim=1, keepdim=True)  # (B, 1)
