@@ -66,6 +66,7 @@ class TrainConfig:
     lr_decay: float = 0.1
     seed: int = 0
     device: str = "auto"
+    cache_device: str | None = None  # where cached targets live; None: the training device
     workers: int = 4
     resume: bool = False
     quiet: bool = False

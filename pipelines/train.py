@@ -31,7 +31,7 @@ from richkd_cache.errors import ConfigError, DataError
 from richkd_cache.models import create_model, save_checkpoint, uses_small_lr
 
 # Settings that do not change what a run computes; everything else must match to resume.
-_NOT_IDENTITY = ("resume", "quiet", "epochs", "workers", "device", "out")
+_NOT_IDENTITY = ("resume", "quiet", "epochs", "workers", "device", "cache_device", "out")
 
 
 @dataclass
@@ -54,10 +54,15 @@ def run_train(cfg: TrainConfig, reporter: Reporter) -> dict:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
+    if cfg.resolved_target != "ce" and not cfg.cache:
+        raise ConfigError(f"target {cfg.resolved_target} distills from a cache: pass --cache (or --target ce)")
     cache = open_cache(cfg.cache) if cfg.cache else None
     train_set, val_set = setup_data(cfg, cache)
-    targets = setup_targets(cfg, cache, train_set, device) if cache else Targets(None, None)
+    cache_device = resolve_device(cfg.cache_device) if cfg.cache_device else device
+    targets = setup_targets(cfg, cache, train_set, cache_device) if cache else Targets(None, None)
     student = create_model(cfg.student, train_set.num_classes).to(device)
+    if device.type == "cuda":
+        student = student.to(memory_format=torch.channels_last)
     objective = setup_objective(cfg, student, targets, len(train_set)).to(device)
     optimizer, scheduler = setup_optimizer(cfg, student, objective)
     state = restore(out, cfg, student, objective, optimizer, scheduler) if cfg.resume else None
@@ -66,8 +71,9 @@ def run_train(cfg: TrainConfig, reporter: Reporter) -> dict:
     write_json(out / "config.json", {**asdict(cfg), "target": cfg.resolved_target})
     images = setup_images(train_set, device)
     val_images = setup_images(val_set, device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * state.epoch)
+    generator = torch.Generator(device=device)
     for epoch in range(state.epoch, cfg.epochs):
+        generator.manual_seed(cfg.seed * 100_003 + epoch)  # per epoch: a resumed run draws what a straight one did
         t0 = time.perf_counter()
         train_stats = train_epoch(
             student, objective, optimizer, images, train_set, targets, cfg, epoch, generator, reporter
@@ -158,9 +164,14 @@ def setup_targets(cfg: TrainConfig, cache: CacheReader, dataset: ImageDataset, d
         fmap=fmap,
     )
     logits, feats = built.get("logits"), built.get("features")
+    pin = device.type == "cpu" and torch.cuda.is_available()  # host copies that feed a GPU are pinned
+    def place(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device)
+        return t.pin_memory() if pin else t
+
     return Targets(
-        logits=None if logits is None else logits.to(device),
-        features=None if feats is None or cfg.feature_loss is None else feats.to(device),
+        logits=None if logits is None else place(logits),
+        features=None if feats is None or cfg.feature_loss is None else place(feats),
     )
 
 
@@ -245,6 +256,8 @@ def train_epoch(
         for index, x, y in batches(images, dataset, cfg.batch_size, order, cfg.workers):
             x, y, index = x.to(device), y.to(device), index.to(device)
             x = normalize(random_crop_flip(x, padding=x.shape[-1] // 8, generator=generator), dataset.mean, dataset.std)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
             terms, logits = train_step(student, objective, optimizer, x, y, index, targets, epoch)
             for name, value in terms.items():  # summed on the device: no sync per step
                 sums[name] = sums.get(name, 0.0) + value * len(y)
@@ -280,8 +293,8 @@ def train_step(
         logits.float(),
         feats.float(),
         y,
-        target_logits=None if targets.logits is None else targets.logits[index],
-        target_feats=None if targets.features is None else targets.features[index],
+        target_logits=gather(targets.logits, index, device),
+        target_feats=gather(targets.features, index, device),
         index=index,
         epoch=epoch,
     )
@@ -312,6 +325,13 @@ def evaluate(
         correct5 += (top == y[:, None]).any(dim=1).sum().item()
     n = max(len(dataset), 1)
     return 100.0 * correct1 / n, 100.0 * correct5 / n
+
+
+def gather(rows: torch.Tensor | None, index: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The cached target rows of this batch's samples, (B, X), on the training device."""
+    if rows is None:
+        return None
+    return rows[index.to(rows.device)].to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------- checkpoints, metrics, resume

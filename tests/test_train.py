@@ -1,0 +1,85 @@
+"""Stage two: resume after a crash, refusals, seeds, recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.config import list_recipes, load_recipe
+from richkd_cache.models import create_model, save_checkpoint
+
+runner = CliRunner()
+FAST = ["--student", "resnet8", "--device", "cpu", "--workers", "0", "--quiet"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    teacher = root / "teacher.pth"
+    save_checkpoint(str(teacher), create_model("resnet8", 10), arch="resnet8", num_classes=10)
+    out = root / "digits.zarr"
+    result = invoke("build", "--dataset", "digits", "--teacher-checkpoint", teacher, "--clip", "richkd-tiny",
+                    "--clip-pretrained", "random", "--prompts", "single", "--device", "cpu", "--workers", "0",
+                    "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def losses(run: Path) -> list[float]:
+    return [row["loss"] for row in pq.read_table(run / "metrics.parquet").to_pylist()]
+
+
+def test_resume_continues_exactly_where_a_straight_run_would_be(cache: Path, tmp_path: Path) -> None:
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert invoke("train", "--cache", cache, *FAST, "--epochs", "2", "--out", straight).exit_code == 0
+    assert invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--out", crashed).exit_code == 0
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "2", "--resume", "--out", crashed)
+    assert result.exit_code == 0, result.output
+    assert losses(crashed) == pytest.approx(losses(straight), rel=1e-5)
+    assert json.loads((crashed / "summary.json").read_text())["epochs"] == 2
+
+
+def test_resume_from_another_run_is_refused(cache: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--out", run).exit_code == 0
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "2", "--alpha", "0.5", "--resume", "--out", run)
+    assert result.exit_code == 2 and "other settings" in result.output
+
+
+def test_several_seeds_report_mean_and_std(cache: Path, tmp_path: Path) -> None:
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--seeds", "0,1", "--out", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    assert "+-" in result.output and (tmp_path / "s" / "seed1" / "last.pth").exists()
+
+
+def test_recipes_load_and_flags_override_them(cache: Path, tmp_path: Path) -> None:
+    assert "cifar100-resnet32x4-resnet8x4" in list_recipes()
+    for name in list_recipes():
+        load_recipe(name)  # every shipped recipe names only real settings
+    out = tmp_path / "recipe"
+    result = invoke("train", "--recipe", "cifar100-resnet32x4-resnet8x4", "--cache", cache, "--dataset", "digits",
+                    *FAST, "--epochs", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["student"] == "resnet8" and config["feature_loss"] == "crd" and config["beta"] == 3.0
+
+
+def test_distillation_without_a_cache_is_refused(tmp_path: Path) -> None:
+    result = invoke("train", "--dataset", "digits", "--target", "richkd", *FAST, "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "--cache" in result.output
+
+
+@pytest.mark.parametrize("target", ["kd", "clip"])
+def test_every_target_trains(cache: Path, tmp_path: Path, target: str) -> None:
+    result = invoke("train", "--cache", cache, "--target", target, "--method", "dkd", "--feature-loss", "mse",
+                    *FAST, "--epochs", "1", "--out", tmp_path / target)
+    assert result.exit_code == 0, result.output
