@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from richkd_cache.data import create_dataset, dataset_fingerprint, random_crop_flip
+from richkd_cache.data import create_dataset, dataset_fingerprint, list_datasets, normalize, random_crop_flip
 from richkd_cache.errors import DataError
 
 
@@ -31,6 +31,7 @@ def write_cifar100(root: Path, n_train: int = 20, n_test: int = 8, seed: int = 0
 
 
 def write_cifar10(root: Path) -> Path:
+    """CIFAR-10's python layout: data_batch_1..5, test_batch (b'labels') and batches.meta."""
     rng = np.random.default_rng(1)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -41,88 +42,198 @@ def write_cifar10(root: Path) -> Path:
     return root
 
 
+def write_image_folder(root: Path) -> Path:
+    """root/train/<class>/*.png of different sizes, one nested, plus files that must be skipped."""
+    for cls, names, sizes in (("dog", ["b.png", "a.png"], [(40, 30), (20, 50)]), ("cat", ["x/0.png"], [(64, 64)])):
+        for k, (name, size) in enumerate(zip(names, sizes)):
+            path = root / "train" / cls / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", size, (k * 40, 10, 200)).save(path)
+    (root / "train" / "dog" / "notes.txt").write_text("not an image")
+    (root / "train" / ".cache").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "train" / ".cache" / "thumb.png")
+    return root
+
+
 def test_cifar100_reads_the_pickle_layout(tmp_path: Path) -> None:
     root = write_cifar100(tmp_path)
     train = create_dataset("cifar100", str(root), "train")
     raw = pickle.loads((root / "cifar-100-python" / "train").read_bytes())
     assert len(train) == 20 and train.num_classes == 100 and train.classes[3] == "class_3"
+    assert train.labels.dtype == np.int64 and train.labels.tolist() == raw[b"fine_labels"]
+    assert train.images.shape == (20, 32, 32, 3) and train.images.dtype == np.uint8
     # row layout: 1024 red values, then green, then blue; pixel (row 2, col 5) of image 4
     r, g, b = (raw[b"data"][4][c * 1024 + 2 * 32 + 5] for c in range(3))
+    assert train.images[4, 2, 5].tolist() == [r, g, b]
     sample = train[4]
     assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, 32, 32)
     assert sample["image"][:, 2, 5].tolist() == [r, g, b]
     assert sample["label"] == raw[b"fine_labels"][4] and sample["index"] == 4
-    assert len(create_dataset("cifar100", str(root / "cifar-100-python"), "test")) == 8
+    assert train.mean == (0.5071, 0.4865, 0.4409) and train.std == (0.2673, 0.2564, 0.2762)
 
 
-def test_cifar10_reads_five_batches(tmp_path: Path) -> None:
-    ds = create_dataset("cifar10", str(write_cifar10(tmp_path)), "train")
-    assert len(ds) == 15 and ds.classes[0] == "c0"
+def test_cifar_test_split_is_val_and_root_may_be_the_folder_itself(tmp_path: Path) -> None:
+    root = write_cifar100(tmp_path)
+    val = create_dataset("cifar100", str(root / "cifar-100-python"), "test")
+    raw = pickle.loads((root / "cifar-100-python" / "test").read_bytes())
+    assert val.split == "val" and len(val) == 8 and val.labels.tolist() == raw[b"fine_labels"]
+    assert np.array_equal(create_dataset("cifar100", str(root), "val").images, val.images)
+
+
+def test_cifar10_concatenates_five_batches_in_order(tmp_path: Path) -> None:
+    root = write_cifar10(tmp_path)
+    ds = create_dataset("cifar10", str(root), "train")
+    raw = [pickle.loads((root / "cifar-10-batches-py" / f"data_batch_{i}").read_bytes()) for i in range(1, 6)]
+    assert len(ds) == 15 and ds.classes == [f"c{i}" for i in range(10)]
+    assert ds.labels.tolist() == [label for batch in raw for label in batch[b"labels"]]
+    # sample 7 is row 1 of data_batch_3; blue channel of pixel (31, 0)
+    assert ds[7]["image"][2, 31, 0] == raw[2][b"data"][1][2 * 1024 + 31 * 32]
     assert len(create_dataset("cifar10", str(tmp_path), "val")) == 3
 
 
 def test_missing_cifar_names_the_expected_files(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="cifar-100-python"):
+    with pytest.raises(DataError) as err:
         create_dataset("cifar100", str(tmp_path), "train")
+    message = str(err.value)
+    assert f"{tmp_path / 'cifar-100-python'}/{{train,test,meta}}" in message and "--data-root" in message
+    with pytest.raises(DataError, match="--data-root"):
+        create_dataset("cifar10", None, "train")
 
 
-def test_corrupt_cifar_file_is_a_data_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not a pickle",
+        pickle.dumps({b"fine_labels": [0]}),  # no b"data"
+        pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"fine_labels": [0, 1]}),  # not 3072 wide
+        pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0]}),  # one label short
+        pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 100]}),  # no class 100
+    ],
+)
+def test_corrupt_cifar_file_is_a_data_error(tmp_path: Path, content: bytes) -> None:
     root = write_cifar100(tmp_path)
-    (root / "cifar-100-python" / "train").write_bytes(b"not a pickle")
-    with pytest.raises(DataError, match="cannot read"):
+    (root / "cifar-100-python" / "train").write_bytes(content)
+    with pytest.raises(DataError, match="cannot read CIFAR-100 file .*train"):
         create_dataset("cifar100", str(root), "train")
 
 
 def test_image_folder_order_labels_and_ids(tmp_path: Path) -> None:
-    for cls, sizes in (("dog", [(40, 30), (20, 50)]), ("cat", [(64, 64)])):
-        (tmp_path / "train" / cls).mkdir(parents=True)
-        for k, size in enumerate(sizes):
-            Image.new("RGB", size, (k * 40, 10, 200)).save(tmp_path / "train" / cls / f"{k}.png")
+    write_image_folder(tmp_path)
     ds = create_dataset("imagefolder", str(tmp_path), "train", image_size=24, resize=28)
     assert ds.classes == ["cat", "dog"] and ds.labels.tolist() == [0, 1, 1]
-    assert ds[1]["image"].shape == (3, 24, 24) and ds[1]["label"] == 1
-    ids = ds.sample_ids()
-    assert ids[0] == f"cat/0.png:{(tmp_path / 'train/cat/0.png').stat().st_size}"
+    assert ds.files == ["cat/x/0.png", "dog/a.png", "dog/b.png"]
+    assert ds[1]["image"].shape == (3, 24, 24) and ds[1]["image"].dtype == torch.uint8
+    assert ds[2]["label"] == 1 and ds[2]["index"] == 2
+    assert ds.sample_ids()[0] == f"cat/x/0.png:{(tmp_path / 'train/cat/x/0.png').stat().st_size}"
+    assert ds.mean == (0.485, 0.456, 0.406)
+
+
+def test_image_folder_clean_view_is_resize_then_centre_crop(tmp_path: Path) -> None:
+    # 90x30, thirds red | green | blue: shorter side 30 -> 15 gives 45x15, the centre 15x15 is the green third
+    stripes = np.zeros((30, 90, 3), np.uint8)
+    stripes[:, :30, 0], stripes[:, 30:60, 1], stripes[:, 60:, 2] = 255, 255, 255
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    Image.fromarray(stripes).save(tmp_path / "train" / "a" / "wide.png")
+    image = create_dataset("imagefolder", str(tmp_path), "train", image_size=15, resize=15)[0]["image"]
+    assert image.shape == (3, 15, 15)
+    assert (image[1, :, 1:-1] == 255).all() and (image[[0, 2], :, 1:-1] == 0).all()
+
+
+def test_image_folder_refusals(tmp_path: Path) -> None:
+    write_image_folder(tmp_path)
     with pytest.raises(DataError, match="val"):
         create_dataset("imagefolder", str(tmp_path), "val")
+    with pytest.raises(DataError, match="unknown split 'test'"):
+        create_dataset("imagefolder", str(tmp_path), "test")
+    with pytest.raises(DataError, match="image_size"):
+        create_dataset("imagefolder", str(tmp_path), "train", image_size=64, resize=32)
+    with pytest.raises(DataError, match="does not take option.*crop.*valid: image_size, resize"):
+        create_dataset("imagefolder", str(tmp_path), "train", crop=3)
+    (tmp_path / "empty" / "train" / "cls").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images under"):
+        create_dataset("imagefolder", str(tmp_path / "empty"), "train")
+    (tmp_path / "train" / "cat" / "x" / "0.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(DataError, match="cannot decode image .*0.png"):
+        create_dataset("imagefolder", str(tmp_path), "train")[0]
 
 
 def test_digits_is_a_stratified_split_of_real_data() -> None:
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
     train, val = create_dataset("digits", None, "train"), create_dataset("digits", None, "val")
     assert len(train) + len(val) == 1797 and train.num_classes == 10 and train.classes[0] == "zero"
-    assert np.bincount(val.labels).min() >= 30  # every class in validation
-    assert abs(len(val) / 1797 - 0.2) < 0.01  # a fixed fifth of each class
-    assert train[0]["image"].shape == (3, 32, 32) and train[0]["image"].dtype == torch.uint8
+    assert val.classes[9] == "nine"
+    assert np.bincount(val.labels).tolist() == (np.bincount(raw.target) // 5).tolist()  # a fifth of each class
+    assert not set(train.sample_ids()) & set(val.sample_ids())
+    assert sorted(train.labels.tolist() + val.labels.tolist()) == sorted(raw.target.tolist())
+    image = train[0]["image"]  # sklearn's first digit, upsampled 4x and scaled 0..16 -> 0..255
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and train[0]["label"] == raw.target[0]
+    assert image[0, 4 * 3 + 1, 4 * 5 + 2] == round(raw.images[0, 3, 5] * 255 / 16)
+    assert torch.equal(image[0], image[2])
 
 
 def test_fingerprint_is_stable_and_moves_with_the_data(tmp_path: Path) -> None:
     root = write_cifar100(tmp_path / "a")
     base = dataset_fingerprint(create_dataset("cifar100", str(root), "train"))
+    assert dataset_fingerprint(create_dataset("cifar100", str(root), "train")) == base
     shutil.copytree(root, tmp_path / "b")  # the same files elsewhere: same fingerprint
     assert dataset_fingerprint(create_dataset("cifar100", str(tmp_path / "b"), "train")) == base
+    changed = []
     ds = create_dataset("cifar100", str(root), "train")
     ds.labels[0] = (ds.labels[0] + 1) % 100
-    assert dataset_fingerprint(ds) != base
+    changed.append(ds)
     ds = create_dataset("cifar100", str(root), "train")
     ds.images[3, 0, 0, 0] ^= 1
-    assert dataset_fingerprint(ds) != base
+    changed.append(ds)
     ds = create_dataset("cifar100", str(root), "train")
-    ds.images, ds.labels = ds.images[::-1].copy(), ds.labels[::-1].copy()
-    assert dataset_fingerprint(ds) != base
+    ds.images, ds.labels = ds.images[[1, 0, *range(2, 20)]], ds.labels[[1, 0, *range(2, 20)]]
+    changed.append(ds)
+    ds = create_dataset("cifar100", str(root), "train")
+    ds.images, ds.labels = ds.images[:-1], ds.labels[:-1]
+    changed.append(ds)
+    assert all(dataset_fingerprint(d) != base for d in changed)
+
+
+def test_image_folder_fingerprint_survives_a_move_but_not_an_edit(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "a")
+    base = dataset_fingerprint(create_dataset("imagefolder", str(tmp_path / "a"), "train"))
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert dataset_fingerprint(create_dataset("imagefolder", str(tmp_path / "b"), "train")) == base
+    Image.new("RGB", (41, 30)).save(tmp_path / "b" / "train" / "dog" / "b.png")
+    assert dataset_fingerprint(create_dataset("imagefolder", str(tmp_path / "b"), "train")) != base
+
+
+def test_normalize_follows_the_images_device_and_formula() -> None:
+    images = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1)
+    out = normalize(images, (0.0, 0.2, 0.5), (1.0, 0.5, 0.25))
+    assert out.dtype == torch.float32 and out.device == images.device
+    assert torch.allclose(out.flatten(), torch.tensor([0.0, 0.0, 2.0]))
 
 
 def test_random_crop_flip_is_a_crop_and_flip_of_the_padded_image() -> None:
-    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
     out = random_crop_flip(images, padding=2, generator=torch.Generator().manual_seed(0))
     again = random_crop_flip(images, padding=2, generator=torch.Generator().manual_seed(0))
+    other = random_crop_flip(images, padding=2, generator=torch.Generator().manual_seed(1))
     assert out.dtype == torch.uint8 and out.shape == images.shape and torch.equal(out, again)
+    assert not torch.equal(out, other)
     padded = F.pad(images, (2, 2, 2, 2))
-    for i in range(16):
-        candidates = [padded[i, :, t : t + 8, l : l + 8] for t in range(5) for l in range(5)]
-        candidates += [c.flip(-1) for c in candidates]
-        assert any(torch.equal(out[i], c) for c in candidates)
+    chosen = set()
+    for i in range(64):
+        matches = [(t, l, f) for t in range(5) for l in range(5) for f in (False, True)
+                   if torch.equal(out[i], padded[i, :, t : t + 8, l : l + 8].flip(-1) if f else
+                                  padded[i, :, t : t + 8, l : l + 8])]
+        assert matches, f"sample {i} is no crop/flip of its padded input"
+        chosen.add(matches[0])
+    # the draws cover every offset and both flips, as RandomCrop + RandomHorizontalFlip do
+    assert {t for t, _, _ in chosen} == set(range(5)) and {l for _, l, _ in chosen} == set(range(5))
+    assert {f for _, _, f in chosen} == {False, True}
 
 
-def test_unknown_dataset_lists_valid_names() -> None:
-    with pytest.raises(DataError, match="cifar100"):
+def test_registry_lists_and_rejects_names() -> None:
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "imagefolder"]
+    with pytest.raises(DataError, match="did you mean cifar100.*valid: cifar10, cifar100, digits, imagefolder"):
         create_dataset("cifar1000", None, "train")
+    with pytest.raises(DataError, match="unknown split 'holdout' for digits; valid: train, val"):
+        create_dataset("digits", None, "holdout")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import hashlib
 
 import numpy as np
@@ -12,7 +13,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageDataset(Dataset):
+class ImageDataset(Dataset, abc.ABC):
     """Row i of a cache is sample i of this dataset, in its canonical order.
 
     `__getitem__` returns {"image": uint8 (3, H, W), "label": int, "index": int}.
@@ -33,9 +34,12 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @abc.abstractmethod
+    def __getitem__(self, i: int) -> dict: ...
+
+    @abc.abstractmethod
     def sample_ids(self) -> list[str]:
         """Identities for the fingerprint: what makes sample i the same sample on another machine."""
-        raise NotImplementedError
 
 
 class ArrayImageDataset(ImageDataset):
@@ -47,7 +51,7 @@ class ArrayImageDataset(ImageDataset):
     def __init__(self, name: str, split: str, root: str, images: np.ndarray, labels: np.ndarray,
                  classes: list[str], mean: tuple, std: tuple) -> None:
         self.name, self.split, self.root = name, split, root
-        self.images = images
+        self.images = images  # (N, H, W, 3) uint8, HWC as CIFAR's pickles give after reshape
         self.labels = labels.astype(np.int64)
         self.classes = list(classes)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -57,4 +61,5 @@ class ArrayImageDataset(ImageDataset):
         return {"image": image, "label": int(self.labels[i]), "index": int(i)}
 
     def sample_ids(self) -> list[str]:
+        """sha1 of each image's bytes: the pixels are the identity, wherever the files live."""
         return [hashlib.sha1(img.tobytes()).hexdigest() for img in self.images]

@@ -16,8 +16,9 @@ DIGITS_MEAN, DIGITS_STD = (0.3053,) * 3, (0.3759,) * 3
 VAL_EVERY = 5  # every 5th sample of each class is validation (a fixed, stratified 20 %)
 
 
-def load_digits(split: str) -> ArrayImageDataset:
-    from sklearn.datasets import load_digits as sklearn_digits
+def load_digits(root: str | None, split: str) -> ArrayImageDataset:
+    """`root` is ignored: the data ships inside scikit-learn. Both splits keep sklearn's order."""
+    from sklearn.datasets import load_digits as sklearn_digits  # here: importing sklearn takes ~1 s
 
     bunch = sklearn_digits()
     small = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255

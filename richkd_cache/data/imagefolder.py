@@ -1,4 +1,9 @@
-"""ImageNet-style trees: ROOT/<split>/<class>/<image>, decoded in DataLoader workers."""
+"""ImageNet-style trees, ROOT/<split>/<class>/<image>, decoded one file at a time in DataLoader workers.
+
+ROOT is the folder that holds train/ and val/ (not a split folder itself). Class names are the
+subfolder names; images may sit in nested folders below their class folder. Hidden files and
+folders (".name") are skipped.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 
 from richkd_cache.data._base import IMAGENET_MEAN, IMAGENET_STD, ImageDataset
@@ -16,39 +21,58 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class ImageFolderDataset(ImageDataset):
-    """Canonical order: classes sorted by name, then files sorted by relative path.
+    """Canonical order: classes sorted by name, then files sorted by path relative to the split folder.
 
     Each image is decoded to RGB and given the clean-view geometry (shorter side to `resize`, centre
     crop `image_size`), so batches stack and the teachers see what an evaluation transform shows.
+    Labels index the sorted class folders, so train/ and val/ must hold the same class folders.
     """
 
     def __init__(self, root: str | None, split: str, image_size: int = 224, resize: int = 256) -> None:
         if root is None:
             raise DataError("imagefolder needs --data-root: a folder with train/ and val/ class subfolders")
+        if not 0 < image_size <= resize:
+            raise DataError(f"imagefolder needs 0 < image_size <= resize, got image_size {image_size}, resize {resize}")
         base = Path(root) / split
         if not base.is_dir():
             raise DataError(f"image folder {base} not found: expected {root}/{split}/<class>/<image files>")
         self.name, self.split, self.root = "imagefolder", split, str(root)
-        self.classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+        self.classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
         files, labels = [], []
         for label, cls in enumerate(self.classes):
-            found = sorted(p for p in (base / cls).rglob("*") if p.suffix.lower() in EXTENSIONS)
-            files += [str(p.relative_to(base)) for p in found]
+            found = sorted(_image_files(base, base / cls))
+            files += found
             labels += [label] * len(found)
         if not files:
             raise DataError(f"no images under {base}: expected {base}/<class>/<image files> ({', '.join(EXTENSIONS)})")
-        self.base, self.files = base, files
+        self.base = base
+        self.files = files  # posix paths relative to base: identical on every OS, so fingerprints agree
         self.labels = np.asarray(labels, dtype=np.int64)
         self.image_size, self.resize = image_size, resize
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
 
     def __getitem__(self, i: int) -> dict:
-        with Image.open(self.base / self.files[i]) as img:
-            image = TF.pil_to_tensor(img.convert("RGB"))  # (3, H, W) uint8
+        path = self.base / self.files[i]
+        try:
+            with Image.open(path) as img:
+                image = TF.pil_to_tensor(img.convert("RGB"))  # (3, H, W) uint8
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"cannot decode image {path}: {e}; remove or replace the file") from None
         image = TF.resize(image, self.resize, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        image = TF.center_crop(image, [self.image_size, self.image_size])
+        image = TF.center_crop(image, [self.image_size, self.image_size])  # (3, S, S) uint8
         return {"image": image.contiguous(), "label": int(self.labels[i]), "index": int(i)}
 
     def sample_ids(self) -> list[str]:
+        """"relative/path:size_in_bytes": cheap to compute for a million files and moves with the tree."""
         return [f"{f}:{os.path.getsize(self.base / f)}" for f in self.files]
 
+
+def _image_files(base: Path, folder: Path) -> list[str]:
+    """Image files below `folder` as posix paths relative to `base`, skipping hidden entries."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(EXTENSIONS):
+                found.append((Path(dirpath) / name).relative_to(base).as_posix())
+    return found
