@@ -17,14 +17,32 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cache_store import CacheLayout, CacheWriter, choose_block_rows, create_cache, open_cache
+from cache_store import (
+    CacheError,
+    CacheLayout,
+    CacheWriter,
+    choose_block_rows,
+    create_cache,
+    open_cache,
+    open_for_write,
+)
 from pipelines.config import BuildConfig, resolve_device
+from pipelines.distributed import (
+    DistContext,
+    barrier,
+    broadcast,
+    contiguous_share,
+    init_distributed,
+    rank_device,
+    shutdown,
+)
 from pipelines.progress import Reporter
 from pipelines.summary import prompt_set_accuracy
 from richkd_cache.clip import ClipTeacher, load_clip, resolve_clip
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.errors import ConfigError
 from richkd_cache.models import load_checkpoint
+from richkd_cache.views import CLEAN, PARAM_NAMES, apply_views, num_views, parse_policy, view_params
 from richkd_cache.prompts import (
     PromptSet,
     get_prompt_set,
@@ -32,9 +50,6 @@ from richkd_cache.prompts import (
     prompt_set_manifest,
 )
 
-# views/params columns: the crop as fractions of the image (top, left, height, width) and the flip.
-VIEW_PARAM_NAMES = ("top", "left", "height", "width", "hflip")
-CLEAN_VIEW = np.array([0.0, 0.0, 1.0, 1.0, 0.0], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -45,20 +60,51 @@ class Teacher:
 
 
 def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
-    """Build (or resume) the cache at cfg.out and return its location."""
-    device = resolve_device(cfg.device)
-    dataset = create_dataset(cfg.dataset, cfg.data_root, cfg.split)
-    teacher = setup_teacher(cfg.teacher, cfg.teacher_checkpoint, dataset, device)
-    clip = load_clip(resolve_clip(cfg.clip, cfg.clip_pretrained, cfg.clip_checkpoint), device=device)
-    prompt_sets = [resolve_prompt_set(p, cfg.dataset) for p in cfg.prompts]
-    layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip, cfg.block_rows)
-    manifest = build_manifest(cfg, dataset, teacher, clip)
-    writer = create_cache(cfg.out, layout, manifest, overwrite=cfg.overwrite)
-    store_prompt_sets(writer, clip, prompt_sets, dataset.classes)
-    forward_blocks(writer, dataset, teacher, clip, device, cfg.batch_size, cfg.workers, reporter)
-    writer.update_manifest(**accuracy_summary(cfg.out))
-    writer.finalize()
-    return cfg.out
+    """Build (or resume) the cache at cfg.out and return its location. Under torchrun, every rank
+    computes a contiguous share of the pending blocks."""
+    ctx = init_distributed(cfg.device)
+    try:
+        device = resolve_device(rank_device(cfg.device, ctx))
+        dataset = create_dataset(cfg.dataset, cfg.data_root, cfg.split)
+        teacher = setup_teacher(cfg.teacher, cfg.teacher_checkpoint, dataset, device)
+        clip = load_clip(resolve_clip(cfg.clip, cfg.clip_pretrained, cfg.clip_checkpoint), device=device)
+        prompt_sets = [resolve_prompt_set(p, cfg.dataset) for p in cfg.prompts]
+        policy = parse_policy(cfg.views)
+        params = view_params(policy, len(dataset), image_size(dataset), cfg.view_seed)  # (N, V, 5)
+        layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip, cfg.block_rows,
+                              params.shape[1])
+        writer, pending = open_cache_for_build(cfg, layout, build_manifest(cfg, dataset, teacher, clip),
+                                               clip, prompt_sets, dataset.classes, ctx)
+        blocks = contiguous_share(pending, ctx)
+        quiet = Reporter(reporter.console, quiet=True)
+        forward_blocks(writer, blocks, dataset, teacher, clip, device, cfg.batch_size, cfg.workers,
+                       reporter if ctx.is_main else quiet, ctx.world_size, params)
+        barrier(ctx)
+        if ctx.is_main:
+            writer.update_manifest(**accuracy_summary(cfg.out))
+            writer.finalize()
+        barrier(ctx)
+        return cfg.out
+    finally:
+        shutdown(ctx)
+
+
+def open_cache_for_build(cfg: BuildConfig, layout: CacheLayout, manifest: dict, clip: ClipTeacher,
+                         prompt_sets: list[PromptSet], classes: list[str], ctx: DistContext):
+    """Rank 0 creates (or reopens to resume) the cache and stores the prompt sets; then every rank opens
+    it and receives the same list of pending blocks. A refusal on rank 0 stops every rank with it."""
+    error, pending = None, []
+    if ctx.is_main:
+        try:
+            writer = create_cache(cfg.out, layout, manifest, overwrite=cfg.overwrite)
+            store_prompt_sets(writer, clip, prompt_sets, classes)
+            pending = writer.pending_blocks()
+        except CacheError as e:
+            error = str(e)
+    error, pending = broadcast((error, pending), ctx)
+    if error:
+        raise CacheError(error)
+    return (writer if ctx.is_main else open_for_write(cfg.out)), pending
 
 
 
@@ -85,19 +131,24 @@ def resolve_prompt_set(name_or_file: str, dataset: str) -> PromptSet:
     return get_prompt_set(name_or_file, dataset)
 
 
+def image_size(dataset: ImageDataset) -> int:
+    """The side of the dataset's (square) images, which view parameters are fractions of."""
+    return int(dataset[0]["image"].shape[-1])
+
+
 def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: ClipTeacher,
-                 block_rows: int | None = None) -> CacheLayout:
+                 block_rows: int | None = None, num_views: int = 1) -> CacheLayout:
     """Chunks of whole write blocks, a few MB each (DESIGN.md section 3) unless block_rows is given."""
-    row_bytes = 2 * (num_classes + teacher_dim + clip.embed_dim + clip.feature_dim)
+    row_bytes = 2 * num_views * (num_classes + teacher_dim + clip.embed_dim + clip.feature_dim)
     block_rows = block_rows or choose_block_rows(row_bytes)
     return CacheLayout(
         num_samples=num_samples,
-        num_views=1,
+        num_views=num_views,
         num_classes=num_classes,
         teacher_dim=teacher_dim,
         clip_embed_dim=clip.embed_dim,
         clip_feature_dim=clip.feature_dim,
-        view_param_dim=len(VIEW_PARAM_NAMES),
+        view_param_dim=len(PARAM_NAMES),
         block_rows=min(block_rows, max(num_samples, 1)),
     )
 
@@ -115,14 +166,17 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, cl
         "classes": list(dataset.classes),
         "fingerprint": fingerprint,
     }
-    views = {"num_views": 1, "policy": "clean", "param_names": list(VIEW_PARAM_NAMES), "seed": None}
+    policy = parse_policy(cfg.views)
+    views = {"num_views": num_views(policy, image_size(dataset)), "policy": str(policy),
+             "param_names": list(PARAM_NAMES), "seed": cfg.view_seed if isinstance(policy, int) else None,
+             "image_size": image_size(dataset)}
     build_key = {
         "dataset_fingerprint": fingerprint,
         "split": dataset.split,
         "teacher_arch": teacher.arch,
         "teacher_checkpoint_sha256": teacher.manifest["checkpoint_sha256"],
         "clip": {k: clip_manifest.get(k) for k in ("arch", "pretrained", "checkpoint_sha256")},
-        "views": views["policy"],
+        "views": {k: views[k] for k in ("policy", "seed", "num_views")},
     }
     return {
         "tool": {"name": "richkd-cache", "version": importlib.metadata.version("richkd-cache")},
@@ -149,6 +203,7 @@ def store_prompt_sets(
 
 def forward_blocks(
     writer: CacheWriter,
+    pending: list[int],
     dataset: ImageDataset,
     teacher: Teacher,
     clip: ClipTeacher,
@@ -156,25 +211,31 @@ def forward_blocks(
     batch_size: int,
     workers: int,
     reporter: Reporter,
+    world_size: int = 1,
+    params: np.ndarray | None = None,
 ) -> None:
-    """Run teacher and CLIP over every pending block; a writer thread stores finished blocks."""
-    pending = writer.pending_blocks()
+    """Run teacher and CLIP over the given blocks; a writer thread stores finished blocks.
+
+    The bar shows this process's blocks; with several ranks its rate is scaled to the total.
+    """
     ranges = [writer.block_range(b) for b in pending]
     if not ranges:
         return
     # Batches never straddle blocks and start at block boundaries, so a resumed build runs exactly
     # the batches an uninterrupted one does (and writes bit-identical rows).
-    batch_indices = [list(range(i, min(i + batch_size, stop))) for start, stop in ranges
-                     for i in range(start, stop, batch_size)]
+    per_batch = max(1, batch_size // (1 if params is None else params.shape[1]))  # samples x views ~ batch_size
+    batch_indices = [list(range(i, min(i + per_batch, stop))) for start, stop in ranges
+                     for i in range(start, stop, per_batch)]
     loader = DataLoader(
         dataset,
         batch_sampler=batch_indices,
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
-    forward = make_forward(teacher, clip, dataset, device)
+    forward = make_forward(teacher, clip, dataset, device, params)
     total = sum(stop - start for start, stop in ranges)
-    with reporter.task("build", total=total, unit="img") as advance, ThreadPoolExecutor(1) as pool:
+    label = "build" if world_size == 1 else f"build (rank 0 of {world_size}; total ~{world_size}x this rate)"
+    with reporter.task(label, total=total, unit="img") as advance, ThreadPoolExecutor(1) as pool:
         in_flight: list[Future] = []
         for block, arrays in zip(pending, assemble_blocks(ranges, map(forward, loader))):
             in_flight.append(pool.submit(writer.write_block, block, arrays))
@@ -187,32 +248,52 @@ def forward_blocks(
 
 
 def make_forward(
-    teacher: Teacher, clip: ClipTeacher, dataset: ImageDataset, device: torch.device
+    teacher: Teacher, clip: ClipTeacher, dataset: ImageDataset, device: torch.device,
+    params: np.ndarray | None = None,
 ) -> Callable[[dict], dict[str, np.ndarray]]:
-    """One batch of clean views -> numpy rows for every sample-axis array (V = 1)."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """One batch of samples -> numpy rows for every sample-axis array, all V views of each sample.
 
+    params: (N, V, 5) view parameters of the whole split (None: the clean view). Each view's pixels come
+    from `apply_views`, the function stage two replays them with. The B x V views of a batch run through
+    the models together (forward_blocks sizes B so that B x V is about the requested batch size).
+    """
     @torch.no_grad()
     def forward(batch: dict) -> dict[str, np.ndarray]:
         images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) uint8
-        with autocast:
-            logits, feats = teacher.model(normalize(images, dataset.mean, dataset.std))
-            embeds, clip_feats = clip.encode_images(images)
-        n = images.shape[0]
+        index = batch["index"].numpy()
+        b = len(index)
+        batch_params = (params[index] if params is not None
+                        else np.broadcast_to(CLEAN, (b, 1, CLEAN.size)).copy())  # (B, V, 5)
+        v = batch_params.shape[1]
+        if params is None:
+            views = images
+        else:  # (B * V, 3, H, W), sample-major: row i * V + j is view j of sample i
+            flat = torch.from_numpy(batch_params.reshape(b * v, -1))
+            views = apply_views(images.repeat_interleave(v, dim=0), flat)
+        outputs = run_models(teacher, clip, dataset, views, device)
 
-        def rows(t: torch.Tensor) -> np.ndarray:  # (B, X) -> (B, 1, X) float32
-            return t.float().cpu().numpy()[:, None, :]
+        def rows(k: int) -> np.ndarray:  # (B * V, X) -> (B, V, X) float32
+            return outputs[k].float().cpu().numpy().reshape(b, v, -1)
 
         return {
             "labels": batch["label"].numpy().astype(np.int32),
-            "views/params": np.broadcast_to(CLEAN_VIEW, (n, 1, CLEAN_VIEW.size)).copy(),
-            "teacher/logits": rows(logits),
-            "teacher/features": rows(feats),
-            "clip/image_embeds": rows(embeds),
-            "clip/features": rows(clip_feats),
+            "views/params": batch_params.astype(np.float32),
+            "teacher/logits": rows(0),
+            "teacher/features": rows(1),
+            "clip/image_embeds": rows(2),
+            "clip/features": rows(3),
         }
 
     return forward
+
+
+def run_models(teacher: Teacher, clip: ClipTeacher, dataset: ImageDataset, images: torch.Tensor,
+               device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Teacher and CLIP on one uint8 batch, each with its own preprocessing; bf16 autocast on GPUs."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits, feats = teacher.model(normalize(images, dataset.mean, dataset.std))
+        embeds, clip_feats = clip.encode_images(images)
+    return logits, feats, embeds, clip_feats
 
 
 def assemble_blocks(

@@ -46,7 +46,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (RichKDError, CacheError) as e:
-            err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {one_line(e)}", markup=True, highlight=False, soft_wrap=True)
         except ModuleNotFoundError as e:
             err_console.print(
                 f"[red]error:[/red] missing package {e.name!r}; install it (for object stores: "
@@ -58,6 +58,15 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         raise typer.Exit(EXIT_USER_ERROR)
 
     return wrapper
+
+
+def one_line(error: Exception) -> str:
+    """The message itself: a DataLoader worker re-raises it wrapped in the worker's traceback."""
+    text = str(error).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def split_list(value: str) -> tuple[str, ...]:
@@ -82,6 +91,8 @@ def build(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace a cache built with other settings.")] = False,
     block_rows: Annotated[Optional[int], typer.Option(min=1, help="Rows per write block and chunk (default: ~4 MB chunks).")] = None,
+    views: Annotated[str, typer.Option(help="clean (one view), all (CIFAR's 162 crop+flip views) or K random views.")] = "clean",
+    view_seed: Annotated[int, typer.Option(help="Seed of the random views (with --views K).")] = 0,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Stage one: run the teacher and CLIP once over a split and write the cache."""
@@ -92,6 +103,7 @@ def build(
         teacher_checkpoint=teacher_checkpoint, clip=clip, clip_pretrained=clip_pretrained,
         clip_checkpoint=clip_checkpoint, prompts=split_list(prompts), out=out,
         batch_size=batch_size, workers=workers, device=device, overwrite=overwrite, block_rows=block_rows,
+        views=views, view_seed=view_seed,
     )
     url = run_build(cfg, Reporter(err_console, quiet=quiet))
     out_console.print(f"cache complete: {url}")

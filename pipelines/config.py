@@ -35,6 +35,8 @@ class BuildConfig:
     device: str = "auto"
     overwrite: bool = False
     block_rows: int | None = None  # rows per write block (= chunk); None: a few MB per chunk
+    views: str = "clean"  # clean | all | K (random views per sample)
+    view_seed: int = 0
 
 
 @dataclass(frozen=True)

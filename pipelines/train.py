@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 
 from cache_store import CacheReader, open_cache
 from pipelines.config import TrainConfig, resolve_device
@@ -29,6 +28,7 @@ from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint,
 from richkd_cache.distill import DistillObjective, build_targets, create_objective, fit_feature_map
 from richkd_cache.errors import ConfigError, DataError
 from richkd_cache.models import create_model, save_checkpoint, uses_small_lr
+from richkd_cache.views import apply_views
 
 # Settings that do not change what a run computes; everything else must match to resume.
 _NOT_IDENTITY = ("resume", "quiet", "epochs", "workers", "device", "cache_device", "out")
@@ -36,10 +36,11 @@ _NOT_IDENTITY = ("resume", "quiet", "epochs", "workers", "device", "cache_device
 
 @dataclass
 class Targets:
-    """Distillation targets for every training row, on the training device."""
+    """Distillation targets for every cached (sample, view) row n * V + v, on the cache device."""
 
-    logits: torch.Tensor | None  # (N, C) float32
-    features: torch.Tensor | None  # (N, Ft) float32
+    logits: torch.Tensor | None  # (N * V, C) float32
+    features: torch.Tensor | None  # (N * V, Ft) float32
+    views: torch.Tensor | None = None  # (N, V, 5) view parameters when V > 1; None: the clean view only
 
 
 @dataclass
@@ -144,14 +145,14 @@ def setup_targets(cfg: TrainConfig, cache: CacheReader, dataset: ImageDataset, d
         return Targets(None, None)
     prompts = cfg.prompts or cache.prompt_sets()[0]
     arrays = cache.load_many(["teacher/logits", "teacher/features", "clip/image_embeds", "clip/features"])
-    # V = 1: the clean view of each sample; (N, 1, X) float16 -> (N, X) float32
+    # (N, V, X) float16 -> (N * V, X) float32: row n * V + v is view v of sample n
     t_logits, t_feats, c_embeds, c_feats = (
-        torch.from_numpy(arrays[k][:, 0].astype(np.float32))
+        torch.from_numpy(arrays[k].reshape(-1, arrays[k].shape[-1]).astype(np.float32))
         for k in ("teacher/logits", "teacher/features", "clip/image_embeds", "clip/features")
     )
     tau = cfg.clip_tau if cfg.clip_tau is not None else cache.manifest["clip"]["tau"]
     text = torch.from_numpy(cache.text_embeddings(prompts))
-    c_logits = clip_logits(c_embeds, text, tau, renormalize=cfg.clip_renormalize)
+    c_logits = clip_logits(c_embeds, text, tau, renormalize=cfg.clip_renormalize)  # eq. 2-3
     fmap = fit_feature_map(c_feats, t_feats) if target in ("clip", "richkd") else None
     built = build_targets(
         target,
@@ -169,9 +170,13 @@ def setup_targets(cfg: TrainConfig, cache: CacheReader, dataset: ImageDataset, d
         t = t.to(device)
         return t.pin_memory() if pin else t
 
+    views = None
+    if cache.layout.num_views > 1:
+        views = torch.from_numpy(cache.load("views/params")).to(device)
     return Targets(
         logits=None if logits is None else place(logits),
         features=None if feats is None or cfg.feature_loss is None else place(feats),
+        views=views,
     )
 
 
@@ -255,10 +260,11 @@ def train_epoch(
     with reporter.task(f"epoch {epoch + 1}", total=len(dataset)) as advance:
         for index, x, y in batches(images, dataset, cfg.batch_size, order, cfg.workers):
             x, y, index = x.to(device), y.to(device), index.to(device)
-            x = normalize(random_crop_flip(x, padding=x.shape[-1] // 8, generator=generator), dataset.mean, dataset.std)
+            x, rows = augment(x, index, targets, generator)
+            x = normalize(x, dataset.mean, dataset.std)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            terms, logits = train_step(student, objective, optimizer, x, y, index, targets, epoch)
+            terms, logits = train_step(student, objective, optimizer, x, y, index, targets, epoch, rows)
             for name, value in terms.items():  # summed on the device: no sync per step
                 sums[name] = sums.get(name, 0.0) + value * len(y)
             correct = correct + (logits.argmax(1) == y).sum()
@@ -271,6 +277,21 @@ def train_epoch(
     return stats
 
 
+def augment(images: torch.Tensor, index: torch.Tensor, targets: Targets,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, H, W) uint8 -> the pixels the student sees, and the cache rows whose targets match them.
+
+    A cache with several views per sample replays one stored view per draw (the very pixels the teachers
+    saw); a clean-view cache gets CIFAR's crop and flip, as in the paper (its targets are the clean view's).
+    """
+    if targets.views is None:
+        return random_crop_flip(images, padding=images.shape[-1] // 8, generator=generator), index
+    num_views = targets.views.shape[1]
+    v = torch.randint(0, num_views, (len(index),), generator=generator, device=generator.device).to(index.device)
+    params = targets.views[index.to(targets.views.device), v.to(targets.views.device)]
+    return apply_views(images, params), index * num_views + v
+
+
 def train_step(
     student: torch.nn.Module,
     objective: DistillObjective,
@@ -280,8 +301,10 @@ def train_step(
     index: torch.Tensor,
     targets: Targets,
     epoch: int,
+    rows: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One optimisation step on a normalised batch x (B, 3, H, W); targets are gathered by sample index.
+    """One optimisation step on a normalised batch x (B, 3, H, W); targets are gathered at `rows`
+    (the cache rows of the batch's views; default: the sample indices), CRD's memory at `index`.
 
     Returns the loss terms (eq. 9, each already weighted) and their sum as "loss", detached and left on
     the device (reading them would wait for the GPU every step), and the student's logits (B, C).
@@ -293,8 +316,8 @@ def train_step(
         logits.float(),
         feats.float(),
         y,
-        target_logits=gather(targets.logits, index, device),
-        target_feats=gather(targets.features, index, device),
+        target_logits=gather(targets.logits, index if rows is None else rows, device),
+        target_feats=gather(targets.features, index if rows is None else rows, device),
         index=index,
         epoch=epoch,
     )

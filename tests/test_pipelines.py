@@ -161,3 +161,19 @@ def test_build_into_and_train_from_an_s3_bucket(tmp_path: Path, teacher: Path) -
             assert done.returncode == 0, done.stderr[-2000:]
     finally:
         server.stop()
+
+
+def test_two_rank_build_equals_a_single_process_build(tmp_path: Path, teacher: Path, cache: Path) -> None:
+    """torchrun with the gloo backend: contiguous block ranges per rank, rank 0 finalises."""
+    out = tmp_path / "ranks.zarr"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "-m", "pipelines.cli", *BUILD, "--teacher-checkpoint", str(teacher),
+               "--block-rows", "128", "--batch-size", "64", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = tmp_path / "single.zarr"
+    assert invoke(*BUILD, "--teacher-checkpoint", teacher, "--block-rows", "128", "--batch-size", "64",
+                  "--out", single).exit_code == 0
+    a, b = arrays(str(out)), arrays(str(single))
+    assert all(np.array_equal(a[k], b[k]) for k in ARRAYS)
+    assert open_cache(str(out)).manifest["status"] == "complete"

@@ -1,0 +1,119 @@
+"""Stage-one throughput: bare teacher + CLIP forward vs the full build loop, same data and device, one run.
+
+Target (DESIGN.md section 5): build >= 0.9x forward, i.e. loading, preprocessing, block assembly and
+zarr writes hide behind the forward passes. "Forward" runs the two models on batches already in
+memory; "build" is the pipeline's own `forward_blocks` (DataLoader, forward, writer thread) into a
+fresh cache. The two alternate over the rounds so drift on a shared machine hits both.
+
+    python benchmarks/stage_one.py --quick                        # CPU, a few minutes
+    python benchmarks/stage_one.py --device cuda --clip ViT-L/14 --dataset cifar100 --data-root DIR
+
+The last line printed is JSON with the keys forward_img_s and build_img_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+from pipelines.build import Teacher, build_manifest, cache_layout, forward_blocks, make_forward
+from pipelines.config import BuildConfig, resolve_device
+from pipelines.progress import Reporter
+from cache_store import create_cache
+from richkd_cache.clip import load_clip, resolve_clip
+from richkd_cache.data import create_dataset
+from richkd_cache.models import create_model
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="resnet32x4")
+    p.add_argument("--clip", default="ViT-B/32")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--split", default="train")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="the digits validation split, 2 rounds, 2 CPU cores")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.quick:
+        args.split, args.rounds, args.workers, args.batch_size = "val", 2, 1, 128
+    device = resolve_device(args.device)
+    dataset = create_dataset(args.dataset, args.data_root, args.split)
+    model = create_model(args.teacher, dataset.num_classes).to(device).eval()
+    teacher = Teacher(model, args.teacher, {"arch": args.teacher, "checkpoint_sha256": "benchmark"})
+    clip = load_clip(resolve_clip(args.clip, "random"), device=device)
+    forward = make_forward(teacher, clip, dataset, device)
+    batches = preload(dataset, args.batch_size)
+
+    forward_s, build_s = [], []
+    forward(batches[0])  # warm-up: kernels, allocator
+    for _ in range(args.rounds):
+        forward_s.append(time_forward(forward, batches, device))
+        build_s.append(time_build(args, dataset, teacher, clip, device))
+    n = len(dataset)
+    result = {
+        "forward_img_s": n / statistics.median(forward_s),
+        "build_img_s": n / statistics.median(build_s),
+        "images": n, "teacher": args.teacher, "clip": args.clip, "batch_size": args.batch_size,
+        "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    result["build_over_forward"] = result["build_img_s"] / result["forward_img_s"]
+    print(f"build / forward throughput: {result['build_over_forward']:.3f} (target >= 0.90)")
+    print(json.dumps(result))
+
+
+def preload(dataset, batch_size: int) -> list[dict]:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    return list(loader)
+
+
+def time_forward(forward, batches: list[dict], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    for batch in batches:
+        forward(batch)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def time_build(args, dataset, teacher: Teacher, clip, device: torch.device) -> float:
+    """The build loop into a fresh local cache (creation and finalising are not timed)."""
+    folder = tempfile.mkdtemp(prefix="richkd-bench-")
+    try:
+        cfg = BuildConfig(dataset=args.dataset, data_root=args.data_root, split=args.split, teacher=args.teacher,
+                          teacher_checkpoint="", clip=args.clip, clip_pretrained="random", clip_checkpoint=None,
+                          prompts=(), out=f"{folder}/bench.zarr", batch_size=args.batch_size, workers=args.workers)
+        layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip)
+        writer = create_cache(cfg.out, layout, build_manifest(cfg, dataset, teacher, clip))
+        sync(device)
+        t0 = time.perf_counter()
+        forward_blocks(writer, writer.pending_blocks(), dataset, teacher, clip, device, args.batch_size,
+                       args.workers, Reporter(quiet=True))
+        sync(device)
+        return time.perf_counter() - t0
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    main()
