@@ -6,37 +6,55 @@ Locations stay strings (URLs) end to end: `s3://bucket/x.zarr` and `simplecache:
 from __future__ import annotations
 
 import os
+import zipfile
 
+import fsspec
 import zarr
+from zarr.abc.store import Store
 from zarr.errors import GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore, ZipStore
 
 from cache_store.errors import CacheError
 
+LOCAL_SCHEME = "file://"
+# What zarr raises for a location that holds no group, and for one whose metadata or zip is damaged.
+_NOT_THERE = (GroupNotFoundError, FileNotFoundError, KeyError)
+_DAMAGED = (ValueError, zipfile.BadZipFile, NotADirectoryError)
+
 
 def is_remote(url: str) -> bool:
-    return "://" in url
+    return "://" in url and not url.startswith(LOCAL_SCHEME)
 
 
-def open_store(url: str, read_only: bool):
+def local_path(url: str) -> str:
+    """`file:///x` and `/x` are the same directory (fsspec's local files do not create parents)."""
+    return url[len(LOCAL_SCHEME) :] if url.startswith(LOCAL_SCHEME) else url
+
+
+def open_store(url: str, read_only: bool) -> Store:
     if url.endswith(".zip"):
         if not read_only:
-            raise CacheError(f"{url} is a packed cache: it is read-only; build into a directory and `pack` it")
-        if not os.path.isfile(url):
+            raise CacheError(f"{url} is a packed cache, which is read-only; build into a directory and pack it")
+        if is_remote(url):
+            return FsspecStore.from_url(f"zip://::{url}", read_only=True)
+        if not os.path.isfile(local_path(url)):
             raise CacheError(f"no packed cache at {url}")
-        return ZipStore(url, mode="r")
+        return ZipStore(local_path(url), mode="r")
     if is_remote(url):
         return FsspecStore.from_url(url, read_only=read_only)
-    return LocalStore(url, read_only=read_only)
+    return LocalStore(local_path(url), read_only=read_only)
 
 
 def open_group_read(url: str) -> zarr.Group:
-    if not is_remote(url) and not os.path.exists(url):
+    """Read-only, through the consolidated metadata when the build wrote it (one request on object stores)."""
+    if not is_remote(url) and not os.path.exists(local_path(url)):
         raise CacheError(f"no cache at {url}")
     try:
         return zarr.open_group(open_store(url, read_only=True), mode="r")
-    except (GroupNotFoundError, FileNotFoundError, KeyError):
+    except _NOT_THERE:
         raise CacheError(f"no cache at {url} (no zarr group there)") from None
+    except _DAMAGED as e:
+        raise CacheError(f"{url} is not a readable zarr group ({type(e).__name__}: {e})") from None
 
 
 def open_group_write(url: str, mode: str) -> zarr.Group:
@@ -44,14 +62,29 @@ def open_group_write(url: str, mode: str) -> zarr.Group:
     store = open_store(url, read_only=False)
     if mode == "w":
         return zarr.open_group(store, mode="w", zarr_format=3)
-    return zarr.open_group(store, mode="r+", use_consolidated=False)
+    try:
+        return zarr.open_group(store, mode="r+", use_consolidated=False)
+    except _DAMAGED as e:
+        raise CacheError(
+            f"{url} holds a damaged zarr group ({type(e).__name__}: {e}); pass --overwrite to replace it"
+        ) from None
 
 
-def exists(url: str) -> bool:
+def group_exists(url: str) -> bool:
     if url.endswith(".zip"):
-        return os.path.isfile(url)
+        return not is_remote(url) and os.path.isfile(local_path(url))
     try:
         zarr.open_group(open_store(url, read_only=True), mode="r", use_consolidated=False)
         return True
-    except (GroupNotFoundError, FileNotFoundError, KeyError):
+    except _NOT_THERE:
         return False
+    except _DAMAGED:
+        return True  # something is there; the caller decides whether it may be replaced
+
+
+def occupied(url: str) -> bool:
+    """Anything at all at `url` (a file, a non-empty directory or prefix): creating there would delete it."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return False
+    return not fs.isdir(path) or bool(fs.ls(path))

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import zarr
 
 from cache_store._store import open_group_read
 from cache_store.errors import CacheError
-from cache_store.schema import MANIFEST_KEY, STATUS_COMPLETE, TEXT_GROUP, CacheLayout, check_array, validate_manifest
+from cache_store.schema import (
+    FORMAT_VERSION,
+    MANIFEST_KEY,
+    STATUS_COMPLETE,
+    TEXT_GROUP,
+    CacheLayout,
+    check_array,
+    validate_manifest,
+)
 
 
 def open_cache(url: str, require_complete: bool = True) -> "CacheReader":
@@ -27,6 +37,8 @@ def open_cache(url: str, require_complete: bool = True) -> "CacheReader":
 
 
 class CacheReader:
+    """A checked cache opened read-only; get one from `open_cache`. Nothing it does writes to the store."""
+
     def __init__(self, url: str, group: zarr.Group, manifest: dict) -> None:
         self.url = url
         self.group = group
@@ -34,11 +46,20 @@ class CacheReader:
         self.layout = CacheLayout(**manifest["layout"])
 
     def check_arrays(self) -> None:
+        """Every array of the layout is there with its dtype and shape; prompt sets are float32 [M, C, D]."""
         for name, spec in self.layout.arrays().items():
             if name not in self.group:
-                raise CacheError(f"cache {self.url} lacks array {name}")
+                raise CacheError(f"cache {self.url} lacks array {name}; the cache is damaged, rebuild it")
             array = self.group[name]
             check_array(name, spec, array.dtype, array.shape, self.url)
+        for name in self.prompt_sets():
+            array = self.group[f"{TEXT_GROUP}/{name}"]
+            c, d = self.layout.num_classes, self.layout.clip_embed_dim
+            if array.dtype != np.float32 or array.ndim != 3 or array.shape[1:] != (c, d):
+                raise CacheError(
+                    f"cache {self.url}: prompt set {name} is {array.dtype} {array.shape}, "
+                    f"format {FORMAT_VERSION} says float32 (M, {c}, {d})"
+                )
 
     def prompt_sets(self) -> list[str]:
         if TEXT_GROUP not in self.group:
@@ -47,11 +68,11 @@ class CacheReader:
 
     def load(self, name: str) -> np.ndarray:
         """One whole array (the fast way: zarr reads each chunk once)."""
-        if name not in self.group:
-            raise CacheError(f"cache {self.url} has no array {name}")
+        if name not in self.layout.arrays() and name.removeprefix(f"{TEXT_GROUP}/") not in self.prompt_sets():
+            raise CacheError(f"cache {self.url} has no array {name!r}; it has {', '.join(self.layout.arrays())}")
         return self.group[name][...]
 
-    def load_many(self, names: list[str]) -> dict[str, np.ndarray]:
+    def load_many(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         return {name: self.load(name) for name in names}
 
     def text_embeddings(self, name: str) -> np.ndarray:
@@ -67,6 +88,7 @@ class CacheReader:
         return dict(self.group[f"{TEXT_GROUP}/{name}"].attrs)
 
     def written_mask(self) -> np.ndarray:
+        """[num_blocks] bool: block b's rows are stored (fill values elsewhere)."""
         return self.group["written"][...]
 
     def array_info(self) -> list[dict]:

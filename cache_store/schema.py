@@ -6,7 +6,7 @@ docs/cache-format.md is the prose version of this module; keep the two in step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -17,6 +17,7 @@ MANIFEST_KEY = "richkd_cache"
 STATUS_BUILDING, STATUS_COMPLETE = "building", "complete"
 TEXT_GROUP = "clip/text"
 REQUIRED_MANIFEST_KEYS = ("format_version", "status", "layout", "dataset", "teacher", "clip")
+CLASS_INDEX_ARRAYS = ("labels", "teacher/topk_indices")  # values are class indices 0..C-1
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,15 @@ class CacheLayout:
     view_param_dim: int
     block_rows: int
     teacher_topk: int | None = None
+
+    def __post_init__(self) -> None:
+        sizes = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "teacher_topk"}
+        wrong = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or v < 1]
+        if self.teacher_topk is not None and not (isinstance(self.teacher_topk, int)
+                                                  and 1 <= self.teacher_topk <= self.num_classes):
+            wrong.append(f"teacher_topk={self.teacher_topk!r} (must be 1..num_classes or None)")
+        if wrong:
+            raise CacheError(f"invalid cache layout: {', '.join(wrong)} (sizes are positive integers)")
 
     @property
     def num_blocks(self) -> int:
@@ -85,21 +95,50 @@ def choose_block_rows(bytes_per_row: int, target_bytes: int = 4 << 20, multiple:
     return int(rows // multiple * multiple)
 
 
-def validate_manifest(manifest: object, url: str) -> None:
-    """Refuse what this version does not understand, saying why."""
+def validate_manifest(manifest: object, url: str = "cache") -> None:
+    """Refuse what this version does not understand, saying why (`url` only names the cache in messages)."""
     if not isinstance(manifest, dict):
         raise CacheError(f"{url} is not a richkd-cache cache (no '{MANIFEST_KEY}' manifest)")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise CacheError(
-                f"cache {url} has format {version}, newer than this richkd-cache understands "
+                f"{url}: cache format {version} is newer than this richkd-cache understands "
                 f"({FORMAT_VERSION}); upgrade richkd-cache"
             )
-        raise CacheError(f"cache {url} has unknown format version {version!r} (this richkd-cache reads {FORMAT_VERSION})")
+        raise CacheError(f"{url}: unknown cache format version {version!r} (this richkd-cache reads {FORMAT_VERSION})")
     missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
     if missing:
-        raise CacheError(f"cache {url} manifest lacks {', '.join(missing)}")
+        raise CacheError(f"{url}: the manifest lacks {', '.join(missing)}; the cache is damaged, rebuild it")
+    if manifest["status"] not in (STATUS_BUILDING, STATUS_COMPLETE):
+        raise CacheError(
+            f"{url}: unknown status {manifest['status']!r} (expected {STATUS_BUILDING} or {STATUS_COMPLETE})"
+        )
+    layout = manifest["layout"]
+    expected = {f.name for f in fields(CacheLayout)}
+    if not isinstance(layout, dict) or set(layout) != expected:
+        got = sorted(layout) if isinstance(layout, dict) else type(layout).__name__
+        raise CacheError(
+            f"{url}: the manifest's layout has keys {got}, format {FORMAT_VERSION} needs {sorted(expected)}"
+        )
+    CacheLayout(**layout)  # sizes must be valid too
+
+
+def bad_rows(name: str, rows: np.ndarray, num_classes: int) -> np.ndarray:
+    """Row positions (first axis) of a block that no model or dataset can have produced correctly:
+    NaN/Inf anywhere in a float row, or a class index outside 0..num_classes-1."""
+    flat = rows.reshape(len(rows), -1)
+    if np.issubdtype(rows.dtype, np.floating):
+        return np.flatnonzero(~np.isfinite(flat).all(axis=1))
+    if name in CLASS_INDEX_ARRAYS:
+        return np.flatnonzero(((flat < 0) | (flat >= num_classes)).any(axis=1))
+    return np.empty(0, dtype=np.int64)
+
+
+def describe_samples(samples: np.ndarray, shown: int = 10) -> str:
+    """Sample indices for a message: the first few, then '...'."""
+    text = ", ".join(map(str, samples[:shown].tolist()))
+    return text + (" ..." if len(samples) > shown else "")
 
 
 def check_array(name: str, spec: ArraySpec, dtype: np.dtype, shape: tuple[int, ...], url: str) -> None:

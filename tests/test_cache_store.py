@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import zarr
 
-from cache_store import CacheError, CacheLayout, create_cache, open_cache, open_for_write, pack_cache, verify_cache
+from cache_store import (
+    CacheError,
+    CacheLayout,
+    choose_block_rows,
+    create_cache,
+    open_cache,
+    open_for_write,
+    pack_cache,
+    verify_cache,
+)
 from cache_store.schema import MANIFEST_KEY
 
 LAYOUT = CacheLayout(num_samples=100, num_views=1, num_classes=10, teacher_dim=8, clip_embed_dim=4,
@@ -109,8 +121,12 @@ def test_unknown_version_and_broken_arrays_are_refused(tmp_path: Path) -> None:
     manifest = dict(group.attrs[MANIFEST_KEY])
     group.attrs[MANIFEST_KEY] = {**manifest, "format_version": 2}
     zarr.consolidate_metadata(url)
-    with pytest.raises(CacheError, match="format 2, newer than this richkd-cache understands"):
+    with pytest.raises(CacheError, match="cache format 2 is newer than this richkd-cache understands"):
         open_cache(url)
+    with pytest.raises(CacheError, match="upgrade richkd-cache"):
+        open_for_write(url)  # an older writer must not touch a newer format
+    with pytest.raises(CacheError, match="differs in: format_version"):
+        create_cache(url, LAYOUT, MANIFEST)
     group.attrs[MANIFEST_KEY] = manifest
     del group["clip/features"]
     zarr.consolidate_metadata(url)
@@ -198,7 +214,7 @@ def test_verify_finds_corrupt_values(tmp_path: Path) -> None:
     rows[4, 0, 0] = np.nan
     group["teacher/features"][16:32] = rows
     report = verify_cache(url)
-    assert not report.ok and "teacher/features: non-finite values in sample(s) [20]" in report.problems
+    assert not report.ok and "teacher/features: non-finite values in sample(s) 20" in report.problems
 
 
 def test_the_documented_zarr_only_snippet_runs(tmp_path: Path, capsys) -> None:
@@ -213,3 +229,142 @@ def test_the_documented_zarr_only_snippet_runs(tmp_path: Path, capsys) -> None:
     expected = 100.0 * embeds @ np.full((10, 4), 0.5, np.float32).T
     assert np.allclose(namespace["clip_logits"], expected, atol=1e-5)
     assert "fused top-1" in capsys.readouterr().out
+
+
+def test_fsspec_urls_build_read_verify_and_pack(tmp_path: Path) -> None:
+    local = str(tmp_path / "c.zarr")
+    build(local)
+    expected = all_arrays(local)
+    for url in ("memory://bucket/c.zarr", f"file://{tmp_path}/f.zarr"):
+        build(url)
+        assert verify_cache(url).ok
+        loaded = all_arrays(url)
+        assert all(np.array_equal(expected[k], loaded[k], equal_nan=True) for k in expected)
+    cached = open_cache("simplecache::memory://bucket/c.zarr")
+    assert np.array_equal(cached.load("labels"), expected["labels"])
+    packed = str(tmp_path / "m.zip")
+    pack_cache("memory://bucket/c.zarr", packed)
+    fsspec.filesystem("memory").pipe("/bucket/m.zip", Path(packed).read_bytes())
+    remote_zip = open_cache("memory://bucket/m.zip")  # a packed cache on an object store
+    assert np.array_equal(remote_zip.load("clip/features"), expected["clip/features"])
+
+
+def test_files_that_are_not_a_cache_are_never_replaced(tmp_path: Path) -> None:
+    target = tmp_path / "results"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(CacheError, match="not a cache"):
+            create_cache(str(target), LAYOUT, MANIFEST, overwrite=overwrite)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    damaged = tmp_path / "damaged.zarr"
+    damaged.mkdir()
+    (damaged / "zarr.json").write_text("{not json")
+    with pytest.raises(CacheError, match="damaged zarr group.*--overwrite"):
+        create_cache(str(damaged), LAYOUT, MANIFEST)
+    with pytest.raises(CacheError, match="not a readable zarr group"):
+        open_cache(str(damaged))
+    assert create_cache(str(damaged), LAYOUT, MANIFEST, overwrite=True).pending_blocks() == list(range(7))
+    (tmp_path / "empty").mkdir()
+    assert create_cache(str(tmp_path / "empty"), LAYOUT, MANIFEST).num_blocks == 7
+
+
+def test_top_k_teacher_layout_round_trips_and_checks_indices(tmp_path: Path) -> None:
+    layout = CacheLayout(**{**asdict(LAYOUT), "teacher_topk": 3})
+    assert "teacher/logits" not in layout.arrays() and layout.arrays()["teacher/topk_indices"].dtype == "int32"
+    writer = create_cache(str(tmp_path / "k.zarr"), layout, MANIFEST)
+    arrays = {k: v for k, v in block_arrays(layout, 0).items() if k != "teacher/logits"}
+    values = np.tile(np.array([3.0, 2.0, 1.0], np.float32), (16, 1, 1))
+    indices = np.tile(np.array([9, 0, 4], np.int64), (16, 1, 1))  # int64 from argsort/topk is fine
+    indices[7, 0, 2] = 10
+    with pytest.raises(CacheError, match=r"teacher/topk_indices outside 0..9 for sample\(s\) 7"):
+        writer.write_block(0, {**arrays, "teacher/topk_values": values, "teacher/topk_indices": indices})
+    indices[7, 0, 2] = 4
+    writer.write_block(0, {**arrays, "teacher/topk_values": values, "teacher/topk_indices": indices})
+    reader = open_cache(writer.url, require_complete=False)
+    assert reader.load("teacher/topk_indices")[:16].tolist() == indices.astype(np.int32).tolist()
+    assert reader.load("teacher/topk_values").dtype == np.float16
+
+
+def test_write_block_refuses_wrong_blocks_dtypes_and_overflow(tmp_path: Path) -> None:
+    writer = create_cache(str(tmp_path / "c.zarr"), LAYOUT, MANIFEST)
+    arrays = block_arrays(LAYOUT, 6)
+    assert arrays["labels"].shape == (4,)  # the last block is short: 100 = 6 * 16 + 4
+    with pytest.raises(CacheError, match="block 7 does not exist"):
+        writer.write_block(7, arrays)
+    with pytest.raises(CacheError, match="labels must be int32"):
+        writer.write_block(6, {**arrays, "labels": arrays["labels"].astype(np.float32)})
+    with pytest.raises(CacheError, match="float16's range"):
+        writer.write_block(6, {**arrays, "clip/features": arrays["clip/features"] * 1e6})
+    with pytest.raises(CacheError, match=r"need shape \(4, 1, 10\)"):
+        writer.write_block(6, {**arrays, "teacher/logits": arrays["teacher/logits"][:3]})
+    with pytest.raises(CacheError, match="expected arrays"):
+        writer.write_block(6, {k: v for k, v in arrays.items() if k != "labels"})
+    assert writer.pending_blocks() == list(range(7))
+    writer.write_block(6, arrays)
+    assert writer.pending_blocks([6, 5]) == [5]
+
+
+def test_stored_array_of_the_wrong_dtype_is_named(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.zarr")
+    build(url)
+    group = zarr.open_group(url, mode="r+", use_consolidated=False)
+    del group["teacher/features"]
+    group.create_array("teacher/features", shape=(100, 1, 8), dtype="float32", fill_value=np.nan)
+    zarr.consolidate_metadata(url)
+    with pytest.raises(CacheError, match=r"teacher/features is float32 \(100, 1, 8\), format 1 says float16"):
+        open_cache(url)
+    assert "teacher/features" in verify_cache(url).problems[0]
+
+
+def test_damaged_manifest_layout_is_a_cache_error(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.zarr")
+    build(url)
+    group = zarr.open_group(url, mode="r+", use_consolidated=False)
+    manifest = dict(group.attrs[MANIFEST_KEY])
+    group.attrs[MANIFEST_KEY] = {**manifest, "layout": {**manifest["layout"], "num_crops": 2}}
+    with pytest.raises(CacheError, match="layout has keys"):
+        open_cache(url)
+    group.attrs[MANIFEST_KEY] = {**manifest, "layout": {**manifest["layout"], "block_rows": 0}}
+    with pytest.raises(CacheError, match="block_rows=0"):
+        open_cache(url)
+    with pytest.raises(CacheError, match=r"teacher_topk=11"):
+        CacheLayout(**{**asdict(LAYOUT), "teacher_topk": 11})
+
+
+def test_changes_after_completion_stay_consolidated(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.zarr")
+    build(url)
+    writer = create_cache(url, LAYOUT, MANIFEST)  # the same build again: nothing left to do
+    assert writer.pending_blocks() == []
+    writer.put_text_embeddings("single", np.full((1, 10, 4), 0.25, np.float32), {"templates": ["{}"]})
+    writer.update_manifest(teacher={"accuracy": 91.5})
+    root = json.loads((Path(url) / "zarr.json").read_text())
+    assert "clip/text/single" in root["consolidated_metadata"]["metadata"]
+    reader = open_cache(url)
+    assert reader.manifest["teacher"] == {"accuracy": 91.5} and reader.manifest["status"] == "complete"
+    assert reader.prompt_sets() == ["multi", "single"]
+    assert set(reader.manifest["versions"]) >= {"zarr", "numpy", "numcodecs"}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod a-w; reading-writes-nothing covers root")
+def test_read_only_directory_opens_and_verifies(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.zarr")
+    build(url)
+    expected = all_arrays(url)
+    for path in [*Path(url).rglob("*"), Path(url)]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        loaded = all_arrays(url)
+        assert verify_cache(url).ok
+    finally:
+        for path in [Path(url), *Path(url).rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+    assert all(np.array_equal(expected[k], loaded[k], equal_nan=True) for k in expected)
+
+
+def test_block_rows_give_chunks_of_a_few_megabytes() -> None:
+    for bytes_per_row in (2 * (100 + 256 + 768 + 1024), 2 * (1000 + 2048 + 768 + 1024), 40, 10**6):
+        rows = choose_block_rows(bytes_per_row)
+        assert rows % 64 == 0 and rows >= 64
+        assert 1 << 20 <= rows * bytes_per_row <= 8 << 20 or rows == 64
