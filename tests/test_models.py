@@ -2,20 +2,55 @@
 
 from __future__ import annotations
 
+import argparse
+import copy
 import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torchvision
 
 from richkd_cache.errors import ModelError
-from richkd_cache.models import create_model, list_models, load_checkpoint, save_checkpoint
+from richkd_cache.models import create_model, list_models, load_checkpoint, save_checkpoint, uses_small_lr
 
 CIFAR_MODELS = list_models(include_torchvision=False)
 # Key names and shapes of mdistiller's CIFAR-100 models (its models/cifar code, num_classes=100):
 # the count, the first and last entries, and a sha256 over every "key:[shape]" line in order.
 LAYOUTS = json.loads((Path(__file__).parent / "fixtures" / "mdistiller_cifar100_layouts.json").read_text())
+# A readable sample of the same layouts: key count and some keys with shapes, as mdistiller's
+# models/cifar/*.py build them for 100 classes (strides, groups and widths show in the shapes).
+GOLDEN = {
+    "resnet8x4": (62, {"conv1.weight": [32, 3, 3, 3], "layer1.0.downsample.0.weight": [64, 32, 1, 1],
+                       "layer3.0.conv1.weight": [256, 128, 3, 3], "fc.weight": [100, 256]}),
+    "resnet32x4": (206, {"conv1.weight": [32, 3, 3, 3], "layer1.0.downsample.1.running_var": [64],
+                         "layer3.4.conv2.weight": [256, 256, 3, 3], "fc.weight": [100, 256]}),
+    "wrn_40_2": (227, {"conv1.weight": [16, 3, 3, 3], "block1.layer.0.convShortcut.weight": [32, 16, 1, 1],
+                       "block3.layer.5.conv2.weight": [128, 128, 3, 3], "bn1.num_batches_tracked": [],
+                       "fc.weight": [100, 128]}),
+    "vgg13": (72, {"block0.0.weight": [64, 3, 3, 3], "block0.0.bias": [64], "block0.3.weight": [64, 64, 3, 3],
+                   "block4.3.weight": [512, 512, 3, 3], "classifier.weight": [100, 512]}),
+    "ShuffleV1": (296, {"conv1.weight": [24, 3, 1, 1], "layer1.0.conv1.weight": [54, 24, 1, 1],
+                        "layer1.0.conv3.weight": [216, 18, 1, 1], "layer1.1.conv1.weight": [60, 80, 1, 1],
+                        "layer3.3.conv3.weight": [960, 80, 1, 1], "linear.weight": [100, 960]}),
+    "ShuffleV2": (338, {"layer1.0.conv1.weight": [24, 1, 3, 3], "layer1.0.conv3.weight": [58, 24, 1, 1],
+                        "layer1.1.conv1.weight": [58, 58, 1, 1], "layer3.3.conv3.weight": [232, 232, 1, 1],
+                        "conv2.weight": [1024, 464, 1, 1], "linear.weight": [100, 1024]}),
+    "MobileNetV2": (320, {"conv1.0.weight": [16, 3, 3, 3], "blocks.0.0.conv.0.weight": [16, 16, 1, 1],
+                          "blocks.1.0.conv.3.weight": [48, 1, 3, 3], "blocks.6.0.conv.6.weight": [160, 480, 1, 1],
+                          "conv2.0.weight": [1280, 160, 1, 1], "classifier.0.weight": [100, 1280]}),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Batches of 2 gain nothing from intra-op threads; on a busy machine spinning threads cost 50x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_the_zoo_has_every_mdistiller_name() -> None:
@@ -25,16 +60,28 @@ def test_the_zoo_has_every_mdistiller_name() -> None:
 
 
 @pytest.mark.parametrize("name", CIFAR_MODELS)
-def test_model_runs_reports_features_and_round_trips(name: str) -> None:
-    model = create_model(name, 100).eval()
+def test_model_runs_and_round_trips_through_an_mdistiller_file(name: str, tmp_path: Path) -> None:
+    model = create_model(name, 7).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         logits, feats = model(x)
-    assert logits.shape == (2, 100) and feats.shape == (2, model.num_features)
-    clone = create_model(name, 100).eval()
-    clone.load_state_dict(model.state_dict(), strict=True)
+    assert logits.shape == (2, 7) and feats.shape == (2, model.num_features)
+    path = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"model": model.state_dict(), "epoch": 240, "best_acc": torch.tensor(70.0)}, path)
+    loaded, meta = load_checkpoint(str(path), arch=name)  # class count read from the final layer
+    assert loaded.num_classes == 7 and not loaded.training
     with torch.no_grad():
-        assert torch.equal(clone(x)[0], logits)
+        again, again_feats = loaded(x)
+    assert torch.equal(again, logits) and torch.equal(again_feats, feats)
+    assert meta["best_acc"] == 70.0 and meta["epoch"] == 240
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_key_names_and_shapes_are_mdistillers(name: str) -> None:
+    count, sample = GOLDEN[name]
+    state = create_model(name, 100).state_dict()
+    assert len(state) == count
+    assert {k: list(state[k].shape) for k in sample if k in state} == sample
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
@@ -51,8 +98,6 @@ def test_state_dict_layout_equals_mdistillers(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["tv:resnet18", "tv:mobilenet_v2"])
 def test_torchvision_models_keep_torchvision_keys(name: str) -> None:
-    import torchvision
-
     model = create_model(name, 10).eval()
     reference = torchvision.models.get_model(name[3:], weights=None, num_classes=10)
     assert list(model.state_dict()) == list(reference.state_dict())
@@ -62,28 +107,100 @@ def test_torchvision_models_keep_torchvision_keys(name: str) -> None:
         logits, feats = model(x)
         assert torch.allclose(logits, reference.eval()(x), atol=1e-5)
     assert feats.shape == (1, model.num_features)
+    assert isinstance(model, type(reference))
 
 
-def test_mdistiller_checkpoint_loads_strictly_and_gives_the_same_outputs(tmp_path: Path) -> None:
+def test_torchvision_checkpoint_loads_strictly(tmp_path: Path) -> None:
+    reference = torchvision.models.resnet18(num_classes=10).eval()
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)  # torchvision's own format: a bare state dict
+    loaded, meta = load_checkpoint(str(path), arch="tv:resnet18")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x)[0], reference(x), atol=1e-5)
+    assert meta["num_classes"] == 10
+
+
+def test_torchvision_aux_heads_and_copies_keep_the_interface() -> None:
+    model = create_model("tv:googlenet", 5, init_weights=True).train()  # aux logits while training
+    x = torch.randn(2, 3, 64, 64)
+    logits, feats = model(x)
+    assert logits.shape == (2, 5) and feats.shape == (2, 1024)
+    twin = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        twin_logits, twin_feats = twin(x)
+    assert twin_feats.shape == (2, 1024) and twin_logits.shape == (2, 5)
+
+
+def test_options_reach_torchvision_only() -> None:
+    model = create_model("tv:resnet18", 10, zero_init_residual=True)
+    assert torch.count_nonzero(model.layer1[0].bn2.weight) == 0
+    with pytest.raises(ModelError, match="takes no options"):
+        create_model("resnet8", 10, width=2)
+    with pytest.raises(ModelError, match="does not take these options"):
+        create_model("tv:resnet18", 10, no_such_option=1)
+
+
+def test_torchvision_names_fail_helpfully() -> None:
+    with pytest.raises(ModelError, match="did you mean tv:resnet18"):
+        create_model("tv:resnet181", 10)
+    with pytest.raises(ModelError, match="no linear layer"):
+        create_model("tv:squeezenet1_1", 10)
+    assert {n[3:] for n in list_models() if n.startswith("tv:")} <= set(torchvision.models.list_models())
+
+
+def test_mobilenet_and_shufflenet_students_use_the_small_lr() -> None:
+    assert all(uses_small_lr(n) for n in ("MobileNetV2", "mobile_half", "ShuffleV1", "ShuffleV2"))
+    assert not any(uses_small_lr(n) for n in ("resnet8x4", "wrn_16_2", "vgg8", "tv:mobilenet_v2"))
+
+
+def test_pre_1_6_serialization_loads(tmp_path: Path) -> None:
     teacher = create_model("resnet8x4", 100).eval()
+    optimizer = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9)
     path = tmp_path / "resnet8x4_vanilla" / "ckpt_epoch_240.pth"
     path.parent.mkdir()
-    torch.save({"model": teacher.state_dict(), "epoch": 240, "best_acc": 73.1}, path)
+    state = {"model": teacher.state_dict(), "epoch": 240, "best_acc": torch.tensor(73.5),
+             "optimizer": optimizer.state_dict()}
+    torch.save(state, path, _use_new_zipfile_serialization=False)  # the format of older teacher releases
     loaded, meta = load_checkpoint(str(path), arch="resnet8x4", num_classes=100)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], teacher(x)[0])
-    assert meta["arch"] == "resnet8x4" and meta["epoch"] == 240
+    assert meta == {"arch": "resnet8x4", "num_classes": 100, "epoch": 240, "best_acc": 73.5}
 
 
 def test_our_checkpoints_carry_metadata_and_stay_mdistiller_readable(tmp_path: Path) -> None:
     model = create_model("wrn_16_1", 10)
     path = tmp_path / "ckpt.pth"
-    save_checkpoint(str(path), model, arch="wrn_16_1", num_classes=10, epoch=3, best_acc=50.0)
+    save_checkpoint(str(path), model, arch="wrn_16_1", num_classes=10, epoch=3, best_acc=50.0,
+                    extra={"config": "abc", "arch": "resnet8"})
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
     raw = torch.load(path, weights_only=True)
     assert set(model.state_dict()) == set(raw["model"])  # mdistiller reads only this key
-    loaded, meta = load_checkpoint(str(path))  # arch from our metadata
-    assert meta["arch"] == "wrn_16_1" and loaded.num_classes == 10
+    loaded, meta = load_checkpoint(str(path))  # arch from our metadata; `extra` cannot change it
+    assert meta["arch"] == "wrn_16_1" and meta["config"] == "abc" and loaded.num_classes == 10
+    assert (meta["epoch"], meta["best_acc"], meta["format"]) == (3, 50.0, 1)
+
+
+def test_a_checkpoint_refuses_another_architecture_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pth"
+    save_checkpoint(str(path), create_model("MobileNetV2", 10), arch="mobile_half", num_classes=10)
+    assert load_checkpoint(str(path), arch="MobileNetV2")[1]["arch"] == "MobileNetV2"  # alias, same network
+    with pytest.raises(ModelError, match="holds a MobileNetV2, not a ShuffleV2"):
+        load_checkpoint(str(path), arch="ShuffleV2")
+
+
+def test_plain_data_beside_the_weights_loads_and_code_objects_are_refused(tmp_path: Path) -> None:
+    model = create_model("resnet8", 10)
+    path = tmp_path / "timm_style.pth"
+    args = argparse.Namespace(model="resnet8", lr=0.05)
+    torch.save({"state_dict": model.state_dict(), "args": args, "metric": np.float64(61.5)}, path)
+    assert load_checkpoint(str(path), arch="resnet8")[0].num_classes == 10
+    risky = tmp_path / "risky.pth"
+    torch.save({"model": model.state_dict(), "out_dir": Path("/runs/a")}, risky)
+    with pytest.raises(ModelError, match=r"stores Python objects besides weights \(pathlib\.\w*Path\)") as err:
+        load_checkpoint(str(risky), arch="resnet8")
+    assert "\n" not in str(err.value)
 
 
 def test_dataparallel_prefix_is_stripped(tmp_path: Path) -> None:
@@ -121,8 +238,15 @@ def test_missing_or_garbage_files_are_one_line(tmp_path: Path) -> None:
         load_checkpoint(str(tmp_path / "nope.pth"), arch="resnet8")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ModelError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(ModelError, match="is not a PyTorch checkpoint"):
         load_checkpoint(str(junk), arch="resnet8")
+    good = tmp_path / "good.pth"
+    save_checkpoint(str(good), create_model("resnet8", 10), arch="resnet8", num_classes=10)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(good.read_bytes()[:20_000])  # a copy that died half way
+    with pytest.raises(ModelError, match="perhaps truncated") as err:
+        load_checkpoint(str(cut))
+    assert "\n" not in str(err.value)
 
 
 def test_unknown_name_lists_valid_ones() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from typing import Any
 
 import torch.nn as nn
 
@@ -25,6 +26,7 @@ _SMALL_LR = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 
 
 def list_models(include_torchvision: bool = True) -> list[str]:
+    """The CIFAR zoo, then a few common torchvision models (any `tv:<torchvision name>` works)."""
     names = list(_CIFAR)
     if include_torchvision:
         names += [torchvision_models.PREFIX + n for n in torchvision_models.LISTED]
@@ -32,20 +34,27 @@ def list_models(include_torchvision: bool = True) -> list[str]:
 
 
 def canonical_name(name: str) -> str:
+    """The registered name behind an alias (mobile_half -> MobileNetV2); other names unchanged."""
     return _ALIASES.get(name, name)
 
 
-def create_model(name: str, num_classes: int) -> nn.Module:
-    """A model with the shared interface: model(x) -> (logits, pooled feature); .num_features, .num_classes."""
+def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """A model with the shared interface: model(x) -> (logits, pooled feature); .num_features, .num_classes.
+
+    `kwargs` reach torchvision's builder (`create_model("tv:vit_b_16", 10, image_size=64)`); the CIFAR
+    models have a fixed recipe and take none, so their checkpoints always fit.
+    """
     name = canonical_name(name)
     if name.startswith(torchvision_models.PREFIX):
-        return torchvision_models.make(name, num_classes)
+        return torchvision_models.make(name, num_classes, **kwargs)
     if name not in _CIFAR:
         close = difflib.get_close_matches(name, list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelError(
             f"unknown model {name!r}{hint}; valid: {', '.join(list_models(False))}, or tv:<torchvision name>"
         )
+    if kwargs:
+        raise ModelError(f"{name} takes no options (got {', '.join(sorted(kwargs))}): only tv: models do")
     return _CIFAR[name](name, num_classes)
 
 

@@ -6,11 +6,15 @@ the same name, and our files load back into mdistiller, which reads only the "mo
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
+import uuid
 import zipfile
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -22,60 +26,123 @@ FORMAT = 1
 
 def save_checkpoint(path: str, model: nn.Module, *, arch: str, num_classes: int, epoch: int | None = None,
                     best_acc: float | None = None, extra: dict | None = None) -> None:
-    """Write atomically (temp file + rename): a crash never leaves a truncated checkpoint behind."""
+    """Write atomically (temp file in the same folder + rename): a crash never leaves a truncated checkpoint."""
     payload = {
         "model": model.state_dict(),
         "epoch": epoch,
         "best_acc": best_acc,
-        "richkd": {"format": FORMAT, "arch": canonical_name(arch), "num_classes": num_classes, **(extra or {})},
+        # our keys last, so `extra` cannot make the file misstate what it holds
+        "richkd": {**(extra or {}), "format": FORMAT, "arch": canonical_name(arch), "num_classes": num_classes},
     }
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, target)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")  # unique: concurrent savers never collide
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str, arch: str | None = None, num_classes: int | None = None,
                     map_location: str = "cpu") -> tuple[nn.Module, dict]:
-    """(model in eval mode, metadata). `arch` is needed for files without our metadata (mdistiller's)."""
-    payload = _read(path)
-    meta = payload.get("richkd", {}) if isinstance(payload, dict) else {}
+    """(model in eval mode on `map_location`, metadata). `arch` is required for files without our metadata.
+
+    The metadata holds arch, num_classes, epoch, best_acc (plain Python numbers) and our "richkd" entries.
+    """
+    payload = _read(path, map_location)
     state = _state_dict(payload, path)
-    arch = canonical_name(arch or meta.get("arch") or "")
-    if not arch:
-        raise ModelError(f"{path} does not say which architecture it holds: pass --teacher ARCH (e.g. resnet32x4)")
-    found = _num_classes(state)
-    if num_classes is not None and found is not None and found != num_classes:
-        raise ModelError(f"{path} has {found} classes but the dataset has {num_classes}: it is a teacher for other data")
-    model = create_model(arch, num_classes or found or meta.get("num_classes"))
+    meta = payload.get("richkd", {})
+    arch = _resolve_arch(path, arch, meta.get("arch"))
+    num_classes = _resolve_num_classes(path, num_classes, _num_classes(state), meta.get("num_classes"))
+    model = create_model(arch, num_classes).to(map_location)
     _load_strict(model, state, path, arch)
-    return model.eval(), {"arch": arch, "epoch": payload.get("epoch"), "best_acc": payload.get("best_acc"), **meta}
+    info = {"epoch": payload.get("epoch"), "best_acc": payload.get("best_acc"), **meta,
+            "arch": arch, "num_classes": num_classes}
+    return model.eval(), {k: _plain(v) for k, v in info.items()}
 
 
-def _read(path: str) -> dict:
+def _plain_data_globals() -> list:
+    """Plain data that training scripts store beside the weights: numpy numbers and arrays (a best
+    accuracy) and argparse.Namespace (timm's `args`). Unpickling them runs no code, so weights_only
+    loading may accept them; anything else is refused."""
+    numpy_types = [np.dtype, np.ndarray, *(getattr(np.dtypes, n) for n in np.dtypes.__all__)]
+    # the functions numpy pickles numbers and arrays with; numpy 1 files call their module numpy.core,
+    # numpy 2 files numpy._core, so both names are allowed
+    rebuilders = (np.float64(0).__reduce__()[0], np.zeros(1).__reduce__()[0])
+    numpy_functions = [(f, f"{module}.multiarray.{f.__name__}") for f in rebuilders
+                       for module in ("numpy._core", "numpy.core")]
+    return [argparse.Namespace, *numpy_types, *numpy_functions]
+
+
+def _read(path: str, map_location: str) -> dict:
     if not Path(path).is_file():
         raise ModelError(f"checkpoint {path} not found")
+    allowed = _plain_data_globals()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, IndexError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({first[:200]})") from None
+        with torch.serialization.safe_globals(allowed):
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        objects = _unsafe_objects(path, allowed) if "Weights only load failed" in str(e) else []
+        if objects:
+            raise ModelError(f"{path} stores Python objects besides weights ({', '.join(objects[:3])}), which are "
+                             f"not loaded for safety: if you trust the file, re-save just its weights with "
+                             f"torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')") from None
+        raise ModelError(f"{path} is not a PyTorch checkpoint (not written by torch.save)") from None
+    except (ValueError, IndexError, KeyError):  # what torch's unpickler raises on arbitrary bytes
+        raise ModelError(f"{path} is not a PyTorch checkpoint (not written by torch.save)") from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError) as e:
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint, perhaps truncated ({_first_line(e)})") from None
+    if not isinstance(payload, dict):
+        raise ModelError(f"{path} holds a {type(payload).__name__}, not a state dict or a dict with one under 'model'")
+    return payload
 
 
-def _state_dict(payload: object, path: str) -> dict[str, torch.Tensor]:
+def _unsafe_objects(path: str, allowed: list) -> list[str]:
+    """Names of the pickled globals that weights_only loading refused; [] if the file cannot even be listed."""
+    names = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in allowed}
+    try:
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in names]
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError):
+        return []
+
+
+def _first_line(e: Exception) -> str:
+    """The first sentence of torch's message: the rest is advice on reporting bugs."""
+    text = str(e).strip()
+    return text.splitlines()[0].split(". ")[0][:160] if text else type(e).__name__
+
+
+def _state_dict(payload: dict, path: str) -> dict[str, torch.Tensor]:
     """Accept {"model": sd}, {"state_dict": sd} or a bare state dict; strip DataParallel's "module."."""
     state = payload
-    if isinstance(payload, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(payload.get(key), dict):
-                state = payload[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    for key in ("model", "state_dict"):
+        if isinstance(payload.get(key), dict):
+            state = payload[key]
+            break
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path} holds no model state dict (expected weights under 'model')")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _resolve_arch(path: str, asked: str | None, recorded: str | None) -> str:
+    if asked and recorded and canonical_name(asked) != canonical_name(recorded):
+        raise ModelError(f"{path} holds a {recorded}, not a {asked}: pass --teacher {recorded}, or no --teacher")
+    arch = asked or recorded
+    if not arch:
+        raise ModelError(f"{path} does not say which architecture it holds: pass --teacher ARCH (e.g. resnet32x4)")
+    return canonical_name(arch)
+
+
+def _resolve_num_classes(path: str, asked: int | None, found: int | None, recorded: int | None) -> int:
+    if asked is not None and found is not None and found != asked:
+        raise ModelError(f"{path} has {found} classes but the dataset has {asked}: it is a teacher for other data")
+    resolved = asked or found or recorded
+    if resolved is None:
+        raise ModelError(f"{path} has no final linear layer to count classes from: pass the number of classes")
+    return resolved
 
 
 def _num_classes(state: dict[str, torch.Tensor]) -> int | None:
@@ -84,6 +151,15 @@ def _num_classes(state: dict[str, torch.Tensor]) -> int | None:
         if key.endswith(".weight") and state[key].ndim == 2 and key[: -len("weight")] + "bias" in state:
             return state[key].shape[0]
     return None
+
+
+def _plain(value: Any) -> Any:
+    """A one-element tensor or numpy number as a Python number (mdistiller stores best_acc as a tensor)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str, arch: str) -> None:

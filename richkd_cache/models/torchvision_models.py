@@ -1,11 +1,18 @@
 """ImageNet classifiers from torchvision by name (`tv:resnet18`, `tv:mobilenet_v2`, ...).
 
-The model keeps torchvision's own class and state_dict keys (so torchvision checkpoints load strictly):
-its final linear layer is swapped for a same-named `FeatureTap` (an nn.Linear that remembers its input),
-and its class gains a mixin whose forward returns (logits, pooled feature) like every other model here.
+The model stays torchvision's own module tree, so its state_dict keys are torchvision's and torchvision
+or timm checkpoints load strictly. Two changes make it answer like every model here:
+- its final linear layer is swapped for a `FeatureTap` at the same path (same parameters, same keys):
+  an nn.Linear that remembers its input, the pooled penultimate feature;
+- its class gains the `_TwoOutputs` mixin, whose forward returns (logits, that feature).
+The model still passes `isinstance(model, torchvision.models.ResNet)` and friends.
 """
 
 from __future__ import annotations
+
+import difflib
+import functools
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -19,7 +26,7 @@ LISTED = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_larg
 
 
 class FeatureTap(nn.Linear):
-    """A linear head that keeps its input: the pooled penultimate feature."""
+    """A linear head that keeps its input (B, F): the pooled penultimate feature."""
 
     last_input: torch.Tensor | None = None
 
@@ -29,43 +36,58 @@ class FeatureTap(nn.Linear):
 
 
 class _TwoOutputs:
-    """Mixed into a torchvision model's class: forward returns (logits, features)."""
+    """Mixed into a torchvision model's class: forward returns (logits (B, C), features (B, F))."""
 
-    _tap: FeatureTap
+    _tap_path: str
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = super().forward(x)  # type: ignore[misc]
-        feats, self._tap.last_input = self._tap.last_input, None
+        out = super().forward(x)  # type: ignore[misc]
+        # GoogLeNet and Inception v3 return (logits, aux logits...) while training; the aux heads are
+        # ignored here, so they get no gradient: one interface matters more than their small boost.
+        logits = getattr(out, "logits", out)
+        # looked up by path, not held: a deepcopy or a DataParallel replica then reads its own tap
+        tap = self.get_submodule(self._tap_path)  # type: ignore[attr-defined]
+        feats, tap.last_input = tap.last_input, None
         return logits, feats
 
 
 def available() -> list[str]:
+    """Every torchvision classification model name (its detection, video... models are elsewhere)."""
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def make(name: str, num_classes: int) -> nn.Module:
+def make(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """`tv:<arch>` randomly initialised; `kwargs` go to torchvision's builder (e.g. image_size for ViTs)."""
     arch = name[len(PREFIX):]
     if arch not in available():
-        raise ModelError(f"torchvision has no classification model {arch!r}")
-    net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    path, head = _final_linear(net, num_classes)
+        close = difflib.get_close_matches(arch, available(), n=3)
+        hint = f"did you mean {', '.join(PREFIX + c for c in close)}? " if close else ""
+        raise ModelError(f"torchvision has no classification model {arch!r}: {hint}"
+                         f"see torchvision.models.list_models(module=torchvision.models)")
+    try:
+        net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise ModelError(f"{name} does not take these options ({e})") from None
+    path, head = _final_linear(net, name, num_classes)
     tap = FeatureTap(head.in_features, head.out_features, bias=head.bias is not None)
     tap.load_state_dict(head.state_dict())
-    _set_submodule(net, path, tap)
-    net.__class__ = type(f"Tapped{type(net).__name__}", (_TwoOutputs, type(net)), {})
-    object.__setattr__(net, "_tap", tap)  # not registered twice: it is already in the module tree
+    net.set_submodule(path, tap)
+    net.__class__ = _tapped_class(type(net))
+    net._tap_path = path
     net.num_features, net.num_classes = head.in_features, num_classes
     return net
 
 
-def _final_linear(net: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
+@functools.cache
+def _tapped_class(base: type) -> type:
+    """One subclass per torchvision class, not one per model built."""
+    return type(f"Tapped{base.__name__}", (_TwoOutputs, base), {})
+
+
+def _final_linear(net: nn.Module, name: str, num_classes: int) -> tuple[str, nn.Linear]:
+    """The last nn.Linear with `num_classes` outputs (auxiliary heads come earlier in the module tree)."""
     linears = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
     if not linears:
-        raise ModelError(f"{type(net).__name__}: no final linear layer with {num_classes} outputs")
+        raise ModelError(f"{name} ends in no linear layer, so it has no pooled feature to distill: "
+                         f"choose another architecture")
     return linears[-1]
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)
