@@ -112,7 +112,7 @@ def setup_teacher(arch: str | None, checkpoint: str, dataset: ImageDataset, devi
     """Load the teacher strictly; its class count must be the dataset's."""
     model, meta = load_checkpoint(checkpoint, arch=arch, num_classes=dataset.num_classes)
     model = model.to(device).eval()
-    resolved_arch = arch or meta["arch"]
+    resolved_arch = meta["arch"]  # the registered name, also when an alias was given
     manifest = {
         "arch": resolved_arch,
         "checkpoint": checkpoint,

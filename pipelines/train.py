@@ -22,6 +22,7 @@ import torch
 
 from cache_store import CacheReader, open_cache
 from pipelines.config import TrainConfig, resolve_device
+from pipelines.distributed import DistContext, barrier, init_distributed, rank_device, shutdown
 from pipelines.progress import Reporter
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize, random_crop_flip
@@ -51,9 +52,21 @@ class RunState:
 
 
 def run_train(cfg: TrainConfig, reporter: Reporter) -> dict:
-    """Train one student; returns the summary also written to OUT/summary.json."""
+    """Train one student; returns the summary also written to OUT/summary.json.
+
+    Under torchrun every rank holds the cached targets, trains on its share of each epoch's permutation
+    with DistributedDataParallel, and rank 0 evaluates, writes checkpoints and metrics.
+    """
+    ctx = init_distributed(cfg.device)
+    try:
+        return train_ranks(cfg, reporter if ctx.is_main else Reporter(reporter.console, quiet=True), ctx)
+    finally:
+        shutdown(ctx)
+
+
+def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(rank_device(cfg.device, ctx))
     out = Path(cfg.out)
     if cfg.resolved_target != "ce" and not cfg.cache:
         raise ConfigError(f"target {cfg.resolved_target} distills from a cache: pass --cache (or --target ce)")
@@ -68,34 +81,52 @@ def run_train(cfg: TrainConfig, reporter: Reporter) -> dict:
     optimizer, scheduler = setup_optimizer(cfg, student, objective)
     state = restore(out, cfg, student, objective, optimizer, scheduler) if cfg.resume else None
     state = state or RunState(epoch=0, best_top1=0.0, history=[])
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {**asdict(cfg), "target": cfg.resolved_target})
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", {**asdict(cfg), "target": cfg.resolved_target})
+    model, loss = data_parallel(student, ctx), data_parallel(objective, ctx)
     images = setup_images(train_set, device)
-    val_images = setup_images(val_set, device)
+    val_images = setup_images(val_set, device) if ctx.is_main else None
     generator = torch.Generator(device=device)
     for epoch in range(state.epoch, cfg.epochs):
         generator.manual_seed(cfg.seed * 100_003 + epoch)  # per epoch: a resumed run draws what a straight one did
         t0 = time.perf_counter()
-        train_stats = train_epoch(
-            student, objective, optimizer, images, train_set, targets, cfg, epoch, generator, reporter
-        )
-        top1, top5 = evaluate(student, val_images, val_set, cfg.batch_size)
+        train_stats = train_epoch(model, loss, optimizer, images, train_set, targets, cfg, epoch, generator,
+                                  reporter, ctx)
         scheduler.step()
-        seconds = time.perf_counter() - t0
-        state.best_top1 = max(state.best_top1, top1)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **train_stats,
-               "val_top1": top1, "val_top5": top5, "best_top1": state.best_top1, "epoch_s": seconds}
-        state.history.append(row)
         state.epoch = epoch + 1
-        save_run(out, cfg, student, objective, optimizer, scheduler, state, train_set.num_classes, top1)
-        reporter.info(
-            f"epoch {epoch + 1}/{cfg.epochs}  loss {train_stats['loss']:.3f}  "
-            f"top1 {top1:.2f}  top5 {top5:.2f}  best {state.best_top1:.2f}  ({seconds:.1f}s)"
-        )
+        if ctx.is_main:
+            top1, top5 = evaluate(student, val_images, val_set, cfg.batch_size)
+            record_epoch(state, optimizer, train_stats, top1, top5, time.perf_counter() - t0, cfg, reporter)
+            save_run(out, cfg, student, objective, optimizer, scheduler, state, train_set.num_classes, top1)
+        barrier(ctx)
     summary = summarize(cfg, state)
-    write_json(out / "summary.json", summary)
+    if ctx.is_main:
+        write_json(out / "summary.json", summary)
     return summary
 
+
+def data_parallel(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """DDP over ranks when there are several and the module has weights to train; the module otherwise.
+
+    Buffers are not broadcast: BN statistics stay per rank (as with DDP's usual BN), and CRD's memory
+    banks are updated by each rank for its own samples.
+    """
+    if not ctx.enabled or not any(p.requires_grad for p in module.parameters()):
+        return module
+    devices = [ctx.local_rank] if next(module.parameters()).is_cuda else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=devices, broadcast_buffers=False)
+
+
+def record_epoch(state: RunState, optimizer, train_stats: dict, top1: float, top5: float, seconds: float,
+                 cfg: TrainConfig, reporter: Reporter) -> None:
+    state.best_top1 = max(state.best_top1, top1)
+    state.history.append({"epoch": state.epoch, "lr": optimizer.param_groups[0]["lr"], **train_stats,
+                          "val_top1": top1, "val_top5": top5, "best_top1": state.best_top1, "epoch_s": seconds})
+    reporter.info(
+        f"epoch {state.epoch}/{cfg.epochs}  loss {train_stats['loss']:.3f}  "
+        f"top1 {top1:.2f}  top5 {top5:.2f}  best {state.best_top1:.2f}  ({seconds:.1f}s)"
+    )
 
 
 # ---------------------------------------------------------------- data and targets
@@ -250,14 +281,17 @@ def train_epoch(
     epoch: int,
     generator: torch.Generator,
     reporter: Reporter,
+    ctx: DistContext = DistContext(),
 ) -> dict[str, float]:
+    """One epoch; with several ranks each takes every world_size-th sample of the shared permutation
+    (training statistics are then rank 0's share)."""
     student.train()
     objective.train()
     device = next(student.parameters()).device
-    order = torch.randperm(len(dataset), generator=generator, device=generator.device)
+    order = torch.randperm(len(dataset), generator=generator, device=generator.device)[ctx.rank :: ctx.world_size]
     sums: dict[str, float] = {}
     correct = seen = 0
-    with reporter.task(f"epoch {epoch + 1}", total=len(dataset)) as advance:
+    with reporter.task(f"epoch {epoch + 1}", total=len(order)) as advance:
         for index, x, y in batches(images, dataset, cfg.batch_size, order, cfg.workers):
             x, y, index = x.to(device), y.to(device), index.to(device)
             x, rows = augment(x, index, targets, generator)

@@ -177,3 +177,19 @@ def test_two_rank_build_equals_a_single_process_build(tmp_path: Path, teacher: P
     a, b = arrays(str(out)), arrays(str(single))
     assert all(np.array_equal(a[k], b[k]) for k in ARRAYS)
     assert open_cache(str(out)).manifest["status"] == "complete"
+
+
+def test_two_rank_training_runs_an_epoch_and_resumes(tmp_path: Path, cache: Path) -> None:
+    """torchrun + gloo: DistributedDataParallel over two CPU processes, rank 0 writes the run."""
+    out = tmp_path / "ddp"
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pipelines.cli", "train",
+            "--cache", str(cache), "--student", "resnet8", "--device", "cpu", "--workers", "0", "--quiet",
+            "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for extra in (["--epochs", "1"], ["--epochs", "2", "--resume"]):
+        done = subprocess.run(base[:5] + ["--master-port", str(_free_port())] + base[5:] + extra,
+                              capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    import pyarrow.parquet as pq
+
+    assert [row["epoch"] for row in pq.read_table(out / "metrics.parquet").to_pylist()] == [1, 2]

@@ -1,0 +1,197 @@
+"""`richkd-cache analyze`: how the teacher, CLIP and their fusion compare, from the cache alone.
+
+Everything is computed from the cached clean view (view 0) of the cached split: no model runs. It
+reproduces the paper's analyses for any cache: accuracies and the alpha sweep, the confidence
+categories of Fig. 1a, the outcome changes of the supplement's Table 10, calibration, and the
+supplement's optimal fusion weight alpha* (Sec. 9).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.table import Table
+
+from cache_store import CacheReader, open_cache
+from richkd_cache.clip_logits import clip_logits
+from richkd_cache.distill import fuse_logits
+from richkd_cache.errors import DataError
+from richkd_cache.metrics import (
+    alpha_sweep,
+    confidence_categories,
+    error_statistics,
+    expected_calibration_error,
+    fusion_weight,
+    outcome_changes,
+    topk_accuracy,
+)
+
+SWEEP = tuple(round(0.05 * i, 2) for i in range(21))  # alpha = 0, 0.05, ..., 1
+CONFIDENT = 0.5  # Fig. 1a: a prediction is confident when its top softmax probability is at least this
+ECE_BINS = 15
+MODELS = ("teacher", "clip", "fusion")
+CATEGORIES = ("confident_correct", "confident_wrong", "uncertain_correct", "uncertain_wrong")
+
+
+def run_analyze(url: str, prompts: str | None, alpha: float, out_dir: str | None) -> dict:
+    """A JSON-ready analysis of one cache at fusion weight alpha (eq. 4); with out_dir, also the plots
+    alpha_sweep.png, reliability.png and categories.png there (their paths under "plots")."""
+    reader = open_cache(url)
+    prompt_set = prompts or reader.prompt_sets()[0]  # the default `train` uses too
+    labels, logits = clean_logits(reader, prompt_set, alpha)
+    sweep = [{"alpha": a, "top1": top1} for a, top1 in alpha_sweep(logits["teacher"], logits["clip"], labels, SWEEP)]
+    errors = error_statistics(logits["teacher"], logits["clip"], labels)
+    calibration = {}
+    for name, z in logits.items():
+        ece, bins = expected_calibration_error(z.softmax(dim=1), labels, ECE_BINS)
+        calibration[name] = {"ece": ece, "bins": bins}
+    result = {
+        "url": url,
+        "dataset": {k: reader.manifest["dataset"].get(k) for k in ("name", "split", "num_samples", "num_classes")},
+        "prompt_set": prompt_set,
+        "alpha": alpha,
+        "accuracy": {name: {"top1": topk_accuracy(z, labels, 1), "top5": topk_accuracy(z, labels, 5)}
+                     for name, z in logits.items()},
+        "alpha_sweep": sweep,
+        "best_alpha": max(sweep, key=lambda row: row["top1"]),  # the smallest alpha among ties
+        "optimal_alpha": {"alpha": fusion_weight(errors["s_t"], errors["s_c"], errors["rho"]), **errors},
+        "confidence_threshold": CONFIDENT,
+        "categories": {name: confidence_categories(z, labels, CONFIDENT) for name, z in logits.items()},
+        "outcome_changes": outcome_changes(logits["teacher"], logits["fusion"], labels),
+        "calibration": calibration,
+        "plots": [],
+    }
+    if out_dir is not None:
+        result["plots"] = write_plots(result, Path(out_dir))
+    return result
+
+
+def clean_logits(reader: CacheReader, prompt_set: str, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Labels (N,) and the clean view's logits (N, C) float32 of the teacher, CLIP (eq. 2-3) and their
+    fusion at alpha (eq. 4)."""
+    if reader.layout.teacher_topk:
+        raise DataError(
+            f"cache {reader.url} stores only the teacher's top-{reader.layout.teacher_topk} logits; "
+            "the analysis needs all of them (build without a top-k layout)"
+        )
+    labels = torch.from_numpy(reader.load("labels").astype(np.int64))
+    z_t = torch.from_numpy(reader.load("teacher/logits")[:, 0].astype(np.float32))  # (N, C), view 0
+    embeds = torch.from_numpy(reader.load("clip/image_embeds")[:, 0].astype(np.float32))  # (N, D)
+    z_c = clip_logits(embeds, torch.from_numpy(reader.text_embeddings(prompt_set)), reader.manifest["clip"]["tau"])
+    return labels, {"teacher": z_t, "clip": z_c, "fusion": fuse_logits(z_t, z_c, alpha)}
+
+
+# ---------------------------------------------------------------- plots
+
+
+def write_plots(result: dict, out: Path) -> list[str]:
+    """Three PNGs in out; matplotlib's object API (no pyplot), so no global backend state is touched."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, draw in (("alpha_sweep", plot_sweep), ("reliability", plot_reliability), ("categories", plot_categories)):
+        fig = Figure(figsize=(6.4 if name != "reliability" else 12.0, 4.2), layout="constrained")
+        draw(fig, result)
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=120)
+        paths.append(str(path))
+    return paths
+
+
+def plot_sweep(fig: Figure, result: dict) -> None:
+    """Fused top-1 against alpha, with the chosen alpha, the best one and the supplement's alpha*."""
+    ax = fig.add_subplot()
+    alphas = [row["alpha"] for row in result["alpha_sweep"]]
+    ax.plot(alphas, [row["top1"] for row in result["alpha_sweep"]], marker="o", label="fused top-1")
+    for x, style, label in ((result["alpha"], ":", f"alpha = {result['alpha']:.2f}"),
+                            (result["best_alpha"]["alpha"], "--", f"best = {result['best_alpha']['alpha']:.2f}"),
+                            (result["optimal_alpha"]["alpha"], "-.", f"alpha* = {result['optimal_alpha']['alpha']:.2f}")):
+        ax.axvline(x, linestyle=style, color="gray", label=label)
+    ax.set(xlabel="alpha (weight of the teacher, eq. 4)", ylabel="top-1 (%)",
+           title=f"fusion with CLIP ({result['prompt_set']} prompts)")
+    ax.legend()
+
+
+def plot_reliability(fig: Figure, result: dict) -> None:
+    """One reliability diagram per model: accuracy per confidence bin against the diagonal."""
+    axes = fig.subplots(1, len(MODELS), sharey=True)
+    for ax, name in zip(axes, MODELS):
+        calib = result["calibration"][name]
+        full = [b for b in calib["bins"] if b["count"]]
+        ax.bar([b["lower"] for b in full], [b["accuracy"] for b in full],
+               width=[b["upper"] - b["lower"] for b in full], align="edge", edgecolor="black", label="accuracy")
+        ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{name}: ECE {100 * calib['ece']:.2f}%")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left")
+
+
+def plot_categories(fig: Figure, result: dict) -> None:
+    """Fig. 1a: counts per confidence category, side by side for the three models."""
+    ax = fig.add_subplot()
+    width = 0.8 / len(MODELS)
+    positions = np.arange(len(CATEGORIES))
+    for i, name in enumerate(MODELS):
+        counts = [result["categories"][name][c] for c in CATEGORIES]
+        ax.bar(positions + (i - (len(MODELS) - 1) / 2) * width, counts, width, label=name)
+    ax.set_xticks(positions, [c.replace("_", "\n") for c in CATEGORIES])
+    ax.set(ylabel="samples", title=f"confidence (top probability >= {result['confidence_threshold']}) and correctness")
+    ax.legend()
+
+
+# ---------------------------------------------------------------- console
+
+
+def render_analysis(result: dict, console: Console) -> None:
+    ds = result["dataset"]
+    console.print(f"[bold]{result['url']}[/bold]  {ds['name']} / {ds['split']}: {ds['num_samples']} samples, "
+                  f"{ds['num_classes']} classes; prompt set {result['prompt_set']}, alpha {result['alpha']}")
+    console.print(accuracy_table(result))
+    best, optimal = result["best_alpha"], result["optimal_alpha"]
+    console.print(f"best alpha {best['alpha']:.2f} (fused top-1 {best['top1']:.2f}%);  alpha* {optimal['alpha']:.3f} "
+                  f"(s_t {optimal['s_t']:.4f}, s_c {optimal['s_c']:.4f}, rho {optimal['rho']:.3f})")
+    console.print(sweep_table(result))
+    console.print(categories_table(result))
+    console.print(outcomes_table(result))
+    for path in result["plots"]:
+        console.print(f"plot: {path}")
+
+
+def accuracy_table(result: dict) -> Table:
+    table = Table(title="on the cached split (clean view)")
+    for col in ("model", "top-1 %", "top-5 %", "ECE %"):
+        table.add_column(col, justify="right")
+    for name in MODELS:
+        acc = result["accuracy"][name]
+        table.add_row(name, f"{acc['top1']:.2f}", f"{acc['top5']:.2f}", f"{100 * result['calibration'][name]['ece']:.2f}")
+    return table
+
+
+def sweep_table(result: dict) -> Table:
+    table = Table(title="fused top-1 % by alpha (eq. 4)")
+    for row in result["alpha_sweep"][::2]:  # every 0.1: fits a terminal's width
+        table.add_column(f"{row['alpha']:.1f}", justify="right")
+    table.add_row(*(f"{row['top1']:.1f}" for row in result["alpha_sweep"][::2]))
+    return table
+
+
+def categories_table(result: dict) -> Table:
+    table = Table(title=f"confidence categories (Fig. 1a; confident: top probability >= {result['confidence_threshold']})")
+    table.add_column("model")
+    for c in CATEGORIES:
+        table.add_column(c.replace("_", " "), justify="right")
+    for name in MODELS:
+        table.add_row(name, *(str(result["categories"][name][c]) for c in CATEGORIES))
+    return table
+
+
+def outcomes_table(result: dict) -> Table:
+    table = Table(title="teacher -> fusion outcome changes (supplement, Table 10)")
+    for col in ("condition", "base", "count", "%"):
+        table.add_column(col, justify="right")
+    for name, row in result["outcome_changes"].items():
+        table.add_row(name.replace("_", " "), str(row["base"]), str(row["count"]), f"{row['percent']:.1f}")
+    return table
