@@ -206,16 +206,29 @@ def info(
 
 @app.command()
 @user_errors
-def verify(cache: Annotated[str, typer.Argument(help="Cache location or .zip.")]) -> None:
-    """Check structure, dtypes, NaN/Inf and the written mask; exit 1 when something is wrong."""
+def verify(
+    cache: Annotated[str, typer.Argument(help="Cache location or .zip.")],
+    recompute: Annotated[int, typer.Option(min=0, help="Also rerun teacher and CLIP on this many random rows.")] = 0,
+    data_root: Annotated[Optional[str], typer.Option(help="Dataset folder (default: the recorded one).")] = None,
+    teacher_checkpoint: Annotated[Optional[str], typer.Option(help="Teacher file (default: the recorded path).")] = None,
+    clip_checkpoint: Annotated[Optional[str], typer.Option(help="Local CLIP weights.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """Check structure, dtypes, NaN/Inf and the written mask (and recompute rows); exit 1 when wrong."""
     from cache_store import verify_cache
 
     report = verify_cache(cache)
     out_console.print(f"{cache}: status {report.status}, {report.blocks_written}/{report.blocks_total} blocks written")
-    for problem in report.problems:
+    problems = list(report.problems)
+    if recompute and report.ok:
+        from pipelines.verify import recompute_rows
+
+        problems += recompute_rows(cache, recompute, data_root, teacher_checkpoint, clip_checkpoint, device)
+        out_console.print(f"recomputed {recompute} rows with the recorded teacher and CLIP")
+    for problem in problems:
         out_console.print(f"  problem: {problem}")
-    out_console.print("ok" if report.ok else "NOT OK")
-    if not report.ok:
+    out_console.print("NOT OK" if problems else "ok")
+    if problems:
         raise typer.Exit(1)
 
 

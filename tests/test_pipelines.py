@@ -193,3 +193,13 @@ def test_two_rank_training_runs_an_epoch_and_resumes(tmp_path: Path, cache: Path
     import pyarrow.parquet as pq
 
     assert [row["epoch"] for row in pq.read_table(out / "metrics.parquet").to_pylist()] == [1, 2]
+
+
+def test_verify_recomputes_rows_with_the_recorded_models(cache: Path, teacher: Path, tmp_path: Path) -> None:
+    result = invoke("verify", cache, "--recompute", "5", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "recomputed 5 rows" in result.output and "ok" in result.output
+    other = tmp_path / "other.pth"
+    save_checkpoint(str(other), create_model("resnet32x4", 10), arch="resnet32x4", num_classes=10)
+    result = invoke("verify", cache, "--recompute", "5", "--device", "cpu", "--teacher-checkpoint", other)
+    assert result.exit_code == 2 and "not the file the cache was built with" in result.output

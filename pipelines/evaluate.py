@@ -1,0 +1,163 @@
+"""`richkd-cache evaluate`: a student checkpoint's top-1/top-5 on clean images and under the FGSM
+and PGD attacks of the paper's Table 6.
+
+Attacks work in [0, 1] pixel space: the image x / 255 is perturbed within an L_inf ball of radius
+epsilon, clamped to [0, 1], and only then normalised for the model. The perturbed images stay float
+(no rounding back to uint8: the paper's epsilon 0.001 is below one grey level, 1/255).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from cache_store import CacheError, open_cache
+from pipelines.config import resolve_device
+from pipelines.train import batches, setup_images
+from richkd_cache.data import ImageDataset, create_dataset
+from richkd_cache.errors import ConfigError, DataError
+from richkd_cache.metrics import topk_hits
+from richkd_cache.models import load_checkpoint
+
+PGD_STEPS = 10  # Table 6's PGD: 10 steps of epsilon / 4
+
+Forward = Callable[[torch.Tensor], torch.Tensor]  # pixels in [0, 1] (B, 3, H, W) -> logits (B, C)
+
+
+def run_evaluate(
+    checkpoint: str,
+    dataset: str | None,
+    data_root: str | None,
+    split: str = "val",
+    attacks: bool = True,
+    batch_size: int = 256,
+    device: str = "cpu",
+    epsilons: tuple[float, ...] = (0.001, 0.005, 0.01),
+) -> dict:
+    """A JSON-ready report: clean top-1/top-5 (%) and, with attacks, FGSM and PGD at each epsilon."""
+    if attacks and not all(0.0 < eps <= 1.0 for eps in epsilons):
+        raise ConfigError(f"attack epsilons are L_inf radii in [0, 1] pixel space, in (0, 1]; got {list(epsilons)}")
+    dev = resolve_device(device)
+    model, meta = load_checkpoint(checkpoint, map_location=str(dev))
+    name, root = resolve_dataset(checkpoint, meta, dataset, data_root)
+    data = create_dataset(name, root, split)
+    if data.num_classes != meta["num_classes"]:
+        raise DataError(f"{checkpoint} predicts {meta['num_classes']} classes but {name} has {data.num_classes}")
+    settings = [(attack, eps) for attack in ATTACKS for eps in epsilons] if attacks else []
+    hits = count_hits(model_forward(model, data), data, batch_size, dev, settings)
+    n = max(len(data), 1)
+    rows = [{"attack": attack, "epsilon": eps, "top1": 100.0 * hits[(attack, eps)][0] / n,
+             "top5": 100.0 * hits[(attack, eps)][1] / n} for attack, eps in [("clean", 0.0), *settings]]
+    return {
+        "checkpoint": checkpoint,
+        "arch": meta["arch"],
+        "dataset": name,
+        "split": data.split,
+        "num_samples": len(data),
+        "clean": {"top1": rows[0]["top1"], "top5": rows[0]["top5"]},
+        "attacks": rows[1:],
+        "pgd_steps": PGD_STEPS,
+    }
+
+
+def resolve_dataset(checkpoint: str, meta: dict, dataset: str | None, data_root: str | None) -> tuple[str, str | None]:
+    """The dataset named by the user, else the one the run recorded: the config.json beside the
+    checkpoint, or the manifest of the cache it was trained from (whose root is then a default)."""
+    if dataset:
+        return dataset, data_root
+    config_path = Path(checkpoint).with_name("config.json")
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if config.get("dataset"):
+        return config["dataset"], data_root or config.get("data_root")
+    cache = meta.get("cache") or config.get("cache")
+    if not cache:
+        raise ConfigError(f"{checkpoint} does not record its dataset: pass --dataset NAME (and --data-root DIR)")
+    try:
+        recorded = open_cache(cache, require_complete=False).manifest["dataset"]
+    except CacheError as e:
+        raise ConfigError(f"{checkpoint} was trained from cache {cache}, which cannot be read ({e}); "
+                          "pass --dataset NAME (and --data-root DIR)") from None
+    return recorded["name"], data_root or recorded.get("root")
+
+
+def model_forward(model: torch.nn.Module, data: ImageDataset) -> Forward:
+    """The model as a function of [0, 1] pixels: normalisation is part of what the attack differentiates."""
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        logits, _ = model((pixels - mean.to(pixels.device)) / std.to(pixels.device))
+        return logits
+
+    return forward
+
+
+def count_hits(forward: Forward, data: ImageDataset, batch_size: int, device: torch.device,
+               settings: list[tuple[str, float]]) -> dict[tuple[str, float], tuple[int, int]]:
+    """(attack, epsilon) -> (top-1 hits, top-5 hits) over the split; ("clean", 0.0) is always there.
+    Every batch is attacked in every setting before the next is read: one pass over the data."""
+    hits = {setting: (0, 0) for setting in [("clean", 0.0), *settings]}
+    order = torch.arange(len(data))
+    for _, x, y in batches(setup_images(data, device), data, batch_size, order):
+        pixels, y = x.to(device).float() / 255.0, y.to(device)  # (B, 3, H, W) in [0, 1]
+        for attack, eps in hits:
+            adversarial = pixels if attack == "clean" else ATTACKS[attack](forward, pixels, y, eps)
+            with torch.no_grad():
+                logits = forward(adversarial)
+            top1, top5 = hits[(attack, eps)]
+            hits[(attack, eps)] = (top1 + int(topk_hits(logits, y, 1).sum()), top5 + int(topk_hits(logits, y, 5).sum()))
+    return hits
+
+
+# ---------------------------------------------------------------- attacks
+
+
+def input_gradient(forward: Forward, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """d CE / d pixels (B, 3, H, W); the model's weights get no gradient."""
+    pixels = pixels.detach().requires_grad_(True)
+    loss = F.cross_entropy(forward(pixels), labels, reduction="sum")  # sum: one sample's step ignores the batch size
+    return torch.autograd.grad(loss, pixels)[0]
+
+
+def fgsm(forward: Forward, pixels: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
+    """FGSM (Goodfellow et al., 2015; Table 6): one step of eps along the gradient's sign, in [0, 1]."""
+    step = eps * input_gradient(forward, pixels, labels).sign()
+    return (pixels + step).clamp(0.0, 1.0).detach()
+
+
+def pgd(forward: Forward, pixels: torch.Tensor, labels: torch.Tensor, eps: float,
+        steps: int = PGD_STEPS, step_size: float | None = None) -> torch.Tensor:
+    """PGD (Madry et al., 2018; Table 6): `steps` sign-gradient steps of eps / 4, each projected back
+    into the L_inf ball of radius eps around the clean image and into [0, 1]. It starts at the clean
+    image (no random start), so an evaluation is reproducible."""
+    step_size = eps / 4 if step_size is None else step_size
+    low, high = (pixels - eps).clamp(0.0, 1.0), (pixels + eps).clamp(0.0, 1.0)
+    adversarial = pixels.detach()
+    for _ in range(steps):
+        adversarial = adversarial + step_size * input_gradient(forward, adversarial, labels).sign()
+        adversarial = torch.max(torch.min(adversarial, high), low).detach()
+    return adversarial
+
+
+ATTACKS: dict[str, Callable[[Forward, torch.Tensor, torch.Tensor, float], torch.Tensor]] = {"fgsm": fgsm, "pgd": pgd}
+
+
+# ---------------------------------------------------------------- console
+
+
+def render_evaluation(result: dict, console: Console) -> None:
+    console.print(f"[bold]{result['checkpoint']}[/bold]  {result['arch']} on {result['dataset']} / {result['split']} "
+                  f"({result['num_samples']} images)")
+    table = Table(title=f"top-1 / top-5 (%); attacks in [0, 1] pixel space, PGD {result['pgd_steps']} steps of eps/4")
+    for col in ("images", "epsilon", "top-1", "top-5"):
+        table.add_column(col, justify="right")
+    table.add_row("clean", "-", f"{result['clean']['top1']:.2f}", f"{result['clean']['top5']:.2f}")
+    for row in result["attacks"]:
+        table.add_row(row["attack"].upper(), f"{row['epsilon']:g}", f"{row['top1']:.2f}", f"{row['top5']:.2f}")
+    console.print(table)

@@ -1,0 +1,50 @@
+"""`verify --recompute K`: run the teacher and CLIP again on K random cached rows and compare.
+
+Everything else `verify` checks needs no model (cache_store.verify_cache); this part proves the numbers
+themselves: the same weights (by hash) on the same images give the cached outputs within fp16 rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cache_store import open_cache
+from pipelines.build import file_sha256, make_forward, setup_teacher
+from pipelines.config import resolve_device
+from richkd_cache.clip import load_clip, resolve_clip
+from richkd_cache.data import create_dataset, dataset_fingerprint
+from richkd_cache.errors import ConfigError, DataError
+
+COMPARED = ("teacher/logits", "teacher/features", "clip/image_embeds", "clip/features")
+
+
+def recompute_rows(url: str, k: int, data_root: str | None, teacher_checkpoint: str | None,
+                   clip_checkpoint: str | None, device: str, seed: int = 0) -> list[str]:
+    """Problems found on k random rows (empty: they match). Uses the recorded files unless overridden."""
+    cache = open_cache(url)
+    manifest = cache.manifest
+    recorded = manifest["dataset"]
+    dataset = create_dataset(recorded["name"], data_root or recorded.get("root"), recorded["split"])
+    if dataset_fingerprint(dataset) != recorded["fingerprint"]:
+        raise DataError(f"the images under {dataset.root} are not the ones cache {url} was built from")
+    checkpoint = teacher_checkpoint or manifest["teacher"]["checkpoint"]
+    if file_sha256(checkpoint) != manifest["teacher"]["checkpoint_sha256"]:
+        raise ConfigError(f"teacher checkpoint {checkpoint} is not the file the cache was built with (sha256 differs)")
+    torch_device = resolve_device(device)
+    teacher = setup_teacher(manifest["teacher"]["arch"], checkpoint, dataset, torch_device)
+    clip_record = manifest["clip"]
+    clip = load_clip(resolve_clip(clip_record["requested"], clip_record.get("pretrained"), clip_checkpoint),
+                     device=torch_device)
+    rows = np.sort(np.random.default_rng(seed).choice(len(dataset), size=min(k, len(dataset)), replace=False))
+    params = cache.load("views/params")
+    forward = make_forward(teacher, clip, dataset, torch_device, params if cache.layout.num_views > 1 else None)
+    batch = torch.utils.data.default_collate([dataset[int(i)] for i in rows])
+    fresh = forward(batch)
+    problems = []
+    for name in COMPARED:
+        cached = cache.load(name)[rows].astype(np.float32)
+        close = np.isclose(fresh[name], cached, rtol=1e-2, atol=1e-2).all(axis=(1, 2))
+        if not close.all():
+            problems.append(f"{name}: recomputed rows {rows[~close][:10].tolist()} differ from the cache")
+    return problems
