@@ -36,7 +36,6 @@ def add_prompt_set(url: str, name_or_file: str, name: str | None, clip_checkpoin
     writer = open_for_write(url)
     writer.put_text_embeddings(prompt_set.name, clip.encode_prompt_set(prompt_set, classes),
                                prompt_set_manifest(prompt_set, classes))
-    writer.finalize()  # consolidates: readers now see the new set
     zero_shot = {r["prompt_set"]: r["clip_top1"] for r in prompt_set_accuracy(open_cache(url), alpha=0.7)}
     writer.update_manifest(clip=dict(recorded, zero_shot_accuracy=zero_shot))
     writer.finalize()

@@ -32,7 +32,15 @@ def invoke(*args) -> object:
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
-    """An untrained resnet32x4: slow enough on CPU to kill a build half way, and cache outputs need no skill."""
+    """An untrained resnet8: cache plumbing needs outputs, not skill."""
+    path = tmp_path_factory.mktemp("teacher") / "resnet8.pth"
+    save_checkpoint(str(path), create_model("resnet8", 10), arch="resnet8", num_classes=10)
+    return path
+
+
+@pytest.fixture(scope="module")
+def slow_teacher(tmp_path_factory) -> Path:
+    """An untrained resnet32x4: slow enough on CPU to kill a build half way."""
     path = tmp_path_factory.mktemp("teacher") / "resnet32x4.pth"
     save_checkpoint(str(path), create_model("resnet32x4", 10), arch="resnet32x4", num_classes=10)
     return path
@@ -51,9 +59,9 @@ def arrays(url: str) -> dict[str, np.ndarray]:
     return {name: group[name][...] for name in ARRAYS}
 
 
-def test_killed_build_is_refused_then_resumes_bit_identical(tmp_path: Path, teacher: Path, cache: Path) -> None:
+def test_killed_build_is_refused_then_resumes_bit_identical(tmp_path: Path, slow_teacher: Path) -> None:
     out = tmp_path / "killed.zarr"
-    base = CLI + BUILD + ["--teacher-checkpoint", str(teacher), "--block-rows", "64", "--batch-size", "32", "--out"]
+    base = CLI + BUILD + ["--teacher-checkpoint", str(slow_teacher), "--block-rows", "64", "--batch-size", "32", "--out"]
     command = base + [str(out)]
     straight = tmp_path / "straight.zarr"
     subprocess.run(base + [str(straight)], check=True, capture_output=True)
@@ -200,6 +208,6 @@ def test_verify_recomputes_rows_with_the_recorded_models(cache: Path, teacher: P
     assert result.exit_code == 0, result.output
     assert "recomputed 5 rows" in result.output and "ok" in result.output
     other = tmp_path / "other.pth"
-    save_checkpoint(str(other), create_model("resnet32x4", 10), arch="resnet32x4", num_classes=10)
+    save_checkpoint(str(other), create_model("resnet8", 10), arch="resnet8", num_classes=10)
     result = invoke("verify", cache, "--recompute", "5", "--device", "cpu", "--teacher-checkpoint", other)
     assert result.exit_code == 2 and "not the file the cache was built with" in result.output
