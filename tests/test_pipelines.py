@@ -208,6 +208,6 @@ def test_verify_recomputes_rows_with_the_recorded_models(cache: Path, teacher: P
     assert result.exit_code == 0, result.output
     assert "recomputed 5 rows" in result.output and "ok" in result.output
     other = tmp_path / "other.pth"
-    save_checkpoint(str(other), create_model("resnet8", 10), arch="resnet8", num_classes=10)
+    save_checkpoint(str(other), create_model("resnet8", 10), arch="resnet8", num_classes=10, epoch=7)
     result = invoke("verify", cache, "--recompute", "5", "--device", "cpu", "--teacher-checkpoint", other)
     assert result.exit_code == 2 and "not the file the cache was built with" in result.output
