@@ -19,7 +19,7 @@ from rich.table import Table
 from cache_store import CacheReader, open_cache
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.distill import fuse_logits
-from richkd_cache.errors import DataError
+from richkd_cache.errors import ConfigError, DataError
 from richkd_cache.metrics import (
     alpha_sweep,
     confidence_categories,
@@ -40,7 +40,11 @@ CATEGORIES = ("confident_correct", "confident_wrong", "uncertain_correct", "unce
 def run_analyze(url: str, prompts: str | None, alpha: float, out_dir: str | None) -> dict:
     """A JSON-ready analysis of one cache at fusion weight alpha (eq. 4); with out_dir, also the plots
     alpha_sweep.png, reliability.png and categories.png there (their paths under "plots")."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha weighs the teacher against CLIP (eq. 4) and lies in [0, 1], got {alpha}")
     reader = open_cache(url)
+    if not (prompts or reader.prompt_sets()):
+        raise DataError(f"cache {url} stores no prompt set; add one with `richkd-cache prompts add`")
     prompt_set = prompts or reader.prompt_sets()[0]  # the default `train` uses too
     labels, logits = clean_logits(reader, prompt_set, alpha)
     sweep = [{"alpha": a, "top1": top1} for a, top1 in alpha_sweep(logits["teacher"], logits["clip"], labels, SWEEP)]
@@ -92,8 +96,9 @@ def write_plots(result: dict, out: Path) -> list[str]:
     """Three PNGs in out; matplotlib's object API (no pyplot), so no global backend state is touched."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, draw in (("alpha_sweep", plot_sweep), ("reliability", plot_reliability), ("categories", plot_categories)):
-        fig = Figure(figsize=(6.4 if name != "reliability" else 12.0, 4.2), layout="constrained")
+    for name, draw, width in (("alpha_sweep", plot_sweep, 6.4), ("reliability", plot_reliability, 12.0),
+                              ("categories", plot_categories, 6.4)):
+        fig = Figure(figsize=(width, 4.2), layout="constrained")
         draw(fig, result)
         path = out / f"{name}.png"
         fig.savefig(path, dpi=120)
