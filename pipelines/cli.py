@@ -273,6 +273,51 @@ def prompts_list(cache: Annotated[str, typer.Argument(help="Cache location.")]) 
 
 @app.command()
 @user_errors
+def analyze(
+    cache: Annotated[str, typer.Argument(help="Cache location or .zip.")],
+    prompts: Annotated[Optional[str], typer.Option(help="Stored prompt set (default: the first).")] = None,
+    alpha: Annotated[float, typer.Option(help="Teacher weight of the fusion (eq. 4).")] = 0.7,
+    out: Annotated[Optional[str], typer.Option(help="Folder for the PNG plots.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """From the cache alone: teacher vs CLIP vs fusion, alpha sweep and alpha*, confidence, calibration."""
+    from pipelines.analyze import render_analysis, run_analyze
+
+    result = run_analyze(cache, prompts, alpha, out)
+    if as_json:
+        out_console.print_json(json.dumps(result))
+    else:
+        render_analysis(result, out_console)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    checkpoint: Annotated[str, typer.Argument(help="Student checkpoint (last.pth / best.pth).")],
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the run's).")] = None,
+    data_root: Annotated[Optional[str], typer.Option(help="Dataset folder.")] = None,
+    split: Annotated[str, typer.Option()] = "val",
+    attacks: Annotated[bool, typer.Option(help="FGSM and PGD at the paper's epsilons (Table 6).")] = True,
+    epsilons: Annotated[str, typer.Option(help="Attack strengths in [0, 1] pixel units.")] = "0.001,0.005,0.01",
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Top-1/top-5 of a student, and its accuracy under FGSM and PGD."""
+    from pipelines.config import resolve_device
+    from pipelines.evaluate import render_evaluation, run_evaluate
+
+    result = run_evaluate(checkpoint, dataset, data_root, split=split, attacks=attacks, batch_size=batch_size,
+                          device=str(resolve_device(device)),
+                          epsilons=tuple(float(e) for e in split_list(epsilons)))
+    if as_json:
+        out_console.print_json(json.dumps(result))
+    else:
+        render_evaluation(result, out_console)
+
+
+@app.command()
+@user_errors
 def models() -> None:
     """List the registered model names."""
     from richkd_cache.models import list_models

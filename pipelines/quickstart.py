@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from pipelines.analyze import render_analysis, run_analyze
 from pipelines.build import run_build
 from pipelines.config import BuildConfig, TrainConfig
 from pipelines.progress import Reporter
@@ -47,6 +48,9 @@ def run_quickstart(
         cfg = short_run(STUDENT, root / f"student-{target}", epochs, reporter.quiet, cache=cache, target=target)
         results.append({"label": label, **run_train(cfg, reporter)})
     print_results(results, console)
+    analysis = run_analyze(cache, None, 0.7, str(root / "analysis"))
+    render_analysis(analysis, console)
+    console.print(f"plots: {', '.join(analysis['plots'])}")
     explain_clip_weights(clip, clip_checkpoint, console)
     return results
 

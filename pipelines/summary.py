@@ -10,6 +10,7 @@ from rich.table import Table
 from cache_store import open_cache
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.distill import fuse_logits
+from richkd_cache.metrics import topk_accuracy
 
 
 def cache_summary(url: str, alpha: float) -> dict:
@@ -43,22 +44,18 @@ def prompt_set_accuracy(reader, alpha: float) -> list[dict]:
     z_t = torch.from_numpy(reader.load("teacher/logits")[:, 0].astype(np.float32))
     embeds = torch.from_numpy(reader.load("clip/image_embeds")[:, 0].astype(np.float32))
     tau = reader.manifest["clip"]["tau"]
-    teacher_top1 = top1(z_t, labels)
+    teacher_top1 = topk_accuracy(z_t, labels)
     rows = []
     for name in reader.prompt_sets():
         z_c = clip_logits(embeds, torch.from_numpy(reader.text_embeddings(name)), tau)
         rows.append({
             "prompt_set": name,
             "num_templates": int(reader.text_embeddings(name).shape[0]),
-            "clip_top1": top1(z_c, labels),
+            "clip_top1": topk_accuracy(z_c, labels),
             "teacher_top1": teacher_top1,
-            "fused_top1": top1(fuse_logits(z_t, z_c, alpha), labels),
+            "fused_top1": topk_accuracy(fuse_logits(z_t, z_c, alpha), labels),
         })
     return rows
-
-
-def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * (logits.argmax(1) == labels).float().mean().item() if len(labels) else 0.0
 
 
 def render_summary(summary: dict, console: Console) -> None:

@@ -87,3 +87,12 @@ def test_missing_cifar_root_is_one_line(tmp_path: Path) -> None:
                     "--device", "cpu", "--quiet", "--out", tmp_path / "x")
     assert result.exit_code == 2
     assert "cifar-100-python" in result.output and "Traceback" not in result.output
+
+
+def test_analyze_and_evaluate_commands(cache: Path, teacher_ckpt: Path, tmp_path: Path) -> None:
+    result = invoke("analyze", cache, "--out", tmp_path / "plots")
+    assert result.exit_code == 0, result.output
+    assert "alpha" in result.output and (tmp_path / "plots" / "alpha_sweep.png").exists()
+    result = invoke("evaluate", teacher_ckpt, "--no-attacks", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "top-1" in result.output
