@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import statistics
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Annotated, Any, Optional
@@ -129,6 +128,8 @@ def train(
     prompts: Annotated[Optional[str], typer.Option(help="Stored prompt set for CLIP's logits.")] = None,
     clip_tau: Annotated[Optional[float], typer.Option(help="Override CLIP's logit scale tau.")] = None,
     clip_renormalize: Annotated[Optional[bool], typer.Option(help="Re-normalise the mean text embedding (CLIP notebook).")] = None,
+    fraction: Annotated[Optional[float], typer.Option(help="Train on this share of every class (no rebuild).")] = None,
+    imbalance: Annotated[Optional[float], typer.Option(help="Long-tailed subset: rarest/most common class size.")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Default 0.05 (0.01 for MobileNet/ShuffleNet).")] = None,
@@ -149,6 +150,7 @@ def train(
         "method": method, "alpha": alpha, "temperature": temperature, "lam": lam, "beta": beta,
         "gamma": gamma, "prompts": prompts, "clip_tau": clip_tau, "clip_renormalize": clip_renormalize,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+        "fraction": fraction, "imbalance": imbalance,
         "milestones": tuple(int(m) for m in split_list(milestones)) if milestones else None,
     }
     settings: dict[str, Any] = load_recipe(recipe) if recipe else {}
@@ -181,9 +183,10 @@ def print_seed_table(summaries: list[dict]) -> None:
         table.add_column(col, justify="right")
     for s in summaries:
         table.add_row(str(s["seed"]), f"{s['best_top1']:.2f}", f"{s['last_top1']:.2f}")
+    from pipelines.summary import mean_std
+
     for name, key in (("best top-1", "best_top1"), ("last top-1", "last_top1")):
-        values = [s[key] for s in summaries]
-        out_console.print(f"{name}: {statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}")
+        out_console.print(f"{name}: {mean_std([s[key] for s in summaries])}")
     out_console.print(table)
 
 
@@ -314,6 +317,20 @@ def evaluate(
         out_console.print_json(json.dumps(result))
     else:
         render_evaluation(result, out_console)
+
+
+@app.command()
+@user_errors
+def compare(runs: Annotated[list[str], typer.Argument(help="Run folders (a folder of seed*/ runs counts as one).")]) -> None:
+    """A table of runs: best and last top-1, mean +- std over seeds."""
+    from pipelines.summary import compare_runs
+
+    table = Table(title="runs")
+    for col in ("run", "student", "target", "seeds", "best top-1", "last top-1"):
+        table.add_column(col, justify="right")
+    for row in compare_runs(runs):
+        table.add_row(row["run"], row["student"], row["target"], str(row["seeds"]), row["best"], row["last"])
+    out_console.print(table)
 
 
 @app.command()

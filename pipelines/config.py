@@ -59,6 +59,8 @@ class TrainConfig:
     prompts: str | None = None  # None: the first prompt set stored in the cache
     clip_renormalize: bool = False
     clip_tau: float | None = None
+    fraction: float = 1.0  # train on this share of every class (few-shot study)
+    imbalance: float = 1.0  # long-tailed: rarest / most common class size (supplement's protocol)
     epochs: int = 240
     batch_size: int = 64
     lr: float | None = None  # None: 0.05, or 0.01 for MobileNet/ShuffleNet students

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import statistics
+from pathlib import Path
+
 import numpy as np
 import torch
 from rich.console import Console
@@ -10,6 +14,7 @@ from rich.table import Table
 from cache_store import open_cache
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.distill import fuse_logits
+from richkd_cache.errors import ConfigError
 from richkd_cache.metrics import topk_accuracy
 
 
@@ -90,3 +95,24 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def compare_runs(runs: list[str]) -> list[dict]:
+    """One row per run folder: summary.json, or the seed*/summary.json under it as mean +- std."""
+    rows = []
+    for run in runs:
+        folder = Path(run)
+        files = [folder / "summary.json"] if (folder / "summary.json").exists() else sorted(folder.glob("seed*/summary.json"))
+        if not files:
+            raise ConfigError(f"{run} holds no summary.json (nor seed*/summary.json): not a finished run")
+        summaries = [json.loads(f.read_text()) for f in files]
+        rows.append({"run": run, "student": summaries[0]["student"], "target": summaries[0]["target"],
+                     "seeds": len(summaries), "best": mean_std([s["best_top1"] for s in summaries]),
+                     "last": mean_std([s["last_top1"] for s in summaries])})
+    return rows
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"

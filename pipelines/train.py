@@ -29,6 +29,7 @@ from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint,
 from richkd_cache.distill import DistillObjective, build_targets, create_objective, fit_feature_map
 from richkd_cache.errors import ConfigError, DataError
 from richkd_cache.models import create_model, save_checkpoint, uses_small_lr
+from richkd_cache.subsets import subset_indices
 from richkd_cache.views import apply_views
 
 # Settings that do not change what a run computes; everything else must match to resume.
@@ -87,12 +88,16 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     model, loss = data_parallel(student, ctx), data_parallel(objective, ctx)
     images = setup_images(train_set, device)
     val_images = setup_images(val_set, device) if ctx.is_main else None
+    pool = torch.from_numpy(subset_indices(train_set.labels, cfg.fraction, cfg.imbalance, cfg.seed))
+    if len(pool) < len(train_set):
+        reporter.info(f"training on {len(pool)} of {len(train_set)} samples (fraction {cfg.fraction}, "
+                      f"imbalance {cfg.imbalance}); the cache is used as it is")
     generator = torch.Generator(device=device)
     for epoch in range(state.epoch, cfg.epochs):
         generator.manual_seed(cfg.seed * 100_003 + epoch)  # per epoch: a resumed run draws what a straight one did
         t0 = time.perf_counter()
         train_stats = train_epoch(model, loss, optimizer, images, train_set, targets, cfg, epoch, generator,
-                                  reporter, ctx)
+                                  reporter, ctx, pool)
         scheduler.step()
         state.epoch = epoch + 1
         if ctx.is_main:
@@ -282,13 +287,16 @@ def train_epoch(
     generator: torch.Generator,
     reporter: Reporter,
     ctx: DistContext = DistContext(),
+    pool: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One epoch; with several ranks each takes every world_size-th sample of the shared permutation
-    (training statistics are then rank 0's share)."""
+    """One epoch over `pool` (sample indices; default all); with several ranks each takes every
+    world_size-th sample of the shared permutation (training statistics are then rank 0's share)."""
     student.train()
     objective.train()
     device = next(student.parameters()).device
-    order = torch.randperm(len(dataset), generator=generator, device=generator.device)[ctx.rank :: ctx.world_size]
+    pool = torch.arange(len(dataset)) if pool is None else pool
+    shuffled = pool[torch.randperm(len(pool), generator=generator, device=generator.device).cpu()]
+    order = shuffled[ctx.rank :: ctx.world_size]
     sums: dict[str, float] = {}
     correct = seen = 0
     with reporter.task(f"epoch {epoch + 1}", total=len(order)) as advance:

@@ -61,6 +61,17 @@ def test_several_seeds_report_mean_and_std(cache: Path, tmp_path: Path) -> None:
     assert "+-" in result.output and (tmp_path / "s" / "seed1" / "last.pth").exists()
 
 
+def test_subset_training_and_compare(cache: Path, tmp_path: Path) -> None:
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--fraction", "0.25", "--seeds", "0,1",
+                    "--out", tmp_path / "few")
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(tmp_path / "few" / "seed0" / "metrics.parquet").to_pylist()
+    assert rows[0]["epoch"] == 1
+    result = invoke("compare", tmp_path / "few", tmp_path / "few" / "seed0")
+    assert result.exit_code == 0 and "+-" in result.output
+    assert invoke("compare", tmp_path / "nothing").exit_code == 2
+
+
 def test_recipes_load_and_flags_override_them(cache: Path, tmp_path: Path) -> None:
     assert "cifar100-resnet32x4-resnet8x4" in list_recipes()
     for name in list_recipes():
