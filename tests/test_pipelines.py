@@ -61,7 +61,9 @@ def arrays(url: str) -> dict[str, np.ndarray]:
 
 def test_killed_build_is_refused_then_resumes_bit_identical(tmp_path: Path, slow_teacher: Path) -> None:
     out = tmp_path / "killed.zarr"
-    base = CLI + BUILD + ["--teacher-checkpoint", str(slow_teacher), "--block-rows", "64", "--batch-size", "32", "--out"]
+    # the 355 validation digits in 23 blocks of 16 rows
+    base = CLI + BUILD + ["--split", "val", "--teacher-checkpoint", str(slow_teacher), "--block-rows", "16",
+                          "--batch-size", "16", "--out"]
     command = base + [str(out)]
     straight = tmp_path / "straight.zarr"
     subprocess.run(base + [str(straight)], check=True, capture_output=True)
