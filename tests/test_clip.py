@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from richkd_cache.clip import OPENAI_NAMES, load_clip, resolve_clip
+from richkd_cache.clip import OPENAI_NAMES, ClipTeacher, load_clip, resolve_clip
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.errors import ClipError
 from richkd_cache.prompts import class_prompts, clean_class_name, get_prompt_set, load_prompt_file
@@ -127,6 +127,23 @@ def test_image_encoder_outputs(clip, images) -> None:
     with torch.no_grad():  # the embedding is the model's own
         reference = F.normalize(clip.model.encode_image(clip.preprocess_images(images)), dim=-1)
     assert torch.allclose(embeds, reference, atol=1e-5)
+
+
+def test_resnet_tower_gives_its_own_embedding_and_the_last_stage_feature(images) -> None:
+    # a tiny ModifiedResNet (the RN50 family): widths 8 -> last stage 8 * 32 channels
+    model = open_clip.CLIP(
+        embed_dim=32, quick_gelu=True,
+        vision_cfg=dict(layers=(1, 1, 1, 1), width=8, head_width=8, image_size=64),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+    spec = resolve_clip("richkd-tiny", "random")
+    teacher = ClipTeacher(model, spec, {"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3}, None)
+    embeds, feats = teacher.encode_images(images)
+    assert (teacher.embed_dim, teacher.feature_dim) == (32, 8 * 32)
+    with torch.no_grad():
+        reference = F.normalize(model.encode_image(teacher.preprocess_images(images)), dim=-1)
+    assert torch.allclose(embeds, reference, atol=1e-5)
+    assert "attention pool" in teacher.manifest()["feature"]
 
 
 def test_cifar_images_are_resized_bicubic_to_clips_size(clip) -> None:
