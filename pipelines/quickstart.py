@@ -50,7 +50,6 @@ def run_quickstart(
     print_results(results, console)
     analysis = run_analyze(cache, None, 0.7, str(root / "analysis"))
     render_analysis(analysis, console)
-    console.print(f"plots: {', '.join(analysis['plots'])}")
     explain_clip_weights(clip, clip_checkpoint, console)
     return results
 
