@@ -179,6 +179,8 @@ def setup_targets(cfg: TrainConfig, cache: CacheReader, dataset: ImageDataset, d
     target = cfg.resolved_target
     if target == "ce":
         return Targets(None, None)
+    if not cache.prompt_sets():
+        raise ConfigError(f"cache {cache.url} stores no prompt set: add one with `richkd-cache prompts add`")
     prompts = cfg.prompts or cache.prompt_sets()[0]
     arrays = cache.load_many(["teacher/logits", "teacher/features", "clip/image_embeds", "clip/features"])
     # (N, V, X) float16 -> (N * V, X) float32: row n * V + v is view v of sample n
@@ -202,6 +204,7 @@ def setup_targets(cfg: TrainConfig, cache: CacheReader, dataset: ImageDataset, d
     )
     logits, feats = built.get("logits"), built.get("features")
     pin = device.type == "cpu" and torch.cuda.is_available()  # host copies that feed a GPU are pinned
+
     def place(t: torch.Tensor) -> torch.Tensor:
         t = t.to(device)
         return t.pin_memory() if pin else t
