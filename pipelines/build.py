@@ -40,7 +40,7 @@ from pipelines.progress import Reporter
 from pipelines.summary import prompt_set_accuracy
 from richkd_cache.clip import ClipTeacher, load_clip, resolve_clip
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
-from richkd_cache.errors import ConfigError
+from richkd_cache.errors import RichKDError
 from richkd_cache.models import load_checkpoint
 from richkd_cache.views import CLEAN, PARAM_NAMES, apply_views, num_views, parse_policy, view_params
 from richkd_cache.prompts import (
@@ -99,13 +99,12 @@ def open_cache_for_build(cfg: BuildConfig, layout: CacheLayout, manifest: dict, 
             writer = create_cache(cfg.out, layout, manifest, overwrite=cfg.overwrite)
             store_prompt_sets(writer, clip, prompt_sets, classes)
             pending = writer.pending_blocks()
-        except CacheError as e:
-            error = str(e)
+        except (CacheError, RichKDError) as e:
+            error = e
     error, pending = broadcast((error, pending), ctx)
-    if error:
-        raise CacheError(error)
+    if error is not None:
+        raise error
     return (writer if ctx.is_main else open_for_write(cfg.out)), pending
-
 
 
 def setup_teacher(arch: str | None, checkpoint: str, dataset: ImageDataset, device: torch.device) -> Teacher:
