@@ -75,6 +75,12 @@ class CacheReader:
     def load_many(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         return {name: self.load(name) for name in names}
 
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Sample rows start..stop of one array; whole chunks when the range is one or more write blocks."""
+        if name not in self.group:
+            raise CacheError(f"cache {self.url} has no array {name}")
+        return self.group[name][start:stop]
+
     def text_embeddings(self, name: str) -> np.ndarray:
         """[M, C, D] float32 text embeddings of a stored prompt set."""
         if name not in self.prompt_sets():

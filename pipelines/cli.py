@@ -138,6 +138,7 @@ def train(
     seeds: Annotated[str, typer.Option(help="One seed, or several (0,1,2): runs each, reports mean +- std.")] = "0",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     cache_device: Annotated[Optional[str], typer.Option(help="Where cached targets live (default: the training device; cpu keeps GPU memory free).")] = None,
+    stream_window: Annotated[Optional[int], typer.Option(min=1, help="For caches larger than memory: read this many chunks at a time, shuffling within them.")] = None,
     workers: Annotated[int, typer.Option(min=0)] = 4,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pth.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -165,8 +166,8 @@ def train(
     if "student" not in settings:
         raise typer.BadParameter("--student is required (or a --recipe that names one)")
     check_fields(TrainConfig, settings, "train")
-    base = TrainConfig(out=out, device=device, cache_device=cache_device, workers=workers, resume=resume,
-                       quiet=quiet, **settings)
+    base = TrainConfig(out=out, device=device, cache_device=cache_device, stream_window=stream_window,
+                       workers=workers, resume=resume, quiet=quiet, **settings)
     seed_list = [int(s) for s in split_list(seeds)]
     reporter = Reporter(err_console, quiet=quiet)
     if len(seed_list) == 1:

@@ -71,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     cache_device: str | None = None  # where cached targets live; None: the training device
+    stream_window: int | None = None  # stream the cache, this many write blocks at a time; None: read it whole
     workers: int = 4
     resume: bool = False
     quiet: bool = False

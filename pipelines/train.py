@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from pipelines.distributed import DistContext, barrier, init_distributed, rank_d
 from pipelines.progress import Reporter
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize, random_crop_flip
-from richkd_cache.distill import DistillObjective, build_targets, create_objective, fit_feature_map
+from richkd_cache.distill import DistillObjective, FeatureMap, build_targets, create_objective, fit_feature_map
 from richkd_cache.errors import ConfigError, DataError
 from richkd_cache.models import create_model, save_checkpoint, uses_small_lr
 from richkd_cache.subsets import subset_indices
@@ -74,11 +75,12 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     cache = open_cache(cfg.cache) if cfg.cache else None
     train_set, val_set = setup_data(cfg, cache)
     cache_device = resolve_device(cfg.cache_device) if cfg.cache_device else device
-    targets = setup_targets(cfg, cache, train_set, cache_device) if cache else Targets(None, None)
+    streaming = bool(cfg.stream_window) and cache is not None and cfg.resolved_target != "ce"
+    windows = streamed_cache(cfg, cache, cache_device) if streaming else whole_cache(cfg, cache, cache_device)
     student = create_model(cfg.student, train_set.num_classes).to(device)
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
-    objective = setup_objective(cfg, student, targets, len(train_set)).to(device)
+    objective = setup_objective(cfg, student, cache, len(train_set)).to(device)
     optimizer, scheduler = setup_optimizer(cfg, student, objective)
     state = restore(out, cfg, student, objective, optimizer, scheduler) if cfg.resume else None
     state = state or RunState(epoch=0, best_top1=0.0, history=[])
@@ -96,7 +98,7 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     for epoch in range(state.epoch, cfg.epochs):
         generator.manual_seed(cfg.seed * 100_003 + epoch)  # per epoch: a resumed run draws what a straight one did
         t0 = time.perf_counter()
-        train_stats = train_epoch(model, loss, optimizer, images, train_set, targets, cfg, epoch, generator,
+        train_stats = train_epoch(model, loss, optimizer, images, train_set, windows, cfg, epoch, generator,
                                   reporter, ctx, pool)
         scheduler.step()
         state.epoch = epoch + 1
@@ -174,34 +176,47 @@ def check_cache_matches(cache: CacheReader, dataset: ImageDataset, name: str) ->
         )
 
 
-def setup_targets(cfg: TrainConfig, cache: CacheReader, dataset: ImageDataset, device: torch.device) -> Targets:
-    """Read the cache whole once and compute z_C (eq. 2-3), z_F (eq. 4) and f_F (eq. 7) for every row."""
-    target = cfg.resolved_target
-    if target == "ce":
-        return Targets(None, None)
+CACHED = ("teacher/logits", "teacher/features", "clip/image_embeds", "clip/features")
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """What turns cached rows into targets: the prompt set's text embeddings, tau, and the fixed
+    CLIP-to-teacher feature map (eq. 7)."""
+
+    text: torch.Tensor  # (M, C, D)
+    tau: float
+    fmap: FeatureMap | None
+
+
+def setup_fusion(cfg: TrainConfig, cache: CacheReader) -> Fusion:
+    """The feature map is fitted on every row, or with --stream-window on the first window's blocks."""
     if not cache.prompt_sets():
         raise ConfigError(f"cache {cache.url} stores no prompt set: add one with `richkd-cache prompts add`")
-    prompts = cfg.prompts or cache.prompt_sets()[0]
-    arrays = cache.load_many(["teacher/logits", "teacher/features", "clip/image_embeds", "clip/features"])
-    # (N, V, X) float16 -> (N * V, X) float32: row n * V + v is view v of sample n
-    t_logits, t_feats, c_embeds, c_feats = (
-        torch.from_numpy(arrays[k].reshape(-1, arrays[k].shape[-1]).astype(np.float32))
-        for k in ("teacher/logits", "teacher/features", "clip/image_embeds", "clip/features")
-    )
+    text = torch.from_numpy(cache.text_embeddings(cfg.prompts or cache.prompt_sets()[0]))
     tau = cfg.clip_tau if cfg.clip_tau is not None else cache.manifest["clip"]["tau"]
-    text = torch.from_numpy(cache.text_embeddings(prompts))
-    c_logits = clip_logits(c_embeds, text, tau, renormalize=cfg.clip_renormalize)  # eq. 2-3
-    fmap = fit_feature_map(c_feats, t_feats) if target in ("clip", "richkd") else None
-    built = build_targets(
-        target,
-        teacher_logits=t_logits,
-        clip_logits=c_logits,
-        teacher_feats=t_feats,
-        clip_feats=c_feats,
-        alpha=cfg.alpha,
-        lam=cfg.lam,
-        fmap=fmap,
-    )
+    fmap = None
+    if cfg.resolved_target in ("clip", "richkd"):
+        stop = cache.layout.num_samples
+        if cfg.stream_window:
+            stop = cache.layout.block_range(min(cfg.stream_window, cache.layout.num_blocks) - 1)[1]
+        feats = {k: flat(cache.load_rows(k, 0, stop)) for k in ("teacher/features", "clip/features")}
+        fmap = fit_feature_map(feats["clip/features"], feats["teacher/features"])
+    return Fusion(text, tau, fmap)
+
+
+def flat(rows: np.ndarray) -> torch.Tensor:
+    """(n, V, X) float16 -> (n * V, X) float32: row i * V + v is view v of the i-th sample."""
+    return torch.from_numpy(rows.reshape(-1, rows.shape[-1]).astype(np.float32))
+
+
+def compute_targets(cfg: TrainConfig, arrays: dict[str, np.ndarray], fusion: Fusion, device: torch.device,
+                    views: np.ndarray | None) -> Targets:
+    """z_C (eq. 2-3), z_F (eq. 4) and f_F (eq. 7) for a set of cached rows, placed on `device`."""
+    t_logits, t_feats, c_embeds, c_feats = (flat(arrays[k]) for k in CACHED)
+    c_logits = clip_logits(c_embeds, fusion.text, fusion.tau, renormalize=cfg.clip_renormalize)  # eq. 2-3
+    built = build_targets(cfg.resolved_target, teacher_logits=t_logits, clip_logits=c_logits,
+                          teacher_feats=t_feats, clip_feats=c_feats, alpha=cfg.alpha, lam=cfg.lam, fmap=fusion.fmap)
     logits, feats = built.get("logits"), built.get("features")
     pin = device.type == "cpu" and torch.cuda.is_available()  # host copies that feed a GPU are pinned
 
@@ -209,14 +224,50 @@ def setup_targets(cfg: TrainConfig, cache: CacheReader, dataset: ImageDataset, d
         t = t.to(device)
         return t.pin_memory() if pin else t
 
-    views = None
-    if cache.layout.num_views > 1:
-        views = torch.from_numpy(cache.load("views/params")).to(device)
     return Targets(
         logits=None if logits is None else place(logits),
         features=None if feats is None or cfg.feature_loss is None else place(feats),
-        views=views,
+        views=None if views is None or views.shape[1] == 1 else torch.from_numpy(views).to(device),
     )
+
+
+Window = tuple[torch.Tensor, Targets, "torch.Tensor | None"]
+
+
+def whole_cache(cfg: TrainConfig, cache: CacheReader | None, device: torch.device) -> Callable[..., Iterator[Window]]:
+    """The default: every row read once, targets computed once; each epoch is one window of all samples."""
+    if cache is None or cfg.resolved_target == "ce":
+        targets = Targets(None, None)
+    else:
+        arrays = cache.load_many(list(CACHED))
+        targets = compute_targets(cfg, arrays, setup_fusion(cfg, cache), device, cache.load("views/params"))
+
+    def windows(generator: torch.Generator, pool: torch.Tensor) -> Iterator[Window]:
+        yield pool[torch.randperm(len(pool), generator=generator, device=generator.device).cpu()], targets, None
+
+    return windows
+
+
+def streamed_cache(cfg: TrainConfig, cache: CacheReader, device: torch.device) -> Callable[..., Iterator[Window]]:
+    """For caches larger than memory: each epoch visits the write blocks (whole chunks) in a random order,
+    `stream_window` blocks at a time, and shuffles the samples within each window."""
+    fusion, layout = setup_fusion(cfg, cache), cache.layout
+
+    def windows(generator: torch.Generator, pool: torch.Tensor) -> Iterator[Window]:
+        in_pool = torch.zeros(layout.num_samples, dtype=torch.bool)
+        in_pool[pool] = True
+        blocks = torch.randperm(layout.num_blocks, generator=generator, device=generator.device).cpu().tolist()
+        for w in range(0, len(blocks), cfg.stream_window):
+            ranges = [layout.block_range(b) for b in sorted(blocks[w : w + cfg.stream_window])]
+            arrays = {k: np.concatenate([cache.load_rows(k, a, b) for a, b in ranges]) for k in (*CACHED, "views/params")}
+            targets = compute_targets(cfg, arrays, fusion, device, arrays["views/params"])
+            samples = torch.cat([torch.arange(a, b) for a, b in ranges])
+            local = torch.full((layout.num_samples,), -1, dtype=torch.long)
+            local[samples] = torch.arange(len(samples))
+            members = samples[in_pool[samples]]
+            yield members[torch.randperm(len(members), generator=generator, device=generator.device).cpu()], targets, local
+
+    return windows
 
 
 def setup_images(dataset: ImageDataset, device: torch.device) -> torch.Tensor | None:
@@ -248,17 +299,17 @@ def batches(
 # ---------------------------------------------------------------- model, loss, optimiser
 
 
-def setup_objective(cfg: TrainConfig, student: torch.nn.Module, targets: Targets, num_samples: int) -> DistillObjective:
+def setup_objective(cfg: TrainConfig, student: torch.nn.Module, cache: CacheReader | None,
+                    num_samples: int) -> DistillObjective:
+    """Every target's features live in the teacher's feature space (CLIP's are mapped there, eq. 7)."""
     target = cfg.resolved_target
-    feature_loss = cfg.feature_loss if targets.features is not None else None
-    if cfg.feature_loss and target != "ce" and targets.features is None:
-        raise ConfigError(f"--feature-loss {cfg.feature_loss} needs target features, which target {target} lacks")
+    distilled = target != "ce" and cache is not None
     return create_objective(
         target,
-        cfg.method if target != "ce" else None,
-        feature_loss,
+        cfg.method if distilled else None,
+        cfg.feature_loss if distilled else None,
         student_dim=student.num_features,
-        target_dim=targets.features.shape[1] if targets.features is not None else None,
+        target_dim=cache.layout.teacher_dim if distilled else None,
         num_samples=num_samples,
         beta=cfg.beta,
         gamma=cfg.gamma,
@@ -284,7 +335,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor | None,
     dataset: ImageDataset,
-    targets: Targets,
+    windows: Callable[..., Iterator[Window]],
     cfg: TrainConfig,
     epoch: int,
     generator: torch.Generator,
@@ -292,29 +343,31 @@ def train_epoch(
     ctx: DistContext = DistContext(),
     pool: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One epoch over `pool` (sample indices; default all); with several ranks each takes every
-    world_size-th sample of the shared permutation (training statistics are then rank 0's share)."""
+    """One epoch over `pool` (sample indices; default all), window by window (one window unless the
+    cache is streamed). With several ranks each takes every world_size-th sample of each shuffled
+    window (training statistics are then rank 0's share)."""
     student.train()
     objective.train()
     device = next(student.parameters()).device
     pool = torch.arange(len(dataset)) if pool is None else pool
-    shuffled = pool[torch.randperm(len(pool), generator=generator, device=generator.device).cpu()]
-    order = shuffled[ctx.rank :: ctx.world_size]
     sums: dict[str, float] = {}
     correct = seen = 0
-    with reporter.task(f"epoch {epoch + 1}", total=len(order)) as advance:
-        for index, x, y in batches(images, dataset, cfg.batch_size, order, cfg.workers):
-            x, y, index = x.to(device), y.to(device), index.to(device)
-            x, rows = augment(x, index, targets, generator)
-            x = normalize(x, dataset.mean, dataset.std)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            terms, logits = train_step(student, objective, optimizer, x, y, index, targets, epoch, rows)
-            for name, value in terms.items():  # summed on the device: no sync per step
-                sums[name] = sums.get(name, 0.0) + value * len(y)
-            correct = correct + (logits.argmax(1) == y).sum()
-            seen += len(y)
-            advance(len(y))
+    with reporter.task(f"epoch {epoch + 1}", total=len(pool) // ctx.world_size) as advance:
+        for shuffled, targets, local in windows(generator, pool):
+            order = shuffled[ctx.rank :: ctx.world_size]
+            for index, x, y in batches(images, dataset, cfg.batch_size, order, cfg.workers):
+                x, y, index = x.to(device), y.to(device), index.to(device)
+                rows_of = index if local is None else local.to(device)[index]  # this window's rows
+                x, rows = augment(x, rows_of, targets, generator)
+                x = normalize(x, dataset.mean, dataset.std)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                terms, logits = train_step(student, objective, optimizer, x, y, index, targets, epoch, rows)
+                for name, value in terms.items():  # summed on the device: no sync per step
+                    sums[name] = sums.get(name, 0.0) + value * len(y)
+                correct = correct + (logits.argmax(1) == y).sum()
+                seen += len(y)
+                advance(len(y))
     stats = {f"train_{k}" if k != "loss" else "loss": float(v) / seen for k, v in sums.items()}
     if not math.isfinite(stats["loss"]):
         raise ConfigError(f"the loss became {stats['loss']} in epoch {epoch + 1}; lower --lr or the loss weights")
@@ -324,7 +377,8 @@ def train_epoch(
 
 def augment(images: torch.Tensor, index: torch.Tensor, targets: Targets,
             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 3, H, W) uint8 -> the pixels the student sees, and the cache rows whose targets match them.
+    """(B, 3, H, W) uint8 -> the pixels the student sees, and the rows of `targets` that match them
+    (`index`: each image's sample position within `targets`).
 
     A cache with several views per sample replays one stored view per draw (the very pixels the teachers
     saw); a clean-view cache gets CIFAR's crop and flip, as in the paper (its targets are the clean view's).

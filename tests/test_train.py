@@ -94,3 +94,30 @@ def test_every_target_trains(cache: Path, tmp_path: Path, target: str) -> None:
     result = invoke("train", "--cache", cache, "--target", target, "--method", "dkd", "--feature-loss", "mse",
                     *FAST, "--epochs", "1", "--out", tmp_path / target)
     assert result.exit_code == 0, result.output
+
+
+def test_streamed_cache_reads_whole_blocks_window_by_window(tmp_path: Path, monkeypatch) -> None:
+    from cache_store.reader import CacheReader
+    from pipelines.config import TrainConfig
+    from pipelines.progress import Reporter
+    from pipelines.train import run_train
+
+    teacher = tmp_path / "teacher.pth"
+    save_checkpoint(str(teacher), create_model("resnet8", 10), arch="resnet8", num_classes=10)
+    cache = tmp_path / "blocks.zarr"
+    assert invoke("build", "--dataset", "digits", "--teacher-checkpoint", teacher, "--clip", "richkd-tiny",
+                  "--clip-pretrained", "random", "--prompts", "single", "--device", "cpu", "--workers", "0",
+                  "--block-rows", "256", "--quiet", "--out", cache).exit_code == 0
+    reads: list[tuple[str, int, int]] = []
+    whole: list[str] = []
+    original_rows, original_load = CacheReader.load_rows, CacheReader.load
+    monkeypatch.setattr(CacheReader, "load_rows", lambda self, n, a, b: reads.append((n, a, b)) or original_rows(self, n, a, b))
+    monkeypatch.setattr(CacheReader, "load", lambda self, n: whole.append(n) or original_load(self, n))
+    cfg = TrainConfig(student="resnet8", out=str(tmp_path / "run"), cache=str(cache), epochs=2, device="cpu",
+                      workers=0, quiet=True, stream_window=2)
+    summary = run_train(cfg, Reporter(quiet=True))
+    assert summary["epochs"] == 2
+    assert not {"teacher/logits", "clip/image_embeds"} & set(whole)  # never the whole array
+    logit_reads = [(a, b) for n, a, b in reads if n == "teacher/logits"]
+    blocks = [(s, min(s + 256, 1442)) for s in range(0, 1442, 256)]
+    assert sorted(logit_reads) == sorted(blocks * 2)  # every block once per epoch, as whole chunks
