@@ -22,12 +22,13 @@ from collections.abc import Callable
 
 import torch
 
-from pipelines.train import Targets, train_step
+from pipelines.train import Targets, augment, train_step
 from richkd_cache.clip import load_clip, resolve_clip
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.data import normalize, random_crop_flip
 from richkd_cache.distill import create_objective, fit_feature_map, fuse_features, fuse_logits
 from richkd_cache.models import create_model
+from richkd_cache.views import view_params
 
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
@@ -43,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="steps per method per round (online: a fifth)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--views", default="clean", help="clean, or all: the cache holds CIFAR's 162 views and the "
+                   "cached step replays one per sample (CE keeps its random crop and flip)")
     p.add_argument("--quick", action="store_true", help="3 rounds of few steps: a few minutes on 2 CPU cores")
     return p.parse_args()
 
@@ -65,14 +68,16 @@ def main() -> None:
     generator = torch.Generator(device=device).manual_seed(0)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw images: each step augments them the way its trainer would."""
         index = torch.randint(0, n, (args.batch_size,), generator=generator, device=device)
-        x = random_crop_flip(images[index], padding=4, generator=generator)
-        return index, x, labels[index]
+        return index, images[index], labels[index]
 
+    plain = Targets(None, None)
+    distilled = with_views(cached, args.views, n, device)
     runners = {
-        "ce": make_cached_step("ce", args.student, c, cached, n, device, batch),
-        "cached": make_cached_step("richkd", args.student, c, cached, n, device, batch),
-        "online": make_online_step(args.student, c, teacher, clip, text, cached, n, device, batch),
+        "ce": make_cached_step("ce", args.student, c, plain, n, device, batch, generator),
+        "cached": make_cached_step("richkd", args.student, c, distilled, n, device, batch, generator),
+        "online": make_online_step(args.student, c, teacher, clip, text, cached, n, device, batch, generator),
     }
     times = measure(runners, args.rounds, args.steps, device)
     result = {
@@ -83,6 +88,7 @@ def main() -> None:
     result["cached_over_ce"] = result["cached_step_s"] / result["ce_step_s"]
     result["online_over_cached"] = result["online_step_s"] / result["cached_step_s"]
     result.update(teacher=args.teacher, student=args.student, clip=args.clip, batch_size=args.batch_size,
+                  views=args.views,
                   device=str(device), machine=platform.processor() or platform.machine(),
                   torch=torch.__version__, threads=torch.get_num_threads())
     print(f"cached / CE step: {result['cached_over_ce']:.3f}x (target <= 1.10)")
@@ -108,25 +114,35 @@ def precompute_targets(images, teacher, clip, text) -> dict:
     }
 
 
-def make_cached_step(target, student_name, c, cached, n, device, batch) -> Callable[[], None]:
+def with_views(cached: dict, views: str, n: int, device) -> Targets:
+    """The trainer's targets: one row per sample, or per (sample, view) with the views' parameters."""
+    if views == "clean":
+        return Targets(cached["logits"], cached["features"])
+    params = torch.from_numpy(view_params("all", n, 32)).to(device)  # (N, 162, 5)
+    v = params.shape[1]
+    return Targets(cached["logits"].repeat_interleave(v, 0), cached["features"].repeat_interleave(v, 0), params)
+
+
+def make_cached_step(target, student_name, c, targets: Targets, n, device, batch, generator) -> Callable[[], None]:
+    """The trainer's own augment + train_step: CE (no targets), or targets gathered from the cache."""
     student = create_model(student_name, c).to(device).train()
-    feats = cached["features"] if target != "ce" else None
+    feats = targets.features
     objective = create_objective(
         target, "kd" if target != "ce" else None, "cosine" if target != "ce" else None,
         student_dim=student.num_features, target_dim=feats.shape[1] if feats is not None else None,
         num_samples=n,
     ).to(device)
-    targets = Targets(cached["logits"] if target != "ce" else None, feats)
     optimizer = torch.optim.SGD(list(student.parameters()) + list(objective.parameters()), lr=0.05, momentum=0.9)
 
     def step() -> None:
         index, x, y = batch()
-        train_step(student, objective, optimizer, normalize(x, CIFAR_MEAN, CIFAR_STD), y, index, targets, 0)
+        x, rows = augment(x, index, targets, generator)
+        train_step(student, objective, optimizer, normalize(x, CIFAR_MEAN, CIFAR_STD), y, index, targets, 0, rows)
 
     return step
 
 
-def make_online_step(student_name, c, teacher, clip, text, cached, n, device, batch) -> Callable[[], None]:
+def make_online_step(student_name, c, teacher, clip, text, cached, n, device, batch, generator) -> Callable[[], None]:
     """Without a cache: teacher and CLIP run on every augmented batch, then the same loss and step."""
     student = create_model(student_name, c).to(device).train()
     fmap = cached["fmap"]
@@ -136,6 +152,7 @@ def make_online_step(student_name, c, teacher, clip, text, cached, n, device, ba
 
     def step() -> None:
         index, x, y = batch()
+        x = random_crop_flip(x, padding=4, generator=generator)
         with torch.no_grad():
             z_t, f_t = teacher(normalize(x, CIFAR_MEAN, CIFAR_STD))
             embeds, f_c = clip.encode_images(x)
