@@ -40,7 +40,8 @@ from pipelines.progress import Reporter
 from pipelines.summary import prompt_set_accuracy
 from richkd_cache.clip import ClipTeacher, load_clip, resolve_clip
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
-from richkd_cache.errors import RichKDError
+from richkd_cache.distill import topk_kl, topk_log_probs
+from richkd_cache.errors import ConfigError, RichKDError
 from richkd_cache.models import load_checkpoint
 from richkd_cache.views import CLEAN, PARAM_NAMES, apply_views, num_views, parse_policy, view_params
 from richkd_cache.prompts import (
@@ -72,16 +73,19 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
         policy = parse_policy(cfg.views)
         params = view_params(policy, len(dataset), image_size(dataset), cfg.view_seed)  # (N, V, 5)
         layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip, cfg.block_rows,
-                              params.shape[1])
+                              params.shape[1], cfg.topk)
         writer, pending = open_cache_for_build(cfg, layout, build_manifest(cfg, dataset, teacher, clip),
                                                clip, prompt_sets, dataset.classes, ctx)
         blocks = contiguous_share(pending, ctx)
         quiet = Reporter(reporter.console, quiet=True)
-        forward_blocks(writer, blocks, dataset, teacher, clip, device, cfg.batch_size, cfg.workers,
-                       reporter if ctx.is_main else quiet, ctx.world_size, params)
+        topk_error = forward_blocks(writer, blocks, dataset, teacher, clip, device, cfg.batch_size, cfg.workers,
+                                    reporter if ctx.is_main else quiet, ctx.world_size, params, cfg.topk)
         barrier(ctx)
         if ctx.is_main:
-            writer.update_manifest(**accuracy_summary(cfg.out))
+            summary = accuracy_summary(cfg.out)
+            if cfg.topk and topk_error[1]:
+                summary["teacher"].update(topk_kl_mean=topk_error[0] / topk_error[1], topk_kl_rows=topk_error[1])
+            writer.update_manifest(**summary)
             writer.finalize()
         barrier(ctx)
         return cfg.out
@@ -136,9 +140,12 @@ def image_size(dataset: ImageDataset) -> int:
 
 
 def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: ClipTeacher,
-                 block_rows: int | None = None, num_views: int = 1) -> CacheLayout:
+                 block_rows: int | None = None, num_views: int = 1, topk: int | None = None) -> CacheLayout:
     """Chunks of whole write blocks, a few MB each (DESIGN.md section 3) unless block_rows is given."""
-    row_bytes = 2 * num_views * (num_classes + teacher_dim + clip.embed_dim + clip.feature_dim)
+    if topk is not None and not 0 < topk < num_classes:
+        raise ConfigError(f"--topk must be between 1 and {num_classes - 1} (the dataset has {num_classes} classes)")
+    logit_width = 3 * topk if topk else num_classes  # top-k: fp16 values + int32 indices
+    row_bytes = 2 * num_views * (logit_width + teacher_dim + clip.embed_dim + clip.feature_dim)
     block_rows = block_rows or choose_block_rows(row_bytes)
     return CacheLayout(
         num_samples=num_samples,
@@ -149,6 +156,7 @@ def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: Cli
         clip_feature_dim=clip.feature_dim,
         view_param_dim=len(PARAM_NAMES),
         block_rows=min(block_rows, max(num_samples, 1)),
+        teacher_topk=topk,
     )
 
 
@@ -176,6 +184,7 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, cl
         "teacher_checkpoint_sha256": teacher.manifest["checkpoint_sha256"],
         "clip": {k: clip_manifest.get(k) for k in ("arch", "pretrained", "checkpoint_sha256")},
         "views": {k: views[k] for k in ("policy", "seed", "num_views")},
+        "teacher_topk": cfg.topk,
     }
     return {
         "tool": {"name": "richkd-cache", "version": importlib.metadata.version("richkd-cache")},
@@ -212,14 +221,16 @@ def forward_blocks(
     reporter: Reporter,
     world_size: int = 1,
     params: np.ndarray | None = None,
-) -> None:
+    topk: int | None = None,
+) -> tuple[float, int]:
     """Run teacher and CLIP over the given blocks; a writer thread stores finished blocks.
 
     The bar shows this process's blocks; with several ranks its rate is scaled to the total.
+    Returns (sum, count) of the per-row KL cost of keeping only the teacher's top k (0, 0 without top-k).
     """
     ranges = [writer.block_range(b) for b in pending]
     if not ranges:
-        return
+        return 0.0, 0
     # Batches never straddle blocks and start at block boundaries, so a resumed build runs exactly
     # the batches an uninterrupted one does (and writes bit-identical rows).
     per_batch = max(1, batch_size // (1 if params is None else params.shape[1]))  # samples x views ~ batch_size
@@ -231,12 +242,16 @@ def forward_blocks(
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
-    forward = make_forward(teacher, clip, dataset, device, params)
+    forward = make_forward(teacher, clip, dataset, device, params, topk)
+    kl_sum, kl_rows = 0.0, 0
     total = sum(stop - start for start, stop in ranges)
     label = "build" if world_size == 1 else f"build (rank 0 of {world_size}; total ~{world_size}x this rate)"
     with reporter.task(label, total=total, unit="img") as advance, ThreadPoolExecutor(1) as pool:
         in_flight: list[Future] = []
         for block, arrays in zip(pending, assemble_blocks(ranges, map(forward, loader))):
+            kl = arrays.pop("topk_kl", None)  # measured here, where the full logits still exist
+            if kl is not None:
+                kl_sum, kl_rows = kl_sum + float(kl.sum()), kl_rows + kl.size
             in_flight.append(pool.submit(writer.write_block, block, arrays))
             advance(len(arrays["labels"]))
             # at most two blocks wait for the disk; .result() re-raises a failed write (e.g. NaN) at once
@@ -244,11 +259,12 @@ def forward_blocks(
                 in_flight.pop(0).result()
         for w in in_flight:
             w.result()
+    return kl_sum, kl_rows
 
 
 def make_forward(
     teacher: Teacher, clip: ClipTeacher, dataset: ImageDataset, device: torch.device,
-    params: np.ndarray | None = None,
+    params: np.ndarray | None = None, topk: int | None = None,
 ) -> Callable[[dict], dict[str, np.ndarray]]:
     """One batch of samples -> numpy rows for every sample-axis array, all V views of each sample.
 
@@ -274,7 +290,7 @@ def make_forward(
         def rows(k: int) -> np.ndarray:  # (B * V, X) -> (B, V, X) float32
             return outputs[k].float().cpu().numpy().reshape(b, v, -1)
 
-        return {
+        out = {
             "labels": batch["label"].numpy().astype(np.int32),
             "views/params": batch_params.astype(np.float32),
             "teacher/logits": rows(0),
@@ -282,6 +298,12 @@ def make_forward(
             "clip/image_embeds": rows(2),
             "clip/features": rows(3),
         }
+        if topk:  # keep the k largest log-probabilities per view, and what dropping the rest costs
+            logits = torch.from_numpy(out.pop("teacher/logits"))
+            values, indices = topk_log_probs(logits, topk)
+            out.update({"teacher/topk_values": values.numpy(), "teacher/topk_indices": indices.numpy().astype(np.int32),
+                        "topk_kl": topk_kl(logits, topk).numpy()})  # (B, V)
+        return out
 
     return forward
 

@@ -92,6 +92,7 @@ def build(
     block_rows: Annotated[Optional[int], typer.Option(min=1, help="Rows per write block and chunk (default: ~4 MB chunks).")] = None,
     views: Annotated[str, typer.Option(help="clean (one view), all (CIFAR's 162 crop+flip views) or K random views.")] = "clean",
     view_seed: Annotated[int, typer.Option(help="Seed of the random views (with --views K).")] = 0,
+    topk: Annotated[Optional[int], typer.Option(min=1, help="Store only the teacher's top-k log-probabilities (large class counts).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Stage one: run the teacher and CLIP once over a split and write the cache."""
@@ -102,7 +103,7 @@ def build(
         teacher_checkpoint=teacher_checkpoint, clip=clip, clip_pretrained=clip_pretrained,
         clip_checkpoint=clip_checkpoint, prompts=split_list(prompts), out=out,
         batch_size=batch_size, workers=workers, device=device, overwrite=overwrite, block_rows=block_rows,
-        views=views, view_seed=view_seed,
+        views=views, view_seed=view_seed, topk=topk,
     )
     url = run_build(cfg, Reporter(err_console, quiet=quiet))
     out_console.print(f"cache complete: {url}")

@@ -36,6 +36,7 @@ class BuildConfig:
     overwrite: bool = False
     block_rows: int | None = None  # rows per write block (= chunk); None: a few MB per chunk
     views: str = "clean"  # clean | all | K (random views per sample)
+    topk: int | None = None  # store only the teacher's top-k log-probabilities (large class counts)
     view_seed: int = 0
 
 

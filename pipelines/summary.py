@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cache_store import open_cache
+from pipelines.cached import teacher_logits
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.distill import fuse_logits
 from richkd_cache.errors import ConfigError
@@ -31,7 +32,9 @@ def cache_summary(url: str, alpha: float) -> dict:
         "blocks_total": int(written.size),
         "dataset": {k: manifest["dataset"].get(k) for k in ("name", "split", "num_samples", "num_classes", "fingerprint")},
         "views": manifest.get("views"),
-        "teacher": {k: manifest["teacher"].get(k) for k in ("arch", "checkpoint_sha256", "accuracy")},
+        "teacher": {k: manifest["teacher"].get(k)
+                    for k in ("arch", "checkpoint_sha256", "accuracy", "topk_kl_mean", "topk_kl_rows")},
+        "teacher_topk": reader.layout.teacher_topk,
         "clip": {k: manifest["clip"].get(k) for k in ("arch", "pretrained", "checkpoint_sha256", "tau", "image_size")},
         "arrays": reader.array_info(),
         "bytes_per_sample_view": reader.nbytes_per_sample_view(),
@@ -46,7 +49,9 @@ def cache_summary(url: str, alpha: float) -> dict:
 def prompt_set_accuracy(reader, alpha: float) -> list[dict]:
     """Per stored prompt set: CLIP zero-shot top-1, the teacher's top-1, the fused top-1 at alpha (eq. 4)."""
     labels = torch.from_numpy(reader.load("labels").astype(np.int64))
-    z_t = torch.from_numpy(reader.load("teacher/logits")[:, 0].astype(np.float32))
+    names = [n for n in ("teacher/logits", "teacher/topk_values", "teacher/topk_indices") if n in reader.layout.arrays()]
+    stored = {n: reader.load(n)[:, :1] for n in names}  # the clean (first) view
+    z_t = teacher_logits(stored, reader.layout.num_classes)
     embeds = torch.from_numpy(reader.load("clip/image_embeds")[:, 0].astype(np.float32))
     tau = reader.manifest["clip"]["tau"]
     teacher_top1 = topk_accuracy(z_t, labels)
@@ -70,6 +75,10 @@ def render_summary(summary: dict, console: Console) -> None:
     console.print(f"dataset  {ds['name']} / {ds['split']}: {ds['num_samples']} samples, {ds['num_classes']} classes, "
                   f"fingerprint {str(ds['fingerprint'])[:16]}")
     console.print(f"teacher  {teacher['arch']}  sha256 {str(teacher['checkpoint_sha256'])[:16]}")
+    if summary["teacher_topk"]:
+        kl = teacher["topk_kl_mean"]
+        cost = f"mean KL {kl:.4f} nats over {teacher['topk_kl_rows']} rows" if kl is not None else "KL not measured"
+        console.print(f"         logits stored as top-k, k = {summary['teacher_topk']}: {cost}")
     weights = clip["pretrained"] or f"checkpoint {str(clip['checkpoint_sha256'])[:16]}"
     console.print(f"clip     {clip['arch']} ({weights}), tau {clip['tau']:.2f}, input {clip['image_size']}px")
     arrays = Table(title="arrays")

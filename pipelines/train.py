@@ -24,10 +24,17 @@ import torch
 from cache_store import CacheReader, open_cache
 from pipelines.config import TrainConfig, resolve_device
 from pipelines.distributed import DistContext, barrier, init_distributed, rank_device, shutdown
+from pipelines.cached import flat, teacher_logits
 from pipelines.progress import Reporter
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize, random_crop_flip
-from richkd_cache.distill import DistillObjective, FeatureMap, build_targets, create_objective, fit_feature_map
+from richkd_cache.distill import (
+    DistillObjective,
+    FeatureMap,
+    build_targets,
+    create_objective,
+    fit_feature_map,
+)
 from richkd_cache.errors import ConfigError, DataError
 from richkd_cache.models import create_model, save_checkpoint, uses_small_lr
 from richkd_cache.subsets import subset_indices
@@ -176,7 +183,10 @@ def check_cache_matches(cache: CacheReader, dataset: ImageDataset, name: str) ->
         )
 
 
-CACHED = ("teacher/logits", "teacher/features", "clip/image_embeds", "clip/features")
+def cached_arrays(cache: CacheReader) -> tuple[str, ...]:
+    """The per-row arrays targets are computed from (the teacher's logits may be stored as top-k)."""
+    logits = ("teacher/topk_values", "teacher/topk_indices") if cache.layout.teacher_topk else ("teacher/logits",)
+    return (*logits, "teacher/features", "clip/image_embeds", "clip/features")
 
 
 @dataclass(frozen=True)
@@ -205,15 +215,11 @@ def setup_fusion(cfg: TrainConfig, cache: CacheReader) -> Fusion:
     return Fusion(text, tau, fmap)
 
 
-def flat(rows: np.ndarray) -> torch.Tensor:
-    """(n, V, X) float16 -> (n * V, X) float32: row i * V + v is view v of the i-th sample."""
-    return torch.from_numpy(rows.reshape(-1, rows.shape[-1]).astype(np.float32))
-
-
 def compute_targets(cfg: TrainConfig, arrays: dict[str, np.ndarray], fusion: Fusion, device: torch.device,
                     views: np.ndarray | None) -> Targets:
     """z_C (eq. 2-3), z_F (eq. 4) and f_F (eq. 7) for a set of cached rows, placed on `device`."""
-    t_logits, t_feats, c_embeds, c_feats = (flat(arrays[k]) for k in CACHED)
+    t_feats, c_embeds, c_feats = (flat(arrays[k]) for k in ("teacher/features", "clip/image_embeds", "clip/features"))
+    t_logits = teacher_logits(arrays, fusion.text.shape[1])
     c_logits = clip_logits(c_embeds, fusion.text, fusion.tau, renormalize=cfg.clip_renormalize)  # eq. 2-3
     built = build_targets(cfg.resolved_target, teacher_logits=t_logits, clip_logits=c_logits,
                           teacher_feats=t_feats, clip_feats=c_feats, alpha=cfg.alpha, lam=cfg.lam, fmap=fusion.fmap)
@@ -239,7 +245,7 @@ def whole_cache(cfg: TrainConfig, cache: CacheReader | None, device: torch.devic
     if cache is None or cfg.resolved_target == "ce":
         targets = Targets(None, None)
     else:
-        arrays = cache.load_many(list(CACHED))
+        arrays = cache.load_many(list(cached_arrays(cache)))
         targets = compute_targets(cfg, arrays, setup_fusion(cfg, cache), device, cache.load("views/params"))
 
     def windows(generator: torch.Generator, pool: torch.Tensor) -> Iterator[Window]:
@@ -259,7 +265,8 @@ def streamed_cache(cfg: TrainConfig, cache: CacheReader, device: torch.device) -
         blocks = torch.randperm(layout.num_blocks, generator=generator, device=generator.device).cpu().tolist()
         for w in range(0, len(blocks), cfg.stream_window):
             ranges = [layout.block_range(b) for b in sorted(blocks[w : w + cfg.stream_window])]
-            arrays = {k: np.concatenate([cache.load_rows(k, a, b) for a, b in ranges]) for k in (*CACHED, "views/params")}
+            arrays = {k: np.concatenate([cache.load_rows(k, a, b) for a, b in ranges])
+                      for k in (*cached_arrays(cache), "views/params")}
             targets = compute_targets(cfg, arrays, fusion, device, arrays["views/params"])
             samples = torch.cat([torch.arange(a, b) for a, b in ranges])
             local = torch.full((layout.num_samples,), -1, dtype=torch.long)

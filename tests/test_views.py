@@ -115,3 +115,39 @@ def test_a_student_trains_from_a_views_cache(all_views_cache, tmp_path: Path) ->
 
 def test_view_params_of_the_clean_policy() -> None:
     assert view_params("clean", 3, 32).tolist() == [[[0, 0, 1, 1, 0]]] * 3
+
+
+def test_topk_logits_rebuild_and_report_their_cost(tmp_path: Path) -> None:
+    from richkd_cache.distill import logits_from_topk, topk_kl, topk_log_probs
+
+    logits = torch.randn(5, 2, 12) * 3
+    values, indices = topk_log_probs(logits, 4)
+    rebuilt = logits_from_topk(values, indices, 12)
+    assert torch.allclose(rebuilt.exp().sum(-1), torch.ones(5, 2), atol=1e-5)
+    full = torch.log_softmax(logits, -1)
+    assert torch.allclose(rebuilt.gather(-1, indices), full.gather(-1, indices), atol=1e-6)
+    others = torch.ones_like(full, dtype=torch.bool).scatter(-1, indices, False)
+    rest = (1 - values.exp().sum(-1, keepdim=True)) / 8
+    assert torch.allclose(rebuilt[others].exp(), rest.expand(-1, -1, 12)[others], atol=1e-6)
+    kl = (full.exp() * (full - rebuilt)).sum(-1)
+    assert torch.allclose(topk_kl(logits, 4), kl, atol=1e-6) and (kl >= -1e-6).all()
+
+
+def test_a_topk_cache_trains_and_reports_its_kl(tmp_path: Path) -> None:
+    teacher = tmp_path / "teacher.pth"
+    save_checkpoint(str(teacher), create_model("resnet8", 10), arch="resnet8", num_classes=10)
+    out = tmp_path / "topk.zarr"
+    result = runner.invoke(app, ["build", "--dataset", "digits", "--teacher-checkpoint", str(teacher),
+                                 "--clip", "richkd-tiny", "--clip-pretrained", "random", "--prompts", "single",
+                                 "--topk", "3", "--device", "cpu", "--workers", "0", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    cache = open_cache(str(out))
+    assert cache.load("teacher/topk_indices").shape == (1442, 1, 3) and cache.layout.teacher_topk == 3
+    assert cache.manifest["teacher"]["topk_kl_rows"] == 1442 and cache.manifest["teacher"]["topk_kl_mean"] >= 0
+    info = runner.invoke(app, ["info", str(out)])
+    assert info.exit_code == 0 and "top-k" in info.output
+    verify = runner.invoke(app, ["verify", str(out), "--recompute", "3", "--device", "cpu"])
+    assert verify.exit_code == 0, verify.output
+    trained = runner.invoke(app, ["train", "--cache", str(out), "--student", "resnet8", "--epochs", "1",
+                                  "--device", "cpu", "--workers", "0", "--quiet", "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output

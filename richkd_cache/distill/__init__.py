@@ -8,6 +8,9 @@ from richkd_cache.distill.fusion import (
     fit_feature_map,
     fuse_features,
     fuse_logits,
+    logits_from_topk,
+    topk_kl,
+    topk_log_probs,
 )
 from richkd_cache.distill.logit_losses import DEFAULTS, LOGIT_LOSSES, get_logit_loss, list_logit_losses
 from richkd_cache.distill.objective import DistillObjective, create_objective
@@ -28,4 +31,7 @@ __all__ = [
     "get_logit_loss",
     "list_feature_losses",
     "list_logit_losses",
+    "logits_from_topk",
+    "topk_kl",
+    "topk_log_probs",
 ]

@@ -94,3 +94,30 @@ def build_targets(
         "logits": fuse_logits(teacher_logits, clip_logits, alpha),
         "features": fuse_features(teacher_feats, clip_feats, lam, fmap),
     }
+
+
+def topk_log_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(.., C) logits -> the k largest log-probabilities (.., k) and their class indices (.., k)."""
+    return torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+
+
+def logits_from_topk(values: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Rebuild a full distribution from top-k log-probabilities: the k stored classes keep theirs and the
+    remaining mass is spread evenly over the other classes (as FKD and dataset reinforcement do).
+
+    Returns log-probabilities (.., C), usable as the teacher's logits: eq. 4 and the softmax in eq. 5
+    do not change when a constant is added to a sample's logits.
+    """
+    k = values.shape[-1]
+    rest = (1.0 - values.float().exp().sum(-1, keepdim=True)).clamp_min(1e-8)
+    fill = torch.log(rest / max(num_classes - k, 1))
+    out = fill.expand(*values.shape[:-1], num_classes).clone()
+    return out.scatter(-1, indices.long(), values.float())
+
+
+def topk_kl(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, KL(p || p_topk) in nats: what storing only the top k costs the teacher's distribution."""
+    values, indices = topk_log_probs(logits, k)
+    full = torch.log_softmax(logits.float(), dim=-1)
+    rebuilt = logits_from_topk(values, indices, logits.shape[-1])
+    return (full.exp() * (full - rebuilt)).sum(-1)

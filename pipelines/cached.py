@@ -1,0 +1,22 @@
+"""Cached rows as tensors: (n, V, X) float16 arrays -> (n * V, X) float32, the teacher's logits rebuilt."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from richkd_cache.distill import logits_from_topk
+
+
+def teacher_logits(arrays: dict[str, np.ndarray], num_classes: int) -> torch.Tensor:
+    """(n * V, C) float32: the stored logits, or a full distribution rebuilt from the stored top-k."""
+    if "teacher/logits" in arrays:
+        return flat(arrays["teacher/logits"])
+    values = flat(arrays["teacher/topk_values"])
+    indices = torch.from_numpy(arrays["teacher/topk_indices"].reshape(values.shape).astype(np.int64))
+    return logits_from_topk(values, indices, num_classes)
+
+
+def flat(rows: np.ndarray) -> torch.Tensor:
+    """(n, V, X) float16 -> (n * V, X) float32: row i * V + v is view v of the i-th sample."""
+    return torch.from_numpy(rows.reshape(-1, rows.shape[-1]).astype(np.float32))
