@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cache_store import CacheError
@@ -45,13 +46,15 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (RichKDError, CacheError) as e:
-            err_console.print(f"[red]error:[/red] {one_line(e)}", markup=True, highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(one_line(e))}", highlight=False, soft_wrap=True)
         except ModuleNotFoundError as e:
             err_console.print(
                 f"[red]error:[/red] missing package {e.name!r}; install it (for object stores: "
                 "pip install 'richkd-cache[s3]' or 'richkd-cache[gcs]')",
                 soft_wrap=True,
             )
+        except OSError as e:  # a path that cannot be written or read, a full disk
+            err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         except KeyboardInterrupt:
             err_console.print("interrupted: re-run the same command to resume", soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR)
