@@ -307,17 +307,21 @@ def evaluate(
     split: Annotated[str, typer.Option()] = "val",
     attacks: Annotated[bool, typer.Option(help="FGSM and PGD at the paper's epsilons (Table 6).")] = True,
     epsilons: Annotated[str, typer.Option(help="Attack strengths in [0, 1] pixel units.")] = "0.001,0.005,0.01",
+    corruptions: Annotated[Optional[str], typer.Option(help="A CIFAR-10-C / CIFAR-100-C folder: top-1 per corruption and severity.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher checkpoint: the student's accuracy by the teacher's category (Table 9).")] = None,
+    plots: Annotated[Optional[str], typer.Option(help="Folder for the correlation matrix (Fig. 5) and t-SNE (Fig. 4) plots.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Top-1/top-5 of a student, and its accuracy under FGSM and PGD."""
+    """Top-1/top-5 of a student, its accuracy under FGSM and PGD, corruptions, and the paper's plots."""
     from pipelines.config import resolve_device
     from pipelines.evaluate import render_evaluation, run_evaluate
 
     result = run_evaluate(checkpoint, dataset, data_root, split=split, attacks=attacks, batch_size=batch_size,
                           device=str(resolve_device(device)),
-                          epsilons=tuple(float(e) for e in split_list(epsilons)))
+                          epsilons=tuple(float(e) for e in split_list(epsilons)), corruptions=corruptions,
+                          teacher=teacher, plots=plots)
     if as_json:
         out_console.print_json(json.dumps(result))
     else:

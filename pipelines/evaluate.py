@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cache_store import CacheError, open_cache
+from pipelines import studies
 from pipelines.config import resolve_device
 from pipelines.train import batches, setup_images
 from richkd_cache.data import ImageDataset, create_dataset
@@ -39,8 +40,12 @@ def run_evaluate(
     batch_size: int = 256,
     device: str = "cpu",
     epsilons: tuple[float, ...] = (0.001, 0.005, 0.01),
+    corruptions: str | None = None,
+    teacher: str | None = None,
+    plots: str | None = None,
 ) -> dict:
-    """A JSON-ready report: clean top-1/top-5 (%) and, with attacks, FGSM and PGD at each epsilon."""
+    """A JSON-ready report: clean top-1/top-5 (%) and, with attacks, FGSM and PGD at each epsilon;
+    optionally CIFAR-C corruptions, accuracy by the teacher's category, and the Fig. 4/5 plots."""
     if attacks and not all(0.0 < eps <= 1.0 for eps in epsilons):
         raise ConfigError(f"attack epsilons are L_inf radii in [0, 1] pixel space, in (0, 1]; got {list(epsilons)}")
     dev = resolve_device(device)
@@ -54,7 +59,7 @@ def run_evaluate(
     n = max(len(data), 1)
     rows = [{"attack": attack, "epsilon": eps, "top1": 100.0 * hits[(attack, eps)][0] / n,
              "top5": 100.0 * hits[(attack, eps)][1] / n} for attack, eps in [("clean", 0.0), *settings]]
-    return {
+    result = {
         "checkpoint": checkpoint,
         "arch": meta["arch"],
         "dataset": name,
@@ -64,6 +69,18 @@ def run_evaluate(
         "attacks": rows[1:],
         "pgd_steps": PGD_STEPS,
     }
+    if corruptions:
+        result["corruptions"] = studies.corruption_accuracy(model, corruptions, data, dev)
+    if teacher or plots:
+        logits, feats = studies.outputs(model, None, data, dev)
+        labels = torch.from_numpy(data.labels)
+        if teacher:
+            teacher_model, _ = load_checkpoint(teacher, num_classes=data.num_classes, map_location=str(dev))
+            teacher_logits, _ = studies.outputs(teacher_model, None, data, dev)
+            result["by_teacher_category"] = studies.accuracy_by_teacher_category(logits, teacher_logits, labels)
+        if plots:
+            result["plots"] = studies.write_plots(logits, feats, labels, Path(plots))
+    return result
 
 
 def resolve_dataset(checkpoint: str, meta: dict, dataset: str | None, data_root: str | None) -> tuple[str, str | None]:
@@ -161,3 +178,22 @@ def render_evaluation(result: dict, console: Console) -> None:
     for row in result["attacks"]:
         table.add_row(row["attack"].upper(), f"{row['epsilon']:g}", f"{row['top1']:.2f}", f"{row['top5']:.2f}")
     console.print(table)
+    if result.get("corruptions"):
+        corr = Table(title="top-1 (%) under common corruptions, by severity")
+        corr.add_column("corruption")
+        for s in range(1, studies.SEVERITIES + 1):
+            corr.add_column(str(s), justify="right")
+        names = sorted({r["corruption"] for r in result["corruptions"]})
+        for name in names:
+            cells = [f"{r['top1']:.2f}" for r in result["corruptions"] if r["corruption"] == name]
+            corr.add_row(name, *cells)
+        console.print(corr)
+    if result.get("by_teacher_category"):
+        cat = Table(title="student top-1 (%) by the teacher's category (Table 9)")
+        for col in ("teacher", "images", "student top-1"):
+            cat.add_column(col, justify="right")
+        for r in result["by_teacher_category"]:
+            cat.add_row(r["teacher"], str(r["images"]), "-" if r["student_top1"] is None else f"{r['student_top1']:.2f}")
+        console.print(cat)
+    for path in result.get("plots", []):
+        console.print(f"plot: {path}")
