@@ -71,6 +71,14 @@ def one_line(error: Exception) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
+def show(result: dict, as_json: bool, render: Callable[[dict, Console], None]) -> None:
+    """A report as JSON for scripts, or rendered as tables for people."""
+    if as_json:
+        out_console.print_json(json.dumps(result))
+    else:
+        render(result, out_console)
+
+
 def split_list(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -205,11 +213,7 @@ def info(
     """Manifest summary, arrays and sizes, completeness, and accuracy per prompt set."""
     from pipelines.summary import cache_summary, render_summary
 
-    summary = cache_summary(cache, alpha)
-    if as_json:
-        out_console.print_json(json.dumps(summary))
-    else:
-        render_summary(summary, out_console)
+    show(cache_summary(cache, alpha), as_json, render_summary)
 
 
 @app.command()
@@ -291,11 +295,7 @@ def analyze(
     """From the cache alone: teacher vs CLIP vs fusion, alpha sweep and alpha*, confidence, calibration."""
     from pipelines.analyze import render_analysis, run_analyze
 
-    result = run_analyze(cache, prompts, alpha, out)
-    if as_json:
-        out_console.print_json(json.dumps(result))
-    else:
-        render_analysis(result, out_console)
+    show(run_analyze(cache, prompts, alpha, out), as_json, render_analysis)
 
 
 @app.command()
@@ -322,10 +322,7 @@ def evaluate(
                           device=str(resolve_device(device)),
                           epsilons=tuple(float(e) for e in split_list(epsilons)), corruptions=corruptions,
                           teacher=teacher, plots=plots)
-    if as_json:
-        out_console.print_json(json.dumps(result))
-    else:
-        render_evaluation(result, out_console)
+    show(result, as_json, render_evaluation)
 
 
 @app.command()
