@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cache_store import CacheReader, open_cache
+from pipelines.cached import clean_view
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.distill import fuse_logits
 from richkd_cache.errors import ConfigError, DataError
@@ -75,16 +76,9 @@ def run_analyze(url: str, prompts: str | None, alpha: float, out_dir: str | None
 
 
 def clean_logits(reader: CacheReader, prompt_set: str, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Labels (N,) and the clean view's logits (N, C) float32 of the teacher, CLIP (eq. 2-3) and their
-    fusion at alpha (eq. 4)."""
-    if reader.layout.teacher_topk:
-        raise DataError(
-            f"cache {reader.url} stores only the teacher's top-{reader.layout.teacher_topk} logits; "
-            "the analysis needs all of them (build without a top-k layout)"
-        )
-    labels = torch.from_numpy(reader.load("labels").astype(np.int64))
-    z_t = torch.from_numpy(reader.load("teacher/logits")[:, 0].astype(np.float32))  # (N, C), view 0
-    embeds = torch.from_numpy(reader.load("clip/image_embeds")[:, 0].astype(np.float32))  # (N, D)
+    """Labels (N,) and the clean view's logits (N, C) float32 of the teacher (rebuilt from top-k when
+    that is all the cache stores), CLIP (eq. 2-3) and their fusion at alpha (eq. 4)."""
+    labels, z_t, embeds = clean_view(reader)
     z_c = clip_logits(embeds, torch.from_numpy(reader.text_embeddings(prompt_set)), reader.manifest["clip"]["tau"])
     return labels, {"teacher": z_t, "clip": z_c, "fusion": fuse_logits(z_t, z_c, alpha)}
 

@@ -6,13 +6,12 @@ import json
 import statistics
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from cache_store import open_cache
-from pipelines.cached import teacher_logits
+from pipelines.cached import clean_view
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.distill import fuse_logits
 from richkd_cache.errors import ConfigError
@@ -48,11 +47,7 @@ def cache_summary(url: str, alpha: float) -> dict:
 
 def prompt_set_accuracy(reader, alpha: float) -> list[dict]:
     """Per stored prompt set: CLIP zero-shot top-1, the teacher's top-1, the fused top-1 at alpha (eq. 4)."""
-    labels = torch.from_numpy(reader.load("labels").astype(np.int64))
-    names = [n for n in ("teacher/logits", "teacher/topk_values", "teacher/topk_indices") if n in reader.layout.arrays()]
-    stored = {n: reader.load(n)[:, :1] for n in names}  # the clean (first) view
-    z_t = teacher_logits(stored, reader.layout.num_classes)
-    embeds = torch.from_numpy(reader.load("clip/image_embeds")[:, 0].astype(np.float32))
+    labels, z_t, embeds = clean_view(reader)
     tau = reader.manifest["clip"]["tau"]
     teacher_top1 = topk_accuracy(z_t, labels)
     rows = []

@@ -146,6 +146,8 @@ def test_a_topk_cache_trains_and_reports_its_kl(tmp_path: Path) -> None:
     assert cache.manifest["teacher"]["topk_kl_rows"] == 1442 and cache.manifest["teacher"]["topk_kl_mean"] >= 0
     info = runner.invoke(app, ["info", str(out)])
     assert info.exit_code == 0 and "top-k" in info.output
+    analysis = runner.invoke(app, ["analyze", str(out), "--json"])
+    assert analysis.exit_code == 0, analysis.output
     verify = runner.invoke(app, ["verify", str(out), "--recompute", "3", "--device", "cpu"])
     assert verify.exit_code == 0, verify.output
     trained = runner.invoke(app, ["train", "--cache", str(out), "--student", "resnet8", "--epochs", "1",
