@@ -7,7 +7,6 @@ identical to an uninterrupted one. Writes run on a background thread so they ove
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,6 +41,7 @@ from richkd_cache.clip import ClipTeacher, load_clip, resolve_clip
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.distill import topk_kl, topk_log_probs
 from richkd_cache.errors import ConfigError, RichKDError
+from richkd_cache.files import file_sha256
 from richkd_cache.models import load_checkpoint
 from richkd_cache.views import CLEAN, PARAM_NAMES, apply_views, num_views, parse_policy, view_params
 from richkd_cache.prompts import (
@@ -344,12 +344,3 @@ def accuracy_summary(url: str) -> dict:
     teacher = dict(reader.manifest["teacher"], accuracy=rows[0]["teacher_top1"] if rows else None)
     zero_shot = {r["prompt_set"]: r["clip_top1"] for r in rows}
     return {"teacher": teacher, "clip": dict(reader.manifest["clip"], zero_shot_accuracy=zero_shot)}
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from richkd_cache.distill import (
     fit_feature_map,
 )
 from richkd_cache.errors import ConfigError, DataError
+from richkd_cache.files import atomic_path
 from richkd_cache.models import create_model, save_checkpoint, uses_small_lr
 from richkd_cache.subsets import subset_indices
 from richkd_cache.views import apply_views
@@ -510,21 +510,18 @@ def restore(out: Path, cfg: TrainConfig, student, objective, optimizer, schedule
 
 
 def atomic_torch_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(history), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(history), tmp)
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
 def summarize(cfg: TrainConfig, state: RunState) -> dict:

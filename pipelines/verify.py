@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 from cache_store import open_cache
-from pipelines.build import file_sha256, make_forward, setup_teacher
+from pipelines.build import make_forward, setup_teacher
 from pipelines.config import resolve_device
 from richkd_cache.clip import load_clip, resolve_clip
 from richkd_cache.data import create_dataset, dataset_fingerprint
 from richkd_cache.errors import ConfigError, DataError
+from richkd_cache.files import file_sha256
 
 def recompute_rows(url: str, k: int, data_root: str | None, teacher_checkpoint: str | None,
                    clip_checkpoint: str | None, device: str, seed: int = 0) -> list[str]:

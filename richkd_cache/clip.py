@@ -8,7 +8,6 @@ OpenAI's weights were trained with QuickGELU. open_clip will load them into its 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib.metadata
 import logging
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from richkd_cache.errors import ClipError
+from richkd_cache.files import file_sha256
 from richkd_cache.prompts import PromptSet, class_prompts
 
 # OpenAI's names -> open_clip's architecture names (weights tag "openai").
@@ -195,7 +195,9 @@ def load_clip(spec: ClipSpec, device: str | torch.device = "cpu") -> ClipTeacher
     """Build the model and load its weights: a pretrained tag, a local file, or (seeded) random."""
     sha = None
     if spec.checkpoint:
-        sha = _sha256(spec.checkpoint)
+        if not Path(spec.checkpoint).is_file():
+            raise ClipError(f"CLIP checkpoint {spec.checkpoint} not found")
+        sha = file_sha256(spec.checkpoint)
         model = _create(spec.arch, None)
         try:
             open_clip.load_checkpoint(model, spec.checkpoint, strict=True)
@@ -235,17 +237,6 @@ def _preprocess_cfg(model: torch.nn.Module, arch: str, tag: str | None) -> dict:
         pretrained_cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
         cfg.update({k: pretrained_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pretrained_cfg})
     return cfg
-
-
-def _sha256(path: str) -> str:
-    file = Path(path)
-    if not file.is_file():
-        raise ClipError(f"CLIP checkpoint {path} not found")
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _first_line(e: Exception) -> str:

@@ -7,9 +7,7 @@ the same name, and our files load back into mdistiller, which reads only the "mo
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from richkd_cache.errors import ModelError
+from richkd_cache.files import atomic_path
 from richkd_cache.models._registry import canonical_name, create_model
 
 FORMAT = 1
@@ -34,14 +33,8 @@ def save_checkpoint(path: str, model: nn.Module, *, arch: str, num_classes: int,
         # our keys last, so `extra` cannot make the file misstate what it holds
         "richkd": {**(extra or {}), "format": FORMAT, "arch": canonical_name(arch), "num_classes": num_classes},
     }
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")  # unique: concurrent savers never collide
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str, arch: str | None = None, num_classes: int | None = None,
