@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from pipelines.train import Targets, augment, train_step
+from pipelines.targets import Targets, augment
+from pipelines.train import train_step
 from richkd_cache.clip import load_clip, resolve_clip
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.data import normalize, random_crop_flip

@@ -153,6 +153,7 @@ def train(
     stream_window: Annotated[Optional[int], typer.Option(min=1, help="For caches larger than memory: read this many chunks at a time, shuffling within them.")] = None,
     workers: Annotated[int, typer.Option(min=0)] = 4,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pth.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run already in OUT (only its own files).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Stage two: train a student from a cache (or with cross-entropy alone, without one)."""
@@ -179,7 +180,7 @@ def train(
         raise typer.BadParameter("--student is required (or a --recipe that names one)")
     check_fields(TrainConfig, settings, "train")
     base = TrainConfig(out=out, device=device, cache_device=cache_device, stream_window=stream_window,
-                       workers=workers, resume=resume, quiet=quiet, **settings)
+                       workers=workers, resume=resume, overwrite=overwrite, quiet=quiet, **settings)
     seed_list = [int(s) for s in split_list(seeds)]
     reporter = Reporter(err_console, quiet=quiet)
     if len(seed_list) == 1:

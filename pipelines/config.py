@@ -75,6 +75,7 @@ class TrainConfig:
     stream_window: int | None = None  # stream the cache, this many write blocks at a time; None: read it whole
     workers: int = 4
     resume: bool = False
+    overwrite: bool = False  # replace an existing run folder's own files
     quiet: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

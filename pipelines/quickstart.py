@@ -59,7 +59,7 @@ def short_run(arch: str, out: Path, epochs: int, quiet: bool, cache: str | None 
     milestones = tuple(sorted({max(1, int(epochs * 0.6)), max(1, int(epochs * 0.8))}))
     return TrainConfig(
         student=arch, out=str(out), cache=cache, dataset=DATASET, target=target, epochs=epochs,
-        batch_size=64, lr=0.05, milestones=milestones, workers=0, quiet=quiet,
+        batch_size=64, lr=0.05, milestones=milestones, workers=0, quiet=quiet, overwrite=True,  # a re-run replaces its own runs
     )
 
 

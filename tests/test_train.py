@@ -121,3 +121,88 @@ def test_streamed_cache_reads_whole_blocks_window_by_window(tmp_path: Path, monk
     logit_reads = [(a, b) for n, a, b in reads if n == "teacher/logits"]
     blocks = [(s, min(s + 256, 1442)) for s in range(0, 1442, 256)]
     assert sorted(logit_reads) == sorted(blocks * 2)  # every block once per epoch, as whole chunks
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+class _Marker:
+    """Unpickling this object would create a file: a crafted resume.pth must never get that far."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_resume_file_runs_no_code(cache: Path, tmp_path: Path) -> None:
+    import torch
+
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    assert invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--out", run).exit_code == 0
+    torch.save({"identity": "x", "payload": _Marker(str(marker))}, run / "resume.pth")
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "2", "--resume", "--out", run)
+    assert result.exit_code == 2 and "resume.pth" in result.output
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated"])
+def test_an_empty_or_truncated_resume_file_is_one_line(cache: Path, tmp_path: Path, content: bytes) -> None:
+    run = tmp_path / "run"
+    assert invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--out", run).exit_code == 0
+    (run / "resume.pth").write_bytes(content)
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "2", "--resume", "--out", run)
+    assert result.exit_code == 2 and "damaged" in result.output and "Traceback" not in result.output
+
+
+def test_an_existing_run_is_kept_unless_resumed_or_overwritten(cache: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--out", run).exit_code == 0
+    (run / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--alpha", "0.5", "--out", run)
+    assert result.exit_code == 2 and "--resume" in result.output and "--overwrite" in result.output
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # not one byte written
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--alpha", "0.5", "--overwrite", "--out", run)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["alpha"] == 0.5
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+
+
+def test_a_refused_setting_writes_nothing(cache: Path, tmp_path: Path) -> None:
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--fraction", "0", "--out", tmp_path / "r")
+    assert result.exit_code == 2
+    assert not (tmp_path / "r").exists()
+
+
+def test_metrics_log_the_rate_each_epoch_trained_with(cache: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "3", "--lr", "0.1", "--milestones", "1,2",
+                    "--out", run)
+    assert result.exit_code == 0, result.output
+    lrs = [row["lr"] for row in pq.read_table(run / "metrics.parquet").to_pylist()]
+    assert lrs == pytest.approx([0.1, 0.01, 0.001])
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_resume_file(cache: Path, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    import errno
+
+    import torch
+
+    run = tmp_path / "run"
+    assert invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--out", run).exit_code == 0
+    saved = (run / "resume.pth").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "resume.pth" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "2", "--resume", "--out", run)
+    assert result.exit_code == 2 and "No space left" in result.output and "resume.pth" in result.output
+    assert (run / "resume.pth").read_bytes() == saved
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cache_store import open_cache
 from pipelines.cli import app
-from pipelines.train import Targets, augment
+from pipelines.targets import Targets, augment
 from richkd_cache.data import create_dataset, normalize
 from richkd_cache.models import create_model, load_checkpoint, save_checkpoint
 from richkd_cache.views import all_crop_flips, apply_views, num_views, random_resized_crops, view_params

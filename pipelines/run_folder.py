@@ -1,0 +1,188 @@
+"""The run folder: what `train --out` holds and how a run continues after a crash.
+
+last.pth and best.pth in mdistiller's layout (plus our metadata), resume.pth with everything else a
+resumed run needs, metrics.parquet (one row per epoch), config.json and summary.json. Every file is
+written whole or not at all; resume.pth is untrusted input when read back, so it is loaded as plain
+data only (tensors, numbers, strings, lists and dicts).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import math
+import pickle
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipelines.config import TrainConfig
+from richkd_cache.errors import ConfigError
+from richkd_cache.files import atomic_path
+from richkd_cache.models import save_checkpoint
+
+# Settings that do not change what a run computes; everything else must match to resume.
+_NOT_IDENTITY = ("resume", "overwrite", "quiet", "epochs", "workers", "device", "cache_device", "out")
+# The files a run writes into its folder; nothing else there is ever touched.
+RUN_FILES = ("config.json", "last.pth", "best.pth", "resume.pth", "metrics.parquet", "summary.json")
+
+
+@dataclass
+class RunState:
+    epoch: int
+    best_top1: float
+    history: list[dict]
+
+
+def run_identity(cfg: TrainConfig) -> str:
+    fields = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RunFolder:
+    """OUT of one run. Created before anything is trained: it refuses an existing run unless the user
+    asked to continue it (--resume) or to replace it (--overwrite), so no user file is ever replaced by
+    surprise, and it writes nothing until `start`, after every setting has been checked."""
+
+    def __init__(self, cfg: TrainConfig, is_main: bool = True) -> None:
+        self.cfg, self.out, self.is_main = cfg, Path(cfg.out), is_main
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file, not a run folder")
+        existing = [name for name in RUN_FILES if (self.out / name).exists()]
+        if existing and not (cfg.resume or cfg.overwrite):
+            raise ConfigError(
+                f"{self.out} already holds a run ({', '.join(existing)}); continue it with --resume, "
+                "replace it with --overwrite, or choose another --out"
+            )
+
+    def start(self, student, objective, optimizer, scheduler, settings: dict) -> RunState:
+        """Restore the saved state (--resume) or begin afresh; then write config.json with the settings
+        actually used. With --overwrite the previous run's own files go first, and only those."""
+        state = restore(self.out / "resume.pth", self.cfg, student, objective, optimizer, scheduler) \
+            if self.cfg.resume else None
+        if self.is_main:
+            if state is None and self.cfg.overwrite:
+                for name in RUN_FILES:
+                    (self.out / name).unlink(missing_ok=True)
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "config.json", settings)
+        return state or RunState(epoch=0, best_top1=0.0, history=[])
+
+    def end_epoch(self, state: RunState, stats: dict, student, objective, optimizer, scheduler,
+                  num_classes: int, reporter) -> None:
+        """Record the epoch (`stats`: lr, train losses, val top-1/top-5, seconds) and save the run."""
+        top1 = stats["val_top1"]
+        state.best_top1 = max(state.best_top1, top1)
+        state.history.append({"epoch": state.epoch, **stats, "best_top1": state.best_top1})
+        reporter.info(
+            f"epoch {state.epoch}/{self.cfg.epochs}  loss {stats['loss']:.3f}  top1 {top1:.2f}  "
+            f"top5 {stats['val_top5']:.2f}  best {state.best_top1:.2f}  ({stats['epoch_s']:.1f}s)"
+        )
+        save_run(self.out, self.cfg, student, objective, optimizer, scheduler, state, num_classes, top1)
+
+    def finish(self, state: RunState) -> dict:
+        summary = summarize(self.cfg, state)
+        if self.is_main:
+            write_json(self.out / "summary.json", summary)
+        return summary
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A full disk or a vanished folder while saving is one line naming the file; the previous
+    version of the file stays intact (every write goes through a temporary file)."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(f"could not write {path}: {e.strerror or e}; the previous {path.name} is intact") from e
+
+
+def save_run(out: Path, cfg: TrainConfig, student, objective, optimizer, scheduler, state: RunState,
+             num_classes: int, top1: float) -> None:
+    """last.pth and best.pth in mdistiller's layout; resume.pth with everything else; metrics.parquet."""
+    meta = {"config": run_identity(cfg), "target": cfg.resolved_target, "cache": cfg.cache}
+    for name in ("last.pth", "best.pth") if top1 >= state.best_top1 else ("last.pth",):
+        with _writing(out / name):
+            save_checkpoint(str(out / name), student, arch=cfg.student, num_classes=num_classes,
+                            epoch=state.epoch, best_acc=state.best_top1, extra=meta)
+    resume = {
+        "identity": run_identity(cfg),
+        "student": student.state_dict(),
+        "objective": objective.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": asdict(state),
+    }
+    atomic_torch_save(resume, out / "resume.pth")
+    write_metrics(out / "metrics.parquet", state.history)
+
+
+# The only non-container type resume.pth holds: MultiStepLR keeps its milestones in a Counter.
+_RESUME_TYPES = [collections.Counter]
+
+
+def restore(path: Path, cfg: TrainConfig, student, objective, optimizer, scheduler) -> RunState | None:
+    """Continue from resume.pth; a file from a run with other settings is refused.
+
+    The file is untrusted: torch's weights-only unpickler builds tensors, numbers, strings and
+    containers and nothing else, so a crafted file cannot run code; a damaged one is one line.
+    """
+    if not path.exists():
+        return None
+    try:
+        with torch.serialization.safe_globals(_RESUME_TYPES):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path} is damaged or not a resume file ({first}); "
+                          "use --overwrite to start the run again") from e
+    if not isinstance(saved, dict) or saved.get("identity") != run_identity(cfg):
+        raise ConfigError(
+            f"{path} belongs to a run with other settings; resume with the same settings or use another --out"
+        )
+    try:
+        student.load_state_dict(saved["student"])
+        objective.load_state_dict(saved["objective"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        return RunState(**saved["state"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"{path} does not hold a complete run state ({type(e).__name__}: {e}); "
+                          "use --overwrite to start the run again") from e
+
+
+def atomic_torch_save(obj: dict, path: Path) -> None:
+    with _writing(path), atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    with _writing(path), atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(history), tmp)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    with _writing(path), atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+
+
+def summarize(cfg: TrainConfig, state: RunState) -> dict:
+    last = state.history[-1] if state.history else {}
+    return {
+        "student": cfg.student,
+        "target": cfg.resolved_target,
+        "method": cfg.method if cfg.resolved_target != "ce" else None,
+        "epochs": state.epoch,
+        "seed": cfg.seed,
+        "last_top1": last.get("val_top1", math.nan),
+        "last_top5": last.get("val_top5", math.nan),
+        "best_top1": state.best_top1,
+        "out": cfg.out,
+    }

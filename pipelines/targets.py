@@ -1,0 +1,151 @@
+"""Stage two's targets: cached rows -> what the student is distilled towards, window by window.
+
+The cached arrays are read once (or, for caches larger than memory, a window of whole write blocks at a
+time) and turned into targets once: eq. 2-4 and 7 do not depend on the student. Each step then gathers
+its rows by index, and `augment` pairs the pixels the student sees with the cached rows of that view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cache_store import CacheReader
+from pipelines.cached import flat, teacher_logits
+from pipelines.config import TrainConfig
+from richkd_cache.clip_logits import clip_logits
+from richkd_cache.data import random_crop_flip
+from richkd_cache.distill import FeatureMap, build_targets, fit_feature_map
+from richkd_cache.errors import ConfigError
+from richkd_cache.views import apply_views
+
+
+@dataclass
+class Targets:
+    """Distillation targets for every cached (sample, view) row n * V + v, on the cache device."""
+
+    logits: torch.Tensor | None  # (N * V, C) float32
+    features: torch.Tensor | None  # (N * V, Ft) float32
+    views: torch.Tensor | None = None  # (N, V, 5) view parameters when V > 1; None: the clean view only
+
+
+def cached_arrays(cache: CacheReader) -> tuple[str, ...]:
+    """The per-row arrays targets are computed from (the teacher's logits may be stored as top-k)."""
+    logits = ("teacher/topk_values", "teacher/topk_indices") if cache.layout.teacher_topk else ("teacher/logits",)
+    return (*logits, "teacher/features", "clip/image_embeds", "clip/features")
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """What turns cached rows into targets: the prompt set's text embeddings, tau, and the fixed
+    CLIP-to-teacher feature map (eq. 7)."""
+
+    text: torch.Tensor  # (M, C, D)
+    tau: float
+    fmap: FeatureMap | None
+
+
+def setup_fusion(cfg: TrainConfig, cache: CacheReader) -> Fusion:
+    """The feature map is fitted on every row, or with --stream-window on the first window's blocks."""
+    if not cache.prompt_sets():
+        raise ConfigError(f"cache {cache.url} stores no prompt set: add one with `richkd-cache prompts add`")
+    text = torch.from_numpy(cache.text_embeddings(cfg.prompts or cache.prompt_sets()[0]))
+    tau = cfg.clip_tau if cfg.clip_tau is not None else cache.manifest["clip"]["tau"]
+    fmap = None
+    if cfg.resolved_target in ("clip", "richkd"):
+        stop = cache.layout.num_samples
+        if cfg.stream_window:
+            stop = cache.layout.block_range(min(cfg.stream_window, cache.layout.num_blocks) - 1)[1]
+        feats = {k: flat(cache.load_rows(k, 0, stop)) for k in ("teacher/features", "clip/features")}
+        fmap = fit_feature_map(feats["clip/features"], feats["teacher/features"])
+    return Fusion(text, tau, fmap)
+
+
+def compute_targets(cfg: TrainConfig, arrays: dict[str, np.ndarray], fusion: Fusion, device: torch.device,
+                    views: np.ndarray | None) -> Targets:
+    """z_C (eq. 2-3), z_F (eq. 4) and f_F (eq. 7) for a set of cached rows, placed on `device`."""
+    t_feats, c_embeds, c_feats = (flat(arrays[k]) for k in ("teacher/features", "clip/image_embeds", "clip/features"))
+    t_logits = teacher_logits(arrays, fusion.text.shape[1])
+    c_logits = clip_logits(c_embeds, fusion.text, fusion.tau, renormalize=cfg.clip_renormalize)  # eq. 2-3
+    built = build_targets(cfg.resolved_target, teacher_logits=t_logits, clip_logits=c_logits,
+                          teacher_feats=t_feats, clip_feats=c_feats, alpha=cfg.alpha, lam=cfg.lam, fmap=fusion.fmap)
+    logits, feats = built.get("logits"), built.get("features")
+    pin = device.type == "cpu" and torch.cuda.is_available()  # host copies that feed a GPU are pinned
+
+    def place(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device)
+        return t.pin_memory() if pin else t
+
+    return Targets(
+        logits=None if logits is None else place(logits),
+        features=None if feats is None or cfg.feature_loss is None else place(feats),
+        views=None if views is None or views.shape[1] == 1 else torch.from_numpy(views).to(device),
+    )
+
+
+Window = tuple[torch.Tensor, Targets, "torch.Tensor | None"]
+
+
+def whole_cache(cfg: TrainConfig, cache: CacheReader | None, device: torch.device) -> Callable[..., Iterator[Window]]:
+    """The default: every row read once, targets computed once; each epoch is one window of all samples."""
+    if cache is None or cfg.resolved_target == "ce":
+        targets = Targets(None, None)
+    else:
+        arrays = cache.load_many(list(cached_arrays(cache)))
+        targets = compute_targets(cfg, arrays, setup_fusion(cfg, cache), device, cache.load("views/params"))
+
+    def windows(generator: torch.Generator, pool: torch.Tensor) -> Iterator[Window]:
+        yield pool[torch.randperm(len(pool), generator=generator, device=generator.device).cpu()], targets, None
+
+    return windows
+
+
+def streamed_cache(cfg: TrainConfig, cache: CacheReader, device: torch.device) -> Callable[..., Iterator[Window]]:
+    """For caches larger than memory: each epoch visits the write blocks (whole chunks) in a random order,
+    `stream_window` blocks at a time, and shuffles the samples within each window."""
+    fusion, layout = setup_fusion(cfg, cache), cache.layout
+
+    def windows(generator: torch.Generator, pool: torch.Tensor) -> Iterator[Window]:
+        in_pool = torch.zeros(layout.num_samples, dtype=torch.bool)
+        in_pool[pool] = True
+        blocks = torch.randperm(layout.num_blocks, generator=generator, device=generator.device).cpu().tolist()
+        for w in range(0, len(blocks), cfg.stream_window):
+            ranges = [layout.block_range(b) for b in sorted(blocks[w : w + cfg.stream_window])]
+            arrays = {k: np.concatenate([cache.load_rows(k, a, b) for a, b in ranges])
+                      for k in (*cached_arrays(cache), "views/params")}
+            targets = compute_targets(cfg, arrays, fusion, device, arrays["views/params"])
+            samples = torch.cat([torch.arange(a, b) for a, b in ranges])
+            local = torch.full((layout.num_samples,), -1, dtype=torch.long)
+            local[samples] = torch.arange(len(samples))
+            members = samples[in_pool[samples]]
+            yield members[torch.randperm(len(members), generator=generator, device=generator.device).cpu()], targets, local
+
+    return windows
+
+
+def augment(images: torch.Tensor, index: torch.Tensor, targets: Targets,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, H, W) uint8 -> the pixels the student sees, and the rows of `targets` that match them
+    (`index`: each image's sample position within `targets`).
+
+    A cache with several views per sample replays one stored view per draw (the very pixels the teachers
+    saw); a clean-view cache gets CIFAR's crop and flip, as in the paper (its targets are the clean view's).
+    """
+    if targets.views is None:
+        return random_crop_flip(images, padding=images.shape[-1] // 8, generator=generator), index
+    num_views = targets.views.shape[1]
+    v = torch.randint(0, num_views, (len(index),), generator=generator, device=generator.device).to(index.device)
+    params = targets.views[index.to(targets.views.device), v.to(targets.views.device)]
+    return apply_views(images, params), index * num_views + v
+
+
+def gather(rows: torch.Tensor | None, index: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The cached target rows of this batch's samples, (B, X), on the training device."""
+    if rows is None:
+        return None
+    return rows[index.to(rows.device)].to(device, non_blocking=True)
+
+
