@@ -111,7 +111,7 @@ class ClipTeacher:
             "checkpoint_sha256": self.checkpoint_sha256,
             "quick_gelu": self.spec.quick_gelu,
             "image_size": self.image_size,
-            "resize": "shortest side, bicubic (antialiased when shrinking), centre crop",
+            "resize": "shorter side, bicubic a=-0.5 in two uint8 passes (as PIL), centre crop",
             "mean": list(self.mean),
             "std": list(self.std),
             "tau": self.tau,
@@ -132,16 +132,20 @@ class ClipTeacher:
     def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 -> (B, 3, S, S) float: CLIP's own resize, crop and normalisation.
 
-        Resizing happens in float and is clamped and rounded back to 0..255, as resizing the uint8
-        image with PIL (CLIP's reference preprocessing) does.
+        open_clip's transform resizes the PIL image (shorter side to S, bicubic), centre-crops and
+        normalises. PIL's bicubic is Keys' kernel with a = -0.5, widened when shrinking, applied as two
+        passes (horizontal, then vertical) that each round and clip to uint8. torch's antialiased
+        bicubic is that kernel (its plain bicubic uses a = -0.75); running the same two rounded passes
+        here matches open_clip's preprocessing to within one grey level on rare pixels.
         """
         x = images.float()
         h, w = x.shape[-2:]
         scale = self.image_size / min(h, w)
-        size = (max(self.image_size, round(h * scale)), max(self.image_size, round(w * scale)))
-        if size != (h, w):
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=scale < 1)
-            x = x.clamp(0, 255).round()
+        size = (max(self.image_size, int(h * scale)), max(self.image_size, int(w * scale)))  # torchvision truncates
+        for pass_size in ((h, size[1]), size):  # horizontal pass, then vertical (PIL's order)
+            if pass_size != tuple(x.shape[-2:]):
+                x = F.interpolate(x, size=pass_size, mode="bicubic", align_corners=False, antialias=True)
+                x = x.clamp(0, 255).round()
         top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
         x = x[..., top : top + self.image_size, left : left + self.image_size]
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)

@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -146,12 +147,19 @@ def test_resnet_tower_gives_its_own_embedding_and_the_last_stage_feature(images)
     assert "attention pool" in teacher.manifest()["feature"]
 
 
-def test_cifar_images_are_resized_bicubic_to_clips_size(clip) -> None:
+@pytest.mark.parametrize("shape", [(32, 32), (40, 56)])
+def test_preprocessing_matches_open_clips_pil_transform(shape) -> None:
+    """open_clip's own preprocess (PIL resize, centre crop, normalise) on a noise image, upscaled to 224."""
+    from PIL import Image
+
     big = load_clip(resolve_clip("ViT-B-32", "random"))
-    x = big.preprocess_images(torch.full((1, 3, 32, 32), 128, dtype=torch.uint8))
-    assert x.shape == (1, 3, 224, 224)
-    mean, std = torch.tensor(big.mean), torch.tensor(big.std)
-    assert torch.allclose(x[0, :, 100, 100], (128 / 255 - mean) / std, atol=1e-5)
+    reference = open_clip.image_transform(big.image_size, is_train=False, mean=big.mean, std=big.std)
+    pixels = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    expected = reference(Image.fromarray(pixels))  # (3, 224, 224)
+    ours = big.preprocess_images(torch.from_numpy(pixels).permute(2, 0, 1)[None])[0]
+    grey = ((ours - expected) * torch.tensor(big.std).view(3, 1, 1) * 255).abs()  # in 0..255 levels
+    assert ours.shape == (3, 224, 224)
+    assert grey.max() <= 1.0 + 1e-3 and (grey > 0.5).float().mean() < 1e-3  # PIL's fixed-point rounding
 
 
 def test_shipped_synonyms_cover_every_cifar_class() -> None:

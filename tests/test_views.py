@@ -42,9 +42,22 @@ def test_random_resized_views_are_deterministic_and_in_range() -> None:
     a, b = random_resized_crops(10, 4, seed=3), random_resized_crops(10, 4, seed=3)
     assert np.array_equal(a, b) and a.shape == (10, 4, 5)
     assert (a[..., 0] + a[..., 2] <= 1 + 1e-6).all() and (a[..., 1] + a[..., 3] <= 1 + 1e-6).all()
-    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
-    first = apply_views(images, torch.from_numpy(a[:, 0]))
-    assert first.shape == images.shape and torch.equal(first, apply_views(images, torch.from_numpy(a[:, 0])))
+
+
+def test_resized_views_match_torchvisions_crop_resize_and_flip() -> None:
+    """The reference: torchvision's resized_crop (bilinear, antialiased) and horizontal_flip on known boxes."""
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    boxes = [(4, 6, 20, 16, 0), (0, 0, 9, 30, 1), (10, 3, 22, 12, 1)]  # pixels: top, left, height, width, flip
+    params = torch.tensor([[t / 32, l / 32, h / 32, w / 32, f] for t, l, h, w, f in boxes])
+    ours = apply_views(images, params)
+    for i, (top, left, height, width, flip) in enumerate(boxes):
+        expected = TF.resized_crop(images[i].float(), top, left, height, width, [32, 32],
+                                   interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        expected = expected.round().clamp(0, 255).to(torch.uint8)
+        expected = TF.horizontal_flip(expected) if flip else expected
+        assert torch.equal(ours[i], expected), boxes[i]
 
 
 def write_tiny_cifar10(root: Path) -> Path:
