@@ -68,7 +68,7 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
         device = resolve_device(rank_device(cfg.device, ctx))
         dataset = create_dataset(cfg.dataset, cfg.data_root, cfg.split)
         teacher = setup_teacher(cfg.teacher, cfg.teacher_checkpoint, dataset, device)
-        clip = load_clip(resolve_clip(cfg.clip, cfg.clip_pretrained, cfg.clip_checkpoint), device=device)
+        clip = load_clip(resolve_clip(cfg.clip, cfg.clip_pretrained, cfg.clip_checkpoint, cfg.clip_activation), device=device)
         prompt_sets = [resolve_prompt_set(p, cfg.dataset) for p in cfg.prompts]
         policy = parse_policy(cfg.views)
         params = view_params(policy, len(dataset), image_size(dataset), cfg.view_seed)  # (N, V, 5)

@@ -95,6 +95,7 @@ def build(
     clip: Annotated[str, typer.Option(help="CLIP model: OpenAI name (ViT-L/14) or open_clip name.")] = "ViT-L/14",
     clip_pretrained: Annotated[Optional[str], typer.Option(help="open_clip pretrained tag (openai for OpenAI names).")] = None,
     clip_checkpoint: Annotated[Optional[str], typer.Option(help="Local CLIP weights file instead of a download.")] = None,
+    clip_activation: Annotated[Optional[str], typer.Option(help="quickgelu (OpenAI's weights) or gelu: required for a --clip-checkpoint under an open_clip name.")] = None,
     prompts: Annotated[str, typer.Option(help="Prompt sets to store: names (single,multi,complex) or .toml/.json files.")] = "single,multi,complex",
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     workers: Annotated[int, typer.Option(min=0)] = 4,
@@ -112,7 +113,7 @@ def build(
     cfg = BuildConfig(
         dataset=dataset, data_root=data_root, split=split, teacher=teacher,
         teacher_checkpoint=teacher_checkpoint, clip=clip, clip_pretrained=clip_pretrained,
-        clip_checkpoint=clip_checkpoint, prompts=split_list(prompts), out=out,
+        clip_checkpoint=clip_checkpoint, clip_activation=clip_activation, prompts=split_list(prompts), out=out,
         batch_size=batch_size, workers=workers, device=device, overwrite=overwrite, block_rows=block_rows,
         views=views, view_seed=view_seed, topk=topk,
     )

@@ -30,6 +30,7 @@ class BuildConfig:
     clip_checkpoint: str | None
     prompts: tuple[str, ...]
     out: str
+    clip_activation: str | None = None  # quickgelu | gelu; None: decided by the name or weights tag
     batch_size: int = 256
     workers: int = 4
     device: str = "auto"

@@ -13,7 +13,7 @@ from cache_store import open_cache, open_for_write
 from pipelines.build import resolve_prompt_set
 from pipelines.config import resolve_device
 from pipelines.summary import prompt_set_accuracy
-from richkd_cache.clip import load_clip, resolve_clip
+from richkd_cache.clip import load_clip, recorded_activation, resolve_clip
 from richkd_cache.errors import ClipError
 from richkd_cache.prompts import prompt_set_manifest
 
@@ -25,7 +25,7 @@ def add_prompt_set(url: str, name_or_file: str, name: str | None, clip_checkpoin
     prompt_set = resolve_prompt_set(name_or_file, dataset["name"])
     if name:
         prompt_set = dataclasses.replace(prompt_set, name=name)
-    spec = resolve_clip(recorded["requested"], recorded.get("pretrained"), clip_checkpoint)
+    spec = resolve_clip(recorded["requested"], recorded.get("pretrained"), clip_checkpoint, recorded_activation(recorded))
     clip = load_clip(spec, device=str(resolve_device(device)))
     if not same_weights(clip.manifest(), recorded):
         raise ClipError(

@@ -34,7 +34,9 @@ def cache_summary(url: str, alpha: float) -> dict:
         "teacher": {k: manifest["teacher"].get(k)
                     for k in ("arch", "checkpoint_sha256", "accuracy", "topk_kl_mean", "topk_kl_rows")},
         "teacher_topk": reader.layout.teacher_topk,
-        "clip": {k: manifest["clip"].get(k) for k in ("arch", "pretrained", "checkpoint_sha256", "tau", "image_size")},
+        "clip": {**{k: manifest["clip"].get(k) for k in ("arch", "pretrained", "checkpoint_sha256", "tau", "image_size",
+                                                          "activation_source")},
+                 "activation": "quickgelu" if manifest["clip"].get("quick_gelu") else "gelu"},
         "arrays": reader.array_info(),
         "bytes_per_sample_view": reader.nbytes_per_sample_view(),
         "alpha": alpha,
@@ -76,6 +78,8 @@ def render_summary(summary: dict, console: Console) -> None:
         console.print(f"         logits stored as top-k, k = {summary['teacher_topk']}: {cost}")
     weights = clip["pretrained"] or f"checkpoint {str(clip['checkpoint_sha256'])[:16]}"
     console.print(f"clip     {clip['arch']} ({weights}), tau {clip['tau']:.2f}, input {clip['image_size']}px")
+    decided = f" (decided by {clip['activation_source']})" if clip["activation_source"] else ""
+    console.print(f"         activation {clip['activation']}{decided}")
     arrays = Table(title="arrays")
     for col in ("array", "dtype", "shape", "chunks", "stored"):
         arrays.add_column(col)

@@ -12,7 +12,7 @@ import torch
 from cache_store import open_cache
 from pipelines.build import make_forward, setup_teacher
 from pipelines.config import resolve_device
-from richkd_cache.clip import load_clip, resolve_clip
+from richkd_cache.clip import load_clip, recorded_activation, resolve_clip
 from richkd_cache.data import create_dataset, dataset_fingerprint
 from richkd_cache.errors import ConfigError, DataError
 from richkd_cache.files import file_sha256
@@ -32,8 +32,8 @@ def recompute_rows(url: str, k: int, data_root: str | None, teacher_checkpoint: 
     torch_device = resolve_device(device)
     teacher = setup_teacher(manifest["teacher"]["arch"], checkpoint, dataset, torch_device)
     clip_record = manifest["clip"]
-    clip = load_clip(resolve_clip(clip_record["requested"], clip_record.get("pretrained"), clip_checkpoint),
-                     device=torch_device)
+    clip = load_clip(resolve_clip(clip_record["requested"], clip_record.get("pretrained"), clip_checkpoint,
+                                  recorded_activation(clip_record)), device=torch_device)
     rows = np.sort(np.random.default_rng(seed).choice(len(dataset), size=min(k, len(dataset)), replace=False))
     params = cache.load("views/params")
     forward = make_forward(teacher, clip, dataset, torch_device, params if cache.layout.num_views > 1 else None,

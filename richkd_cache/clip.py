@@ -1,8 +1,10 @@
 """The frozen CLIP teacher: name resolution, loading (tags, local files, random), preprocessing, encoders.
 
-OpenAI's weights were trained with QuickGELU. open_clip will load them into its plain architecture
-(GELU) without an error, and the outputs silently change; every OpenAI name therefore resolves to the
-`-quickgelu` architecture, whatever spelling the user gives.
+OpenAI's weights were trained with QuickGELU, most of open_clip's other weights with GELU. open_clip
+loads either into either architecture without an error, and the outputs silently change. So the
+activation is always decided explicitly: by an OpenAI name (QuickGELU), an architecture that fixes it,
+a weights tag's own config, or, for a local weights file under an open_clip name (which says nothing
+about it), by the caller (`--clip-activation`). The choice and what decided it go into the manifest.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def _register_shipped_configs() -> None:
 _register_shipped_configs()
 
 
+ACTIVATIONS = ("quickgelu", "gelu")
+
+
 @dataclass(frozen=True)
 class ClipSpec:
     requested: str
@@ -48,10 +53,17 @@ class ClipSpec:
     pretrained: str | None  # weights tag, or "random"
     checkpoint: str | None  # local weights file
     quick_gelu: bool
+    activation_source: str  # what decided the activation, e.g. "OpenAI's weights", "--clip-activation"
+
+    @property
+    def activation(self) -> str:
+        return "quickgelu" if self.quick_gelu else "gelu"
 
 
-def resolve_clip(name: str, pretrained: str | None = None, checkpoint: str | None = None) -> ClipSpec:
-    """`ViT-L/14` -> ViT-L-14-quickgelu + openai; `ViT-L-14` + a tag -> as given, quickgelu if the tag's weights need it."""
+def resolve_clip(name: str, pretrained: str | None = None, checkpoint: str | None = None,
+                 activation: str | None = None) -> ClipSpec:
+    """`ViT-L/14` -> ViT-L-14-quickgelu + openai; `ViT-L-14` + a tag -> the tag's activation; a local
+    file under an open_clip name -> the `activation` the caller names (required: the file cannot tell)."""
     arch = OPENAI_NAMES.get(name, name)
     if name in OPENAI_NAMES and pretrained is None and checkpoint is None:
         pretrained = "openai"
@@ -63,19 +75,57 @@ def resolve_clip(name: str, pretrained: str | None = None, checkpoint: str | Non
         raise ClipError(f"unknown CLIP model {name!r}{hint}")
     if pretrained is None and checkpoint is None:
         raise ClipError(f"CLIP {name}: say which weights: --clip-pretrained TAG, --clip-checkpoint FILE, or random")
-    if _needs_quick_gelu(arch, pretrained, name) and not arch.endswith("-quickgelu"):
-        if f"{arch}-quickgelu" not in known:
-            raise ClipError(f"{arch} weights {pretrained} need QuickGELU, but open_clip has no {arch}-quickgelu")
-        arch = f"{arch}-quickgelu"
-    quick_gelu = bool(open_clip.get_model_config(arch).get("quick_gelu", False))
-    return ClipSpec(name, arch, pretrained, checkpoint, quick_gelu)
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ClipError(f"unknown CLIP activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+    chosen, source = _choose_activation(name, arch, pretrained, activation)
+    return ClipSpec(name, _arch_with(arch, chosen, known), pretrained, checkpoint, chosen == "quickgelu", source)
 
 
-def _needs_quick_gelu(arch: str, pretrained: str | None, name: str) -> bool:
-    if pretrained in (None, *RANDOM):
-        return name in OPENAI_NAMES  # a local file for an OpenAI name holds OpenAI weights
-    cfg = open_clip.get_pretrained_cfg(arch, pretrained) or {}
-    return bool(cfg.get("quick_gelu", False)) or pretrained == "openai"
+def recorded_activation(clip_manifest: dict) -> str:
+    """The activation a cache's CLIP ran with (its manifest's `quick_gelu`), to rebuild the same model."""
+    return "quickgelu" if clip_manifest.get("quick_gelu") else "gelu"
+
+
+def _choose_activation(name: str, arch: str, pretrained: str | None, asked: str | None) -> tuple[str, str]:
+    """(activation, what decided it). An asked-for activation that contradicts the weights is an error."""
+    required, why = _required_activation(name, arch, pretrained)
+    if required is not None:
+        if asked is not None and asked != required:
+            raise ClipError(f"CLIP {name} ({why}) runs with {required}; --clip-activation {asked} would "
+                            "silently change its outputs")
+        return required, why
+    if asked is not None:
+        return asked, "--clip-activation"
+    if pretrained in RANDOM:
+        return _config_activation(arch), "the architecture's config (random weights)"
+    raise ClipError(f"CLIP {name} from a local file: the file does not say which activation its weights were "
+                    "trained with; pass --clip-activation quickgelu (OpenAI's weights) or gelu (most open_clip "
+                    "weights: LAION, DataComp)")
+
+
+def _required_activation(name: str, arch: str, pretrained: str | None) -> tuple[str | None, str]:
+    if name in OPENAI_NAMES:
+        return "quickgelu", "OpenAI's weights"
+    if _config_activation(arch) == "quickgelu":
+        return "quickgelu", f"architecture {arch}"
+    if pretrained not in (None, *RANDOM):
+        cfg = open_clip.get_pretrained_cfg(arch, pretrained) or {}
+        needs = bool(cfg.get("quick_gelu", False)) or pretrained == "openai"
+        return ("quickgelu" if needs else "gelu"), f"weights tag {pretrained}"
+    return None, ""
+
+
+def _config_activation(arch: str) -> str:
+    return "quickgelu" if open_clip.get_model_config(arch).get("quick_gelu", False) else "gelu"
+
+
+def _arch_with(arch: str, activation: str, known: list[str]) -> str:
+    """The open_clip architecture name that builds `arch` with `activation` (its `-quickgelu` twin)."""
+    if activation == _config_activation(arch):
+        return arch
+    if f"{arch}-quickgelu" not in known:
+        raise ClipError(f"CLIP {arch} with QuickGELU: open_clip has no {arch}-quickgelu")
+    return f"{arch}-quickgelu"
 
 
 class ClipTeacher:
@@ -110,6 +160,8 @@ class ClipTeacher:
             "checkpoint": self.spec.checkpoint,
             "checkpoint_sha256": self.checkpoint_sha256,
             "quick_gelu": self.spec.quick_gelu,
+            "activation": self.spec.activation,
+            "activation_source": self.spec.activation_source,
             "image_size": self.image_size,
             "resize": "shorter side, bicubic a=-0.5 in two uint8 passes (as PIL), centre crop",
             "mean": list(self.mean),

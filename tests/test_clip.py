@@ -27,6 +27,19 @@ maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_
 plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail
 snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout
 tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
+# CLIP's published CIFAR-10/100 zero-shot templates (openai/CLIP, data/prompts.md), written out here
+CLIP_CIFAR_TEMPLATES = [
+    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
+    "a low contrast photo of a {}.", "a high contrast photo of a {}.", "a bad photo of a {}.",
+    "a good photo of a {}.", "a photo of a small {}.", "a photo of a big {}.",
+    "a photo of the {}.", "a blurry photo of the {}.", "a black and white photo of the {}.",
+    "a low contrast photo of the {}.", "a high contrast photo of the {}.", "a bad photo of the {}.",
+    "a good photo of the {}.", "a photo of the small {}.", "a photo of the big {}.",
+]
+# the CIFAR-100 names in that file that differ from the dataset's raw names
+CLIP_CIFAR100_NAMES = {"aquarium_fish": "aquarium fish", "lawn_mower": "lawn mower", "maple_tree": "maple tree",
+                       "oak_tree": "oak tree", "palm_tree": "palm tree", "pickup_truck": "pickup truck",
+                       "pine_tree": "pine tree", "sweet_pepper": "sweet pepper", "willow_tree": "willow tree"}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +104,31 @@ def test_open_clip_spelling_with_openai_weights_still_gets_quickgelu() -> None:
     assert laion.arch == "ViT-L-14" and not laion.quick_gelu
 
 
+def test_a_local_file_under_an_open_clip_name_needs_its_activation_named(tmp_path: Path) -> None:
+    path = str(tmp_path / "weights.pt")  # never read: resolving decides the architecture only
+    with pytest.raises(ClipError, match="--clip-activation quickgelu"):
+        resolve_clip("ViT-L-14", None, path)
+    quick = resolve_clip("ViT-L-14", None, path, "quickgelu")
+    assert quick.arch == "ViT-L-14-quickgelu" and quick.quick_gelu and quick.activation_source == "--clip-activation"
+    assert open_clip.get_model_config(quick.arch)["quick_gelu"]  # open_clip builds it with QuickGELU
+    plain = resolve_clip("ViT-L-14", None, path, "gelu")
+    assert plain.arch == "ViT-L-14" and not plain.quick_gelu
+    assert not open_clip.get_model_config(plain.arch).get("quick_gelu", False)
+
+
+def test_an_activation_that_contradicts_the_weights_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ClipError, match="OpenAI's weights.*gelu"):
+        resolve_clip("ViT-L/14", None, str(tmp_path / "weights.pt"), "gelu")
+    with pytest.raises(ClipError, match="weights tag openai"):
+        resolve_clip("ViT-B-32", "openai", None, "gelu")
+    with pytest.raises(ClipError, match="weights tag laion2b_s34b_b79k"):
+        resolve_clip("ViT-B-32", "laion2b_s34b_b79k", None, "quickgelu")
+    with pytest.raises(ClipError, match="valid: quickgelu, gelu"):
+        resolve_clip("ViT-B-32", "random", None, "relu")
+    assert resolve_clip("ViT-B-32", "openai").activation_source == "weights tag openai"
+    assert resolve_clip("ViT-B-32", "random", None, "quickgelu").arch == "ViT-B-32-quickgelu"
+
+
 def test_unknown_name_suggests_close_ones() -> None:
     with pytest.raises(ClipError, match="did you mean.*ViT-L/14"):
         resolve_clip("ViT-L/41")
@@ -116,6 +154,7 @@ def test_random_weights_are_reproducible_and_recorded(clip, images) -> None:
     assert torch.equal(again.encode_images(images)[0], clip.encode_images(images)[0])
     manifest = clip.manifest()
     assert manifest["pretrained"] == "random" and manifest["quick_gelu"]
+    assert manifest["activation"] == "quickgelu" and manifest["activation_source"] == "architecture richkd-tiny"
     assert manifest["tau"] == pytest.approx(clip.model.logit_scale.exp().item())
     assert manifest["image_size"] == 32 and len(manifest["mean"]) == 3
 
@@ -168,10 +207,20 @@ def test_shipped_synonyms_cover_every_cifar_class() -> None:
         ps = get_prompt_set("complex", dataset)
         assert set(ps.synonyms) == set(classes)
         assert all(len(v) >= 2 for v in ps.synonyms.values())
-    assert len(get_prompt_set("multi", "cifar100").templates) == 18
     assert len(get_prompt_set("multi", "imagefolder").templates) == 80
-    filled = class_prompts(get_prompt_set("single", "cifar100"), CIFAR100)
-    assert filled[0][1] == ["a photo of a aquarium fish."] and not any("_" in p[0] for p in filled[0])
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_multi_prompts_are_clips_published_cifar_prompts(dataset: str) -> None:
+    assert list(get_prompt_set("multi", dataset).templates) == CLIP_CIFAR_TEMPLATES
+    assert get_prompt_set("single", dataset).templates == ("a photo of a {}.",)
+
+
+def test_cifar100_prompts_read_as_clips_own() -> None:
+    filled = class_prompts(get_prompt_set("multi", "cifar100"), CIFAR100)  # [M][C][1]
+    for m, template in enumerate(CLIP_CIFAR_TEMPLATES):
+        expected = [[template.format(CLIP_CIFAR100_NAMES.get(c, c))] for c in CIFAR100]
+        assert filled[m] == expected
 
 
 def test_prompt_files_and_their_errors(tmp_path: Path) -> None:

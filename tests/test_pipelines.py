@@ -127,6 +127,16 @@ def test_info_reports_sizes_and_accuracy_per_prompt_set(cache: Path) -> None:
     assert result.exit_code == 0
     assert "bytes per sample-view" in result.output and "CLIP zero-shot" in result.output
     assert "single" in result.output
+    assert "activation quickgelu (decided by architecture richkd-tiny)" in result.output
+
+
+def test_a_clip_file_without_its_activation_is_refused(tmp_path: Path, teacher: Path) -> None:
+    args = [a for a in BUILD if a not in ("--clip-pretrained", "random")]
+    args[args.index("richkd-tiny")] = "ViT-B-32"
+    result = invoke(*args, "--clip-checkpoint", tmp_path / "w.pt", "--teacher-checkpoint", teacher,
+                    "--out", tmp_path / "c.zarr")
+    assert result.exit_code == 2 and "--clip-activation quickgelu" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_prompt_set_added_later_equals_one_built_with_the_cache(tmp_path: Path, teacher: Path, cache: Path) -> None:
