@@ -237,3 +237,48 @@ def test_registry_lists_and_rejects_names() -> None:
         create_dataset("cifar1000", None, "train")
     with pytest.raises(DataError, match="unknown split 'holdout' for digits; valid: train, val"):
         create_dataset("digits", None, "holdout")
+
+
+class _CreatesFile:
+    """What a tampered pickle can hide: a reduce that calls a function (here one creating a file) on load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("tampered", ["train", "meta"])
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_pickle_that_would_run_code_is_refused_before_it_runs(tmp_path: Path, tampered: str,
+                                                                   protocol: int) -> None:
+    root = write_cifar100(tmp_path / "data")
+    file = root / "cifar-100-python" / tampered
+    content = pickle.loads(file.read_bytes())
+    content[b"extra"] = _CreatesFile(tmp_path / "marker")
+    file.write_bytes(pickle.dumps(content, protocol=protocol))
+    with pytest.raises(DataError, match=f"cannot read CIFAR-100 file .*{tampered}: .*io.open.*refused") as err:
+        create_dataset("cifar100", str(root), "train")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_pickles_of_any_protocol_load_with_the_plain_data_reader(tmp_path: Path, protocol: int) -> None:
+    root = write_cifar100(tmp_path)
+    folder = root / "cifar-100-python"
+    raw = pickle.loads((folder / "train").read_bytes())
+    for name in ("train", "meta"):
+        (folder / name).write_bytes(pickle.dumps(pickle.loads((folder / name).read_bytes()), protocol=protocol))
+    ds = create_dataset("cifar100", str(root), "train")
+    assert ds.labels.tolist() == raw[b"fine_labels"] and ds.classes[99] == "class_99"
+    assert ds.images[4, 2, 5, 0] == raw[b"data"][4][2 * 32 + 5]
+
+
+def test_cifar_pickle_with_object_arrays_is_refused(tmp_path: Path) -> None:
+    root = write_cifar100(tmp_path)
+    batch = {b"data": np.array([[1, 2]], dtype=object), b"fine_labels": [0]}
+    (root / "cifar-100-python" / "train").write_bytes(pickle.dumps(batch))
+    with pytest.raises(DataError, match="refused dtype object"):
+        create_dataset("cifar100", str(root), "train")

@@ -2,6 +2,10 @@
 
 Each batch file is a pickle of a dict with b"data", (N, 3072) uint8 rows holding the 1024 red, then
 1024 green, then 1024 blue values of a 32x32 image, and a list of N integer labels.
+
+A pickle can name any importable function and call it while it loads, so these files (often copied
+from mirrors) are read with an unpickler that rebuilds plain data and numpy arrays and refuses
+every other name before anything is called.
 """
 
 from __future__ import annotations
@@ -109,9 +113,53 @@ def _read_classes(layout: _Layout, base: Path) -> list[str]:
 def _unpickle(path: Path, layout: _Layout) -> object:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _PlainDataUnpickler(f, encoding="bytes").load()
     except Exception as e:  # truncated download, wrong file: one line, not a traceback
         _corrupt(path, layout, f"{e.__class__.__name__}: {e}")
+
+
+def _rebuild_dtype(spec: object, align: bool = False, copy: bool = False) -> np.dtype:
+    """numpy.dtype as a pickle calls it, for numeric dtypes only: an object dtype would let the
+    array's state carry arbitrary Python objects."""
+    dtype = np.dtype(spec, align, copy)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"refused dtype {dtype} (CIFAR files hold numeric arrays only)")
+    return dtype
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """Python 3 writes bytes at pickle protocol 2 as _codecs.encode(text, "latin1"); no other codec."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"refused _codecs.encode with {encoding!r} (only latin1 rebuilds bytes)")
+    return text.encode("latin1")
+
+
+# Every name an official CIFAR pickle (numpy at protocol 2) or a re-saved one (protocols 4-5) refers to.
+# ndarray.__reduce__ names numpy's _reconstruct (numpy.core before numpy 2, numpy._core since), and
+# __reduce_ex__(5) names _frombuffer; asking numpy for them keeps this table right on either version.
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+_FROMBUFFER = np.zeros(0).__reduce_ex__(5)[0]
+_ALLOWED: dict[tuple[str, str], object] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _rebuild_dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Dicts, lists, tuples, str/bytes, numbers and numeric numpy arrays; any other global is refused
+    before it is imported, so a tampered file cannot run code (pickle's own opcodes build the rest)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _ALLOWED:
+            raise pickle.UnpicklingError(
+                f"it refers to {module}.{name}, which a CIFAR file never contains (refused: loading it could run code)"
+            )
+        return _ALLOWED[(module, name)]
 
 
 def _corrupt(path: Path, layout: _Layout, why: str) -> NoReturn:
