@@ -121,6 +121,21 @@ def build(
     out_console.print(f"cache complete: {url}")
 
 
+def train_settings(recipe: str | None, given: dict[str, Any], command: str) -> dict[str, Any]:
+    """A recipe's settings overridden by the flags given (None: not given); "none" switches a loss off."""
+    settings: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    for key in ("feature_loss", "method"):
+        if settings.get(key) == "none":
+            settings[key] = None
+    if "milestones" in settings:
+        settings["milestones"] = tuple(settings["milestones"])
+    if "student" not in settings:
+        raise typer.BadParameter("--student is required (or a --recipe that names one)")
+    check_fields(TrainConfig, settings, command)
+    return settings
+
+
 @app.command()
 @user_errors
 def train(
@@ -168,18 +183,7 @@ def train(
         "fraction": fraction, "imbalance": imbalance,
         "milestones": tuple(int(m) for m in split_list(milestones)) if milestones else None,
     }
-    settings: dict[str, Any] = load_recipe(recipe) if recipe else {}
-    settings.update({k: v for k, v in given.items() if v is not None})
-    if feature_loss is not None:
-        settings["feature_loss"] = feature_loss
-    for key in ("feature_loss", "method"):  # "none" switches a loss off
-        if settings.get(key) == "none":
-            settings[key] = None
-    if "milestones" in settings:
-        settings["milestones"] = tuple(settings["milestones"])
-    if "student" not in settings:
-        raise typer.BadParameter("--student is required (or a --recipe that names one)")
-    check_fields(TrainConfig, settings, "train")
+    settings = train_settings(recipe, {**given, "feature_loss": feature_loss}, "train")
     base = TrainConfig(out=out, device=device, cache_device=cache_device, stream_window=stream_window,
                        workers=workers, resume=resume, overwrite=overwrite, quiet=quiet, **settings)
     seed_list = [int(s) for s in split_list(seeds)]
@@ -339,6 +343,60 @@ def compare(runs: Annotated[list[str], typer.Argument(help="Run folders (a folde
     for row in compare_runs(runs):
         table.add_row(row["run"], row["student"], row["target"], str(row["seeds"]), row["best"], row["last"])
     out_console.print(table)
+
+
+@app.command()
+@user_errors
+def sweep(
+    out: Annotated[str, typer.Option(help="Sweep folder: one run per setting and seed, sweep.json, sweep.png.")],
+    cache: Annotated[str, typer.Option(help="Cache from `build`.")],
+    student: Annotated[Optional[str], typer.Option(help="Student architecture.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="A shipped recipe for the fixed settings.")] = None,
+    alpha: Annotated[Optional[str], typer.Option(help="Values to sweep, e.g. 0.5,0.6,0.7 (eq. 4).")] = None,
+    lam: Annotated[Optional[str], typer.Option(help="Values to sweep (eq. 7).")] = None,
+    temperature: Annotated[Optional[str], typer.Option(help="Values to sweep (eq. 5).")] = None,
+    beta: Annotated[Optional[str], typer.Option(help="Values to sweep (eq. 9).")] = None,
+    gamma: Annotated[Optional[str], typer.Option(help="Values to sweep (eq. 9).")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="Stored prompt sets to sweep, e.g. single,multi.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Logit losses to sweep, e.g. kd,dkd.")] = None,
+    feature_loss: Annotated[Optional[str], typer.Option(help="Feature losses to sweep, e.g. cosine,crd,none.")] = None,
+    fraction: Annotated[Optional[str], typer.Option(help="Few-shot shares to sweep, e.g. 0.1,0.25,1.")] = None,
+    seeds: Annotated[str, typer.Option(help="Seeds of every setting, e.g. 0,1,2.")] = "0",
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the cache records).")] = None,
+    data_root: Annotated[Optional[str], typer.Option(help="Dataset folder on this machine.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    lr: Annotated[Optional[float], typer.Option()] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    workers: Annotated[int, typer.Option(min=0)] = 4,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """A grid of training runs from one cache; re-running the same command resumes it run by run.
+
+    A setting given several values is swept; given one value, it is fixed for every run."""
+    from pipelines.sweep import Sweep, parse_axis, run_sweep
+
+    swept = {"alpha": alpha, "lam": lam, "temperature": temperature, "beta": beta, "gamma": gamma,
+             "prompts": prompts, "method": method, "feature_loss": feature_loss, "fraction": fraction}
+    values = {name: parse_axis(name, text) for name, text in swept.items() if text is not None}
+    axes = {name: v for name, v in values.items() if len(v) > 1}  # one value: a fixed setting
+    fixed = {"student": student, "cache": cache, "dataset": dataset, "data_root": data_root, "epochs": epochs,
+             "batch_size": batch_size, "lr": lr}
+    settings = train_settings(recipe, {**fixed, **{k: v[0] for k, v in values.items() if len(v) == 1}}, "sweep")
+    try:
+        seed_list = tuple(int(s) for s in split_list(seeds))
+    except ValueError:
+        raise typer.BadParameter(f"--seeds takes integers, e.g. 0,1,2, not {seeds!r}") from None
+    base = TrainConfig(out=out, device=device, workers=workers, quiet=True, **settings)
+    result = run_sweep(Sweep(base, axes, seed_list), Reporter(err_console, quiet=quiet))
+    table = Table(title=f"sweep over {', '.join(axes)} ({len(seed_list)} seed(s) each)")
+    for col in (*axes, "best top-1", "last top-1"):
+        table.add_column(col.replace("_", " "), justify="right")
+    for row in result["results"]:
+        table.add_row(*(str(row[a]) for a in axes), row["best"], row["last"])
+    out_console.print(table)
+    if result["plot"]:
+        out_console.print(f"plot: {result['plot']}")
 
 
 @app.command()

@@ -1,0 +1,153 @@
+"""`richkd-cache sweep`: a grid of stage-two runs from one cache, resumable run by run.
+
+With the teacher and CLIP cached, every setting that acts after their forward passes (alpha, the prompt
+set, T, lambda, the loss weights, the method) costs one plain training run to try. A sweep is the grid
+of those settings times the seeds; each point trains into OUT/<setting=value,...>/seed<S>, a finished run
+is never trained again, and an interrupted one continues from its resume.pth. It ends with the table of
+`compare` (mean +- std over seeds) and a plot of top-1 against each swept value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import TrainConfig
+from pipelines.progress import Reporter
+from pipelines.run_folder import write_json
+from pipelines.summary import mean_std
+from pipelines.train import run_train
+from richkd_cache.errors import ConfigError
+from richkd_cache.files import atomic_path
+
+# Settings a sweep can vary: those that act after the cached forward passes.
+SWEEPABLE = ("alpha", "lam", "temperature", "beta", "gamma", "prompts", "method", "feature_loss", "fraction")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    base: TrainConfig  # every fixed setting; base.out is the sweep's folder
+    axes: dict[str, tuple[Any, ...]]  # swept setting -> its values, in the order given
+    seeds: tuple[int, ...]
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination of the swept values, the first axis varying slowest."""
+        names = list(self.axes)
+        return [dict(zip(names, values)) for values in itertools.product(*self.axes.values())]
+
+    def spec(self) -> dict:
+        fixed = {k: v for k, v in dataclasses.asdict(self.base).items() if k not in ("out", "quiet", "resume")}
+        return {"axes": {k: list(v) for k, v in self.axes.items()}, "seeds": list(self.seeds), "fixed": fixed}
+
+
+def parse_axis(name: str, text: str) -> tuple[Any, ...]:
+    """A comma list of one TrainConfig field's values, converted to that field's type ("none" for off)."""
+    if name not in SWEEPABLE:
+        raise ConfigError(f"cannot sweep {name!r}; sweepable: {', '.join(SWEEPABLE)}")
+    kind = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
+    values = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            raise ConfigError(f"--{name.replace('_', '-')} {text!r} has an empty value")
+        if "float" in str(kind):
+            try:
+                values.append(float(item))
+            except ValueError:
+                raise ConfigError(f"--{name.replace('_', '-')} takes numbers, not {item!r}") from None
+        else:
+            values.append(None if item == "none" else item)
+    if len(set(values)) != len(values):
+        raise ConfigError(f"--{name.replace('_', '-')} lists a value twice: {text}")
+    return tuple(values)
+
+
+def run_name(point: dict[str, Any]) -> str:
+    """The folder of one grid point, e.g. `alpha=0.6,prompts=multi`."""
+    return ",".join(f"{k}={v}" for k, v in point.items()) or "base"
+
+
+def run_sweep(sweep: Sweep, reporter: Reporter) -> dict:
+    """Train every (point, seed) not finished yet, then tabulate and plot. Returns the results."""
+    root = Path(sweep.base.out)
+    check_spec(root, sweep)
+    runs = [(point, seed) for point in sweep.points() for seed in sweep.seeds]
+    for i, (point, seed) in enumerate(runs, 1):
+        folder = root / run_name(point) / f"seed{seed}"
+        if finished(folder, sweep.base.epochs):
+            continue
+        reporter.info(f"sweep run {i}/{len(runs)}: {run_name(point)} seed {seed}")
+        # resume=True: a run interrupted by a kill continues from its resume.pth (same settings or refused)
+        run_train(replace(sweep.base, **point, seed=seed, out=str(folder), resume=True), reporter)
+    results = collect(root, sweep)
+    write_json(root / "sweep.json", {**sweep.spec(), "results": results})
+    plot = root / "sweep.png" if sweep.axes else None  # seeds alone: a table, nothing to plot against
+    if plot:
+        plot_sweep(results, sweep, plot)
+    return {"out": str(root), "results": results, "plot": str(plot) if plot else None}
+
+
+def check_spec(root: Path, sweep: Sweep) -> None:
+    """A sweep folder belongs to one grid: re-running the same command resumes it, another is refused."""
+    saved = root / "sweep.spec.json"
+    spec = json.loads(json.dumps(sweep.spec(), default=str))
+    if saved.exists():
+        if json.loads(saved.read_text()) != spec:
+            raise ConfigError(f"{root} holds a sweep with other settings; re-run that sweep's command or use another --out")
+        return
+    if root.exists() and any(root.iterdir()):
+        raise ConfigError(f"{root} is not empty and holds no sweep; choose another --out")
+    write_json(saved, spec)
+
+
+def finished(folder: Path, epochs: int) -> bool:
+    path = folder / "summary.json"
+    return path.exists() and json.loads(path.read_text()).get("epochs") == epochs
+
+
+def collect(root: Path, sweep: Sweep) -> list[dict]:
+    """One row per grid point: its values, best and last top-1 per seed and as mean +- std."""
+    rows = []
+    for point in sweep.points():
+        summaries = [json.loads((root / run_name(point) / f"seed{s}" / "summary.json").read_text())
+                     for s in sweep.seeds]
+        best = [s["best_top1"] for s in summaries]
+        last = [s["last_top1"] for s in summaries]
+        rows.append({**point, "run": run_name(point), "best_top1": best, "last_top1": last,
+                     "best": mean_std(best), "last": mean_std(last)})
+    return rows
+
+
+def plot_sweep(results: list[dict], sweep: Sweep, path: Path) -> None:
+    """One panel per swept setting: best top-1 (mean, with the seeds' std as error bars) against its values,
+    one line per combination of the other settings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(sweep.axes)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        values = list(sweep.axes[name])
+        others = [n for n in names if n != name]
+        for key in sorted({tuple(r[n] for n in others) for r in results}, key=str):
+            rows = [next(r for r in results if r[name] == v and tuple(r[n] for n in others) == key) for v in values]
+            means = [float(np.mean(r["best_top1"])) for r in rows]
+            stds = [float(np.std(r["best_top1"], ddof=1)) if len(r["best_top1"]) > 1 else 0.0 for r in rows]
+            label = ", ".join(f"{n}={k}" for n, k in zip(others, key)) or None
+            ax.errorbar(range(len(values)), means, yerr=stds, marker="o", capsize=3, label=label)
+        ax.set_xticks(range(len(values)), [str(v) for v in values])
+        ax.set_xlabel(name)
+        ax.set_ylabel("best val top-1 (%)")
+        if others:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{sweep.base.student}: top-1 over {len(sweep.seeds)} seed(s)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

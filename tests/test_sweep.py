@@ -1,0 +1,96 @@
+"""`richkd-cache sweep`: a grid from one cache, resumable run by run, ending with a table and a plot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+import pipelines.sweep
+from pipelines.cli import app
+from richkd_cache.models import create_model, save_checkpoint
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sweep")
+    teacher = root / "teacher.pth"
+    save_checkpoint(str(teacher), create_model("resnet8", 10), arch="resnet8", num_classes=10)
+    out = root / "digits.zarr"
+    result = invoke("build", "--dataset", "digits", "--teacher-checkpoint", teacher, "--clip", "richkd-tiny",
+                    "--clip-pretrained", "random", "--prompts", "single,multi", "--device", "cpu", "--workers", "0",
+                    "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def sweep_command(cache: Path, out: Path) -> list:
+    return ["sweep", "--cache", cache, "--student", "resnet8", "--alpha", "0.5,0.7", "--prompts", "single,multi",
+            "--seeds", "0,1", "--epochs", "2", "--fraction", "0.25", "--batch-size", "128", "--device", "cpu", "--workers", "0",
+            "--quiet", "--out", out]
+
+
+def test_a_killed_sweep_resumes_run_by_run_and_ends_with_table_and_plot(cache: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    out = tmp_path / "sweep"
+    real_run_train = pipelines.sweep.run_train
+    calls: list[str] = []
+
+    def killed_in_third_run(cfg, reporter):
+        calls.append(cfg.out)
+        if len(calls) == 3:  # one epoch of the third run is saved, then the process dies
+            real_run_train(replace(cfg, epochs=1), reporter)
+            raise KeyboardInterrupt
+        return real_run_train(cfg, reporter)
+
+    monkeypatch.setattr(pipelines.sweep, "run_train", killed_in_third_run)
+    result = invoke(*sweep_command(cache, out))
+    assert result.exit_code == 2 and "interrupted" in result.output
+    third = Path(calls[2])
+    first_epoch = pq.read_table(third / "metrics.parquet").to_pylist()
+    assert len(first_epoch) == 1 and not (out / "sweep.png").exists()
+
+    calls.clear()
+    monkeypatch.setattr(pipelines.sweep, "run_train", lambda cfg, rep: calls.append(cfg.out) or real_run_train(cfg, rep))
+    result = invoke(*sweep_command(cache, out))
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 6 and calls[0] == str(third)  # the two finished runs are not trained again
+    resumed = pq.read_table(third / "metrics.parquet").to_pylist()
+    assert len(resumed) == 2 and resumed[0] == first_epoch[0]  # continued, not restarted
+
+    results = json.loads((out / "sweep.json").read_text())["results"]
+    assert [(r["alpha"], r["prompts"]) for r in results] == [(0.5, "single"), (0.5, "multi"), (0.7, "single"),
+                                                             (0.7, "multi")]
+    assert all(len(r["best_top1"]) == 2 and "+-" in r["best"] for r in results)
+    assert "+-" in result.output and "alpha" in result.output
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((out / "alpha=0.7,prompts=multi" / "seed1" / "config.json").read_text())
+    assert (config["alpha"], config["prompts"], config["seed"]) == (0.7, "multi", 1)
+
+
+def test_a_sweep_folder_with_another_grid_is_refused(cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.spec.json").write_text(json.dumps({"axes": {"alpha": [0.1]}, "seeds": [0], "fixed": {}}))
+    result = invoke(*sweep_command(cache, out))
+    assert result.exit_code == 2 and "other settings" in result.output
+
+
+@pytest.mark.parametrize("flag, value, message", [("--alpha", "0.5,x", "numbers"), ("--alpha", "0.5,0.5", "twice"),
+                                                  ("--seeds", "a", "integers")])
+def test_bad_sweep_values_are_one_line(cache: Path, tmp_path: Path, flag: str, value: str, message: str) -> None:
+    command = sweep_command(cache, tmp_path / "s")
+    command[command.index(flag) + 1] = value
+    result = invoke(*command)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "s").exists()
