@@ -2,8 +2,9 @@
 
 Everything is computed from the cached clean view (view 0) of the cached split: no model runs. It
 reproduces the paper's analyses for any cache: accuracies and the alpha sweep, the confidence
-categories of Fig. 1a, the outcome changes of the supplement's Table 10, calibration, and the
-supplement's optimal fusion weight alpha* (Sec. 9).
+categories of Fig. 1a, the outcome changes of the supplement's Table 10, calibration, the
+supplement's optimal fusion weight alpha* (Sec. 9), its value per class, and what each adaptive
+fusion rule (`train --alpha auto | per-class | confidence`) does to fused top-1 and calibration.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cache_store import CacheReader, open_cache
 from pipelines.cached import clean_view
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.distill import fuse_logits
+from richkd_cache.distill.adaptive import ALPHA_RULES, class_alphas, error_sums, fuse_adaptive, row_alphas
 from richkd_cache.errors import ConfigError, DataError
 from richkd_cache.metrics import (
     alpha_sweep,
@@ -68,6 +70,8 @@ def run_analyze(url: str, prompts: str | None, alpha: float, out_dir: str | None
         "categories": {name: confidence_categories(z, labels, CONFIDENT) for name, z in logits.items()},
         "outcome_changes": outcome_changes(logits["teacher"], logits["fusion"], labels),
         "calibration": calibration,
+        "class_alpha": class_alpha_rows(reader, logits, labels),
+        "adaptive": adaptive_rules(logits, labels),
         "plots": [],
     }
     if out_dir is not None:
@@ -81,6 +85,32 @@ def clean_logits(reader: CacheReader, prompt_set: str, alpha: float) -> tuple[to
     labels, z_t, embeds = clean_view(reader)
     z_c = clip_logits(embeds, torch.from_numpy(reader.text_embeddings(prompt_set)), reader.manifest["clip"]["tau"])
     return labels, {"teacher": z_t, "clip": z_c, "fusion": fuse_logits(z_t, z_c, alpha)}
+
+
+def class_alpha_rows(reader: CacheReader, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> list[dict]:
+    """alpha* of each class from its own rows (what `--alpha per-class` trains with), with the class's
+    teacher and CLIP top-1."""
+    alphas = class_alphas(error_sums(logits["teacher"], logits["clip"], labels))
+    names = reader.manifest["dataset"].get("classes") or [str(k) for k in range(len(alphas))]
+    rows = []
+    for k, name in enumerate(names):
+        member = labels == k
+        rows.append({"class": name, "alpha": float(alphas[k]), "samples": int(member.sum()),
+                     **{f"{m}_top1": topk_accuracy(logits[m][member], labels[member], 1) if member.any() else float("nan")
+                        for m in ("teacher", "clip")}})
+    return rows
+
+
+def adaptive_rules(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> list[dict]:
+    """Fused top-1 and ECE under each adaptive rule, beside the fixed alpha's fusion."""
+    ece, _ = expected_calibration_error(logits["fusion"].softmax(dim=1), labels, ECE_BINS)
+    rows = [{"rule": "fixed", "mean_alpha": None, "top1": topk_accuracy(logits["fusion"], labels, 1), "ece": ece}]
+    for rule in ALPHA_RULES:
+        alphas = row_alphas(rule, logits["teacher"], logits["clip"], labels)
+        fused = fuse_adaptive(logits["teacher"], logits["clip"], alphas)
+        ece, _ = expected_calibration_error(fused.softmax(dim=1), labels, ECE_BINS)
+        rows.append({"rule": rule, "mean_alpha": float(alphas.mean()), "top1": topk_accuracy(fused, labels, 1), "ece": ece})
+    return rows
 
 
 # ---------------------------------------------------------------- plots
@@ -153,6 +183,8 @@ def render_analysis(result: dict, console: Console) -> None:
     console.print(f"best alpha {best['alpha']:.2f} (fused top-1 {best['top1']:.2f}%);  alpha* {optimal['alpha']:.3f} "
                   f"(s_t {optimal['s_t']:.4f}, s_c {optimal['s_c']:.4f}, rho {optimal['rho']:.3f})")
     console.print(sweep_table(result))
+    console.print(adaptive_table(result))
+    console.print(class_alpha_table(result))
     console.print(categories_table(result))
     console.print(outcomes_table(result))
     for path in result["plots"]:
@@ -174,6 +206,28 @@ def sweep_table(result: dict) -> Table:
     for row in result["alpha_sweep"][::2]:  # every 0.1: fits a terminal's width
         table.add_column(f"{row['alpha']:.1f}", justify="right")
     table.add_row(*(f"{row['top1']:.1f}" for row in result["alpha_sweep"][::2]))
+    return table
+
+
+def adaptive_table(result: dict) -> Table:
+    table = Table(title="adaptive fusion rules (train --alpha RULE)")
+    for col in ("rule", "mean alpha", "fused top-1 %", "ECE %"):
+        table.add_column(col, justify="right")
+    for row in result["adaptive"]:
+        mean = f"{result['alpha']:.3f}" if row["mean_alpha"] is None else f"{row['mean_alpha']:.3f}"
+        table.add_row(row["rule"], mean, f"{row['top1']:.2f}", f"{100 * row['ece']:.2f}")
+    return table
+
+
+def class_alpha_table(result: dict, shown: int = 5) -> Table:
+    """The classes where the teacher is trusted least and most (all of them are in the JSON output)."""
+    rows = sorted(result["class_alpha"], key=lambda r: r["alpha"])
+    picked = rows if len(rows) <= 2 * shown else rows[:shown] + rows[-shown:]
+    table = Table(title=f"alpha* per class ({'all' if picked is rows else f'lowest and highest {shown}'})")
+    for col in ("class", "alpha*", "samples", "teacher top-1 %", "CLIP top-1 %"):
+        table.add_column(col, justify="right")
+    for r in picked:
+        table.add_row(r["class"], f"{r['alpha']:.3f}", str(r["samples"]), f"{r['teacher_top1']:.1f}", f"{r['clip_top1']:.1f}")
     return table
 
 

@@ -101,6 +101,18 @@ def test_categories_outcomes_and_calibration_add_up(analysis: dict) -> None:
     assert fusion_right == teacher_right + changes["wrong_to_correct"]["count"] - changes["correct_to_wrong"]["count"]
 
 
+def test_adaptive_rules_and_per_class_alpha_are_reported(analysis: dict, cache: Path) -> None:
+    rules = {row["rule"]: row for row in analysis["adaptive"]}
+    assert list(rules) == ["fixed", "auto", "per-class", "confidence"]
+    assert rules["fixed"]["top1"] == pytest.approx(analysis["accuracy"]["fusion"]["top1"])
+    assert rules["auto"]["mean_alpha"] == pytest.approx(analysis["optimal_alpha"]["alpha"], abs=1e-6)
+    group = zarr.open_group(str(cache), mode="r")
+    counts = np.bincount(group["labels"][:], minlength=len(analysis["class_alpha"]))
+    assert [row["samples"] for row in analysis["class_alpha"]] == counts.tolist()
+    assert all(0.0 <= row["alpha"] <= 1.0 for row in analysis["class_alpha"])
+    assert all(0.0 <= row["ece"] <= 1.0 for row in analysis["adaptive"])
+
+
 def test_plots_are_written_and_tables_rendered(analysis: dict) -> None:
     assert [Path(p).name for p in analysis["plots"]] == ["alpha_sweep.png", "reliability.png", "categories.png"]
     for path in analysis["plots"]:
@@ -109,6 +121,7 @@ def test_plots_are_written_and_tables_rendered(analysis: dict) -> None:
     render_analysis(analysis, console)
     text = console.export_text()
     assert "alpha*" in text and "Table 10" in text and "confident correct" in text
+    assert "adaptive fusion rules" in text and "per-class" in text
 
 
 def test_analysis_without_plots_and_with_the_default_prompt_set(cache: Path) -> None:
