@@ -27,7 +27,7 @@ from pipelines.train import train_step
 from richkd_cache.clip import load_clip, resolve_clip
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.data import normalize, random_crop_flip
-from richkd_cache.distill import create_objective, fit_feature_map, fuse_features, fuse_logits
+from richkd_cache.distill import create_objective, fit_joint_space, fuse_logits
 from richkd_cache.models import create_model
 from richkd_cache.views import view_params
 
@@ -106,12 +106,12 @@ def precompute_targets(images, teacher, clip, text) -> dict:
         embeds, cf = clip.encode_images(x)
         t_logits.append(logits), t_feats.append(feats), c_embeds.append(embeds), c_feats.append(cf)
     t_logits, t_feats, c_embeds, c_feats = map(torch.cat, (t_logits, t_feats, c_embeds, c_feats))
-    fmap = fit_feature_map(c_feats, t_feats)
+    space = fit_joint_space(t_feats, c_feats, 0.7)
     z_c = clip_logits(c_embeds, text, clip.tau)
     return {
-        "fmap": fmap,
+        "space": space,
         "logits": fuse_logits(t_logits, z_c, 0.7),  # eq. 4
-        "features": fuse_features(t_feats, c_feats, 0.7, fmap),  # eq. 7
+        "features": {"teacher": space.teacher_part(t_feats), "clip": space.clip_part(c_feats)},  # eq. 7
     }
 
 
@@ -121,17 +121,18 @@ def with_views(cached: dict, views: str, n: int, device) -> Targets:
         return Targets(cached["logits"], cached["features"])
     params = torch.from_numpy(view_params("all", n, 32)).to(device)  # (N, 162, 5)
     v = params.shape[1]
-    return Targets(cached["logits"].repeat_interleave(v, 0), cached["features"].repeat_interleave(v, 0), params)
+    features = {name: part.repeat_interleave(v, 0) for name, part in cached["features"].items()}
+    return Targets(cached["logits"].repeat_interleave(v, 0), features, params)
 
 
 def make_cached_step(target, student_name, c, targets: Targets, n, device, batch, generator) -> Callable[[], None]:
     """The trainer's own augment + train_step: CE (no targets), or targets gathered from the cache."""
     student = create_model(student_name, c).to(device).train()
-    feats = targets.features
+    feats = targets.features or {}
     objective = create_objective(
         target, "kd" if target != "ce" else None, "cosine" if target != "ce" else None,
-        student_dim=student.num_features, target_dim=feats.shape[1] if feats is not None else None,
-        num_samples=n,
+        student_dim=student.num_features, teacher_dim=feats["teacher"].shape[1] if feats else None,
+        clip_dim=feats["clip"].shape[1] if feats else None,
     ).to(device)
     optimizer = torch.optim.SGD(list(student.parameters()) + list(objective.parameters()), lr=0.05, momentum=0.9)
 
@@ -146,9 +147,9 @@ def make_cached_step(target, student_name, c, targets: Targets, n, device, batch
 def make_online_step(student_name, c, teacher, clip, text, cached, n, device, batch, generator) -> Callable[[], None]:
     """Without a cache: teacher and CLIP run on every augmented batch, then the same loss and step."""
     student = create_model(student_name, c).to(device).train()
-    fmap = cached["fmap"]
+    space, feats = cached["space"], cached["features"]
     objective = create_objective("richkd", "kd", "cosine", student_dim=student.num_features,
-                                 target_dim=cached["features"].shape[1], num_samples=n).to(device)
+                                 teacher_dim=feats["teacher"].shape[1], clip_dim=feats["clip"].shape[1]).to(device)
     optimizer = torch.optim.SGD(list(student.parameters()) + list(objective.parameters()), lr=0.05, momentum=0.9)
 
     def step() -> None:
@@ -158,7 +159,7 @@ def make_online_step(student_name, c, teacher, clip, text, cached, n, device, ba
             z_t, f_t = teacher(normalize(x, CIFAR_MEAN, CIFAR_STD))
             embeds, f_c = clip.encode_images(x)
             z_f = fuse_logits(z_t, clip_logits(embeds, text, clip.tau), 0.7)
-            f_f = fuse_features(f_t, f_c, 0.7, fmap)
+            f_f = {"teacher": space.teacher_part(f_t), "clip": space.clip_part(f_c)}  # eq. 7
         # the targets exist only for this batch: row i of them belongs to sample i of the batch
         local = torch.arange(len(y), device=device)
         x = normalize(x, CIFAR_MEAN, CIFAR_STD)

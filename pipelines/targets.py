@@ -18,7 +18,7 @@ from pipelines.cached import flat, teacher_logits
 from pipelines.config import TrainConfig
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.data import random_crop_flip
-from richkd_cache.distill import FeatureMap, build_targets, fit_feature_map
+from richkd_cache.distill import JointSpace, build_targets, fit_joint_space
 from richkd_cache.errors import ConfigError
 from richkd_cache.views import apply_views
 
@@ -28,7 +28,9 @@ class Targets:
     """Distillation targets for every cached (sample, view) row n * V + v, on the cache device."""
 
     logits: torch.Tensor | None  # (N * V, C) float32
-    features: torch.Tensor | None  # (N * V, Ft) float32
+    # the target's feature parts by name, "teacher" (N * V, Ft) and/or "clip" (N * V, Fc) float32: raw for
+    # CRD (it fuses after its embeddings), the blocks of the fixed fused f_F for cosine/MSE (docs/fusion.md)
+    features: dict[str, torch.Tensor] | None
     views: torch.Tensor | None = None  # (N, V, 5) view parameters when V > 1; None: the clean view only
 
 
@@ -40,39 +42,42 @@ def cached_arrays(cache: CacheReader) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Fusion:
-    """What turns cached rows into targets: the prompt set's text embeddings, tau, and the fixed
-    CLIP-to-teacher feature map (eq. 7)."""
+    """What turns cached rows into targets: the prompt set's text embeddings, tau, and for cosine/MSE
+    with the richkd target the fixed joint feature space (eq. 7, docs/fusion.md)."""
 
     text: torch.Tensor  # (M, C, D)
     tau: float
-    fmap: FeatureMap | None
+    space: JointSpace | None
 
 
-def setup_fusion(cfg: TrainConfig, cache: CacheReader) -> Fusion:
-    """The feature map is fitted on every row, or with --stream-window on the first window's blocks."""
+def setup_fusion(cfg: TrainConfig, cache: CacheReader, arrays: dict[str, np.ndarray] | None = None) -> Fusion:
+    """The joint space is fitted on `arrays` (every row), or with --stream-window on the first window's
+    blocks; the fp16 rows are read in float32 chunks, never copied whole."""
     if not cache.prompt_sets():
         raise ConfigError(f"cache {cache.url} stores no prompt set: add one with `richkd-cache prompts add`")
     text = torch.from_numpy(cache.text_embeddings(cfg.prompts or cache.prompt_sets()[0]))
     tau = cfg.clip_tau if cfg.clip_tau is not None else cache.manifest["clip"]["tau"]
-    fmap = None
-    if cfg.resolved_target in ("clip", "richkd"):
-        stop = cache.layout.num_samples
-        if cfg.stream_window:
-            stop = cache.layout.block_range(min(cfg.stream_window, cache.layout.num_blocks) - 1)[1]
-        feats = {k: flat(cache.load_rows(k, 0, stop)) for k in ("teacher/features", "clip/features")}
-        fmap = fit_feature_map(feats["clip/features"], feats["teacher/features"])
-    return Fusion(text, tau, fmap)
+    space = None
+    if cfg.resolved_target == "richkd" and cfg.feature_loss in ("cosine", "mse"):
+        if arrays is None:  # a streamed cache: the first window's blocks
+            stop = cache.layout.num_samples
+            if cfg.stream_window:
+                stop = cache.layout.block_range(min(cfg.stream_window, cache.layout.num_blocks) - 1)[1]
+            arrays = {k: cache.load_rows(k, 0, stop) for k in ("teacher/features", "clip/features")}
+        space = fit_joint_space(arrays["teacher/features"], arrays["clip/features"], cfg.lam)
+    return Fusion(text, tau, space)
 
 
 def compute_targets(cfg: TrainConfig, arrays: dict[str, np.ndarray], fusion: Fusion, device: torch.device,
                     views: np.ndarray | None) -> Targets:
-    """z_C (eq. 2-3), z_F (eq. 4) and f_F (eq. 7) for a set of cached rows, placed on `device`."""
+    """z_C (eq. 2-3), z_F (eq. 4) and the feature parts (eq. 7) for a set of cached rows, placed on `device`."""
     t_feats, c_embeds, c_feats = (flat(arrays[k]) for k in ("teacher/features", "clip/image_embeds", "clip/features"))
     t_logits = teacher_logits(arrays, fusion.text.shape[1])
     c_logits = clip_logits(c_embeds, fusion.text, fusion.tau, renormalize=cfg.clip_renormalize)  # eq. 2-3
     built = build_targets(cfg.resolved_target, teacher_logits=t_logits, clip_logits=c_logits,
-                          teacher_feats=t_feats, clip_feats=c_feats, alpha=cfg.alpha, lam=cfg.lam, fmap=fusion.fmap)
-    logits, feats = built.get("logits"), built.get("features")
+                          teacher_feats=t_feats, clip_feats=c_feats, alpha=cfg.alpha, space=fusion.space)
+    logits = built.get("logits")
+    feats = {name: built[f"{name}_features"] for name in ("teacher", "clip") if f"{name}_features" in built}
     pin = device.type == "cpu" and torch.cuda.is_available()  # host copies that feed a GPU are pinned
 
     def place(t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +86,7 @@ def compute_targets(cfg: TrainConfig, arrays: dict[str, np.ndarray], fusion: Fus
 
     return Targets(
         logits=None if logits is None else place(logits),
-        features=None if feats is None or cfg.feature_loss is None else place(feats),
+        features={name: place(t) for name, t in feats.items()} if cfg.feature_loss and feats else None,
         views=None if views is None or views.shape[1] == 1 else torch.from_numpy(views).to(device),
     )
 
@@ -95,7 +100,7 @@ def whole_cache(cfg: TrainConfig, cache: CacheReader | None, device: torch.devic
         targets = Targets(None, None)
     else:
         arrays = cache.load_many(list(cached_arrays(cache)))
-        targets = compute_targets(cfg, arrays, setup_fusion(cfg, cache), device, cache.load("views/params"))
+        targets = compute_targets(cfg, arrays, setup_fusion(cfg, cache, arrays), device, cache.load("views/params"))
 
     def windows(generator: torch.Generator, pool: torch.Tensor) -> Iterator[Window]:
         yield pool[torch.randperm(len(pool), generator=generator, device=generator.device).cpu()], targets, None

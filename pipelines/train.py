@@ -57,7 +57,7 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     student = create_model(cfg.student, train_set.num_classes).to(device)
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
-    objective = setup_objective(cfg, student, cache, len(train_set)).to(device)
+    objective = setup_objective(cfg, student, cache, train_set, pool).to(device)
     optimizer, scheduler = setup_optimizer(cfg, student, objective)
     state = run.start(student, objective, optimizer, scheduler, {**asdict(cfg), "target": cfg.resolved_target})
     model, loss = data_parallel(student, ctx), data_parallel(objective, ctx)
@@ -171,8 +171,9 @@ def batches(
 
 
 def setup_objective(cfg: TrainConfig, student: torch.nn.Module, cache: CacheReader | None,
-                    num_samples: int) -> DistillObjective:
-    """Every target's features live in the teacher's feature space (CLIP's are mapped there, eq. 7)."""
+                    train_set: ImageDataset, pool: torch.Tensor) -> DistillObjective:
+    """The feature loss sees the target's feature parts (the teacher's and/or CLIP's); CRD also needs the
+    labels (negatives of other classes) and the samples trained on (its memory bank)."""
     target = cfg.resolved_target
     distilled = target != "ce" and cache is not None
     return create_objective(
@@ -180,8 +181,12 @@ def setup_objective(cfg: TrainConfig, student: torch.nn.Module, cache: CacheRead
         cfg.method if distilled else None,
         cfg.feature_loss if distilled else None,
         student_dim=student.num_features,
-        target_dim=cache.layout.teacher_dim if distilled else None,
-        num_samples=num_samples,
+        teacher_dim=cache.layout.teacher_dim if distilled else None,
+        clip_dim=cache.layout.clip_feature_dim if distilled else None,
+        lam=cfg.lam,
+        labels=torch.from_numpy(train_set.labels.astype(np.int64)),
+        trained=pool,
+        seed=cfg.seed,
         beta=cfg.beta,
         gamma=cfg.gamma,
         temperature=cfg.temperature,
@@ -258,20 +263,22 @@ def train_step(
     rows: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimisation step on a normalised batch x (B, 3, H, W); targets are gathered at `rows`
-    (the cache rows of the batch's views; default: the sample indices), CRD's memory at `index`.
+    (the cache rows of the batch's views; default: the sample indices), CRD's memory at `index`
+    (sample indices).
 
     Returns the loss terms (eq. 9, each already weighted) and their sum as "loss", detached and left on
     the device (reading them would wait for the GPU every step), and the student's logits (B, C).
     """
     device = x.device
+    rows = index if rows is None else rows
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits, feats = student(x)
     terms = objective(
         logits.float(),
         feats.float(),
         y,
-        target_logits=gather(targets.logits, index if rows is None else rows, device),
-        target_feats=gather(targets.features, index if rows is None else rows, device),
+        target_logits=gather(targets.logits, rows, device),
+        target_feats={name: gather(part, rows, device) for name, part in (targets.features or {}).items()},
         index=index,
         epoch=epoch,
     )

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.config import list_recipes, load_recipe
-from richkd_cache.models import create_model, save_checkpoint
+from richkd_cache.models import create_model, load_checkpoint, save_checkpoint
 
 runner = CliRunner()
 FAST = ["--student", "resnet8", "--device", "cpu", "--workers", "0", "--quiet"]
@@ -46,6 +47,20 @@ def test_resume_continues_exactly_where_a_straight_run_would_be(cache: Path, tmp
     assert result.exit_code == 0, result.output
     assert losses(crashed) == pytest.approx(losses(straight), rel=1e-5)
     assert json.loads((crashed / "summary.json").read_text())["epochs"] == 2
+
+
+def test_crd_resume_is_bit_identical_to_a_straight_run(cache: Path, tmp_path: Path) -> None:
+    """CRD's negative draws come from its own generator, saved in resume.pth: 3 epochs straight equal
+    1 epoch, a resume, and 2 more, to the bit (on a --fraction subset, whose rows alone form the bank)."""
+    crd = ["--feature-loss", "crd", "--fraction", "0.4"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert invoke("train", "--cache", cache, *FAST, *crd, "--epochs", "3", "--out", straight).exit_code == 0
+    assert invoke("train", "--cache", cache, *FAST, *crd, "--epochs", "1", "--out", crashed).exit_code == 0
+    result = invoke("train", "--cache", cache, *FAST, *crd, "--epochs", "3", "--resume", "--out", crashed)
+    assert result.exit_code == 0, result.output
+    (a, _), (b, _) = (load_checkpoint(str(run / "last.pth")) for run in (straight, crashed))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert losses(crashed) == losses(straight)
 
 
 def test_resume_from_another_run_is_refused(cache: Path, tmp_path: Path) -> None:

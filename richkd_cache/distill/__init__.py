@@ -1,12 +1,12 @@
 """Fusion (eq. 4, 7) and distillation losses (eq. 5, 8, 9), as pure functions of cached tensors."""
 
-from richkd_cache.distill.feature_losses import FEATURE_LOSSES, create_feature_loss, list_feature_losses
+from richkd_cache.distill.feature_losses import FEATURE_LOSSES, CRDLoss, create_feature_loss, list_feature_losses
 from richkd_cache.distill.fusion import (
+    FEATURE_PARTS,
     TARGETS,
-    FeatureMap,
+    JointSpace,
     build_targets,
-    fit_feature_map,
-    fuse_features,
+    fit_joint_space,
     fuse_logits,
     logits_from_topk,
     topk_kl,
@@ -16,17 +16,18 @@ from richkd_cache.distill.logit_losses import DEFAULTS, LOGIT_LOSSES, get_logit_
 from richkd_cache.distill.objective import DistillObjective, create_objective
 
 __all__ = [
+    "CRDLoss",
     "DEFAULTS",
     "FEATURE_LOSSES",
+    "FEATURE_PARTS",
     "LOGIT_LOSSES",
     "TARGETS",
     "DistillObjective",
-    "FeatureMap",
+    "JointSpace",
     "build_targets",
     "create_feature_loss",
     "create_objective",
-    "fit_feature_map",
-    "fuse_features",
+    "fit_joint_space",
     "fuse_logits",
     "get_logit_loss",
     "list_feature_losses",

@@ -1,34 +1,67 @@
 """Fused targets: eq. 4 for logits, eq. 7 for features, computed from cached tensors only.
 
-Feature fusion needs CLIP's feature (Fc wide) in the teacher's feature space (Ft wide). That map is
-NOT learned with the student: if the target side were trained jointly, an MSE or cosine loss to it
-could be driven to zero by collapsing the target (both maps -> 0, or to a constant direction). Instead
-the CLIP -> teacher map is fitted once, in closed form, by ridge regression of f_T on f_C over the
-cached training rows. It is fixed during training, so f_F (eq. 7) is a fixed target per sample; only
-the student's projector (Fs -> Ft, in feature_losses.py) is learned.
+Feature fusion (eq. 7) adds a teacher feature (Ft wide) and a CLIP feature (Fc wide) that live in
+different spaces; the paper fixes the dimensions "through a linear layer". Which map is used decides
+what survives. A map from CLIP into the teacher's space fitted by regression keeps only the part of f_C
+that predicts f_T, so a signal that only CLIP carries is lost. Two fusions keep it:
+
+- CRD (the authors' code, RichKD.py): a learned linear map per teacher into CRD's 128-d embedding,
+  each L2-normalised, fused there and normalised again. The maps train with CRD; its negatives keep
+  them from collapsing. That lives in feature_losses.CRDLoss: its targets are the raw f_T and f_C.
+- cosine and MSE have no negatives, so a learned target side could collapse onto the student. Their
+  target is fixed: a joint space both features are mapped into without any fitting between them,
+  f_F = [sqrt(lambda) a_T (f_T - mu_T), sqrt(1 - lambda) a_C (f_C - mu_C)]      (JointSpace)
+  i.e. each feature centred and scaled to a common energy, stacked. Inner products and squared
+  distances of f_F are lambda times the teacher's plus (1 - lambda) times CLIP's (eq. 7 on the
+  geometry of the two spaces), and every direction of either feature is kept.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from richkd_cache.errors import ConfigError, DataError
 
 TARGETS = ("ce", "kd", "clip", "richkd")
+# Which cached features each target distils towards (eq. 8): the teacher's, CLIP's, or both fused (eq. 7).
+FEATURE_PARTS = {"ce": (), "kd": ("teacher",), "clip": ("clip",), "richkd": ("teacher", "clip")}
+
+_CHUNK_ROWS = 1 << 16  # rows per chunk of a fit: 65536 x 1024 float32 is 256 MB at most
 
 
 @dataclass(frozen=True)
-class FeatureMap:
-    """f_C (.., Fc) -> f_C @ weight + bias (.., Ft); weight (Fc, Ft), bias (Ft,), float32."""
+class JointSpace:
+    """The fixed fused feature space of cosine and MSE targets (eq. 7 by blocks, see the module doc).
 
-    weight: torch.Tensor
-    bias: torch.Tensor
+    teacher_mean (Ft,) and clip_mean (Fc,) centre each feature; the scales make each block's mean
+    squared norm the joint width Ft + Fc, so the stacked target has mean square 1 per element and the
+    blocks carry lambda and 1 - lambda of its energy. Nothing here is learned: the target cannot move.
+    """
 
-    def __call__(self, clip_feats: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight.to(clip_feats.device), self.bias.to(clip_feats.device)
-        return clip_feats.float() @ w + b
+    teacher_mean: torch.Tensor
+    teacher_scale: float
+    clip_mean: torch.Tensor
+    clip_scale: float
+    lam: float
+
+    def teacher_part(self, teacher_feats: torch.Tensor) -> torch.Tensor:
+        """(.., Ft) -> the first block of f_F, (.., Ft) float32."""
+        mean = self.teacher_mean.to(teacher_feats.device)
+        return (teacher_feats.float() - mean) * (math.sqrt(self.lam) * self.teacher_scale)
+
+    def clip_part(self, clip_feats: torch.Tensor) -> torch.Tensor:
+        """(.., Fc) -> the second block of f_F, (.., Fc) float32."""
+        mean = self.clip_mean.to(clip_feats.device)
+        return (clip_feats.float() - mean) * (math.sqrt(1.0 - self.lam) * self.clip_scale)
+
+    def __call__(self, teacher_feats: torch.Tensor, clip_feats: torch.Tensor) -> torch.Tensor:
+        """f_F (.., Ft + Fc) of eq. 7."""
+        return torch.cat([self.teacher_part(teacher_feats), self.clip_part(clip_feats)], dim=-1)
 
 
 def fuse_logits(teacher_logits: torch.Tensor, clip_logits: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -36,32 +69,47 @@ def fuse_logits(teacher_logits: torch.Tensor, clip_logits: torch.Tensor, alpha: 
     return alpha * teacher_logits + (1.0 - alpha) * clip_logits
 
 
-def fit_feature_map(clip_feats: torch.Tensor, teacher_feats: torch.Tensor, ridge: float = 1e-3) -> FeatureMap:
-    """Least squares f_T ~ f_C W + b over N cached rows, (N, Fc) and (N, Ft); solved in float64.
+def fit_joint_space(teacher_feats: np.ndarray | torch.Tensor, clip_feats: np.ndarray | torch.Tensor,
+                    lam: float, chunk_rows: int = _CHUNK_ROWS) -> JointSpace:
+    """The centring and scales of JointSpace from cached rows, (.., Ft) and (.., Fc) of any float dtype.
 
-    The ridge is relative (scaled by the mean eigenvalue of the centred Gram matrix) so the fit does
-    not depend on the features' overall scale.
+    The two sides may have different row counts (teacher rows per view, CLIP rows per sample). Rows are
+    read chunk by chunk in float32; only (F,) sums are kept in float64, so 8.1M x 1024 fp16 rows need
+    one chunk of working memory, never a float64 copy of all rows.
     """
-    if clip_feats.ndim != 2 or teacher_feats.ndim != 2 or len(clip_feats) != len(teacher_feats):
-        raise DataError(
-            f"the feature map needs (N, Fc) CLIP and (N, Ft) teacher features of the same rows, got "
-            f"{tuple(clip_feats.shape)} and {tuple(teacher_feats.shape)}; rebuild the cache"
-        )
-    x = clip_feats.double()
-    y = teacher_feats.double()
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    xc, yc = x - x_mean, y - y_mean
-    gram = xc.T @ xc  # (Fc, Fc)
-    scale = torch.trace(gram) / gram.shape[0]
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    weight = torch.linalg.solve(gram + ridge * scale.clamp_min(1e-12) * eye, xc.T @ yc)  # (Fc, Ft)
-    bias = y_mean - x_mean @ weight
-    return FeatureMap(weight.float(), bias.float())
+    if not 0.0 <= lam <= 1.0:
+        raise ConfigError(f"lambda (eq. 7) must lie in [0, 1], got {lam}")
+    width = teacher_feats.shape[-1] + clip_feats.shape[-1]
+    t_mean, t_energy = _centre_and_energy(teacher_feats, chunk_rows, "teacher")
+    c_mean, c_energy = _centre_and_energy(clip_feats, chunk_rows, "CLIP")
+    return JointSpace(t_mean, math.sqrt(width / t_energy), c_mean, math.sqrt(width / c_energy), lam)
 
 
-def fuse_features(teacher_feats: torch.Tensor, clip_feats: torch.Tensor, lam: float, fmap: FeatureMap) -> torch.Tensor:
-    """eq. 7: f_F = lambda f_T + (1 - lambda) M(f_C), with M the fixed map into the teacher's space."""
-    return lam * teacher_feats.float() + (1.0 - lam) * fmap(clip_feats)
+def _centre_and_energy(rows: np.ndarray | torch.Tensor, chunk_rows: int, side: str) -> tuple[torch.Tensor, float]:
+    """Mean (F,) float32 and mean squared norm of the centred rows, in two chunked passes (the second
+    centres before squaring: no E[x^2] - E[x]^2 cancellation)."""
+    numel = rows.size if isinstance(rows, np.ndarray) else rows.numel()
+    if rows.ndim < 2 or numel == 0:
+        raise DataError(f"the {side} features are empty or have no feature axis: {tuple(rows.shape)}; rebuild the cache")
+    flat = rows.reshape(-1, rows.shape[-1])
+    total = torch.zeros(flat.shape[1], dtype=torch.float64)
+    for chunk in _chunks(flat, chunk_rows):
+        total += chunk.sum(0).double()
+    mean = (total / len(flat)).float()
+    energy = 0.0
+    for chunk in _chunks(flat, chunk_rows):
+        energy += float((chunk - mean).square().sum(dtype=torch.float64))
+    if not math.isfinite(energy):
+        raise DataError(f"the {side} features hold NaN or infinite values; verify or rebuild the cache")
+    return mean, max(energy / len(flat), 1e-12)
+
+
+def _chunks(rows: np.ndarray | torch.Tensor, chunk_rows: int) -> Iterator[torch.Tensor]:
+    """(n, F) -> float32 CPU tensors of at most chunk_rows rows (only one chunk converted at a time)."""
+    for start in range(0, len(rows), chunk_rows):
+        part = rows[start : start + chunk_rows]
+        part = torch.from_numpy(np.ascontiguousarray(part)) if isinstance(part, np.ndarray) else part
+        yield part.detach().to("cpu", torch.float32)
 
 
 def build_targets(
@@ -72,28 +120,27 @@ def build_targets(
     teacher_feats: torch.Tensor | None = None,
     clip_feats: torch.Tensor | None = None,
     alpha: float = 0.7,
-    lam: float = 0.7,
-    fmap: FeatureMap | None = None,
+    space: JointSpace | None = None,
 ) -> dict[str, torch.Tensor]:
     """The logits and features a student is distilled towards, by target name.
 
-    ce: none; kd: the teacher's; clip: CLIP's (features mapped into the teacher's space);
-    richkd: the fusion of both (eq. 4 and 7).
+    ce: none; kd: the teacher's; clip: CLIP's; richkd: the fusion of both. Features come as parts,
+    "teacher_features" and/or "clip_features" (FEATURE_PARTS): raw, or, when `space` is given (the
+    richkd target of cosine and MSE), the two blocks of the fixed fused feature f_F (eq. 7). Without a
+    space the richkd parts stay raw for a loss that fuses them itself (CRD, after its embeddings).
     """
     if target not in TARGETS:
         raise ConfigError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
     if target == "ce":
         return {}
     if target == "kd":
-        return {"logits": teacher_logits, "features": teacher_feats}
-    if fmap is None:
-        raise ConfigError(f"target {target} needs the CLIP-to-teacher feature map")
+        return {"logits": teacher_logits, "teacher_features": teacher_feats}
     if target == "clip":
-        return {"logits": clip_logits, "features": fmap(clip_feats)}
-    return {
-        "logits": fuse_logits(teacher_logits, clip_logits, alpha),
-        "features": fuse_features(teacher_feats, clip_feats, lam, fmap),
-    }
+        return {"logits": clip_logits, "clip_features": clip_feats}
+    fused = {"logits": fuse_logits(teacher_logits, clip_logits, alpha)}  # eq. 4
+    if space is None:
+        return {**fused, "teacher_features": teacher_feats, "clip_features": clip_feats}
+    return {**fused, "teacher_features": space.teacher_part(teacher_feats), "clip_features": space.clip_part(clip_feats)}
 
 
 def topk_log_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

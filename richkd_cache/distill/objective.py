@@ -1,7 +1,9 @@
 """The whole loss of eq. 9 as one module: CE + beta * L_logit + gamma * L_feat, as named terms.
 
-The trainer sums the terms and logs each. Parameters of this module are the student-side maps of the
-feature loss (trained with the student); nothing here touches a teacher or CLIP model.
+The trainer sums the terms and logs each. Parameters of this module are the feature loss's maps
+(trained with the student; for CRD also its embeddings of the cached teacher and CLIP features), and its
+state_dict holds everything a resumed run needs (CRD's banks, normalisers and draw generator); nothing
+here touches a teacher or CLIP model.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from richkd_cache.distill.feature_losses import create_feature_loss
-from richkd_cache.distill.fusion import TARGETS
+from richkd_cache.distill.fusion import FEATURE_PARTS, TARGETS
 from richkd_cache.distill.logit_losses import DEFAULTS, get_logit_loss
 from richkd_cache.errors import ConfigError
 
@@ -26,9 +28,12 @@ class DistillObjective(nn.Module):
         self.beta, self.gamma, self.logit_hyper = beta, gamma, logit_hyper
 
     def forward(self, student_logits: torch.Tensor, student_feats: torch.Tensor, labels: torch.Tensor, *,
-                target_logits: torch.Tensor | None = None, target_feats: torch.Tensor | None = None,
+                target_logits: torch.Tensor | None = None, target_feats: dict[str, torch.Tensor] | None = None,
                 index: torch.Tensor | None = None, epoch: int = 0) -> dict[str, torch.Tensor]:
-        """epoch counts from 0; warm-ups (DKD, RLD) see it from 1, as in their reference trainers."""
+        """epoch counts from 0; warm-ups (DKD, RLD) see it from 1, as in their reference trainers.
+
+        target_feats: the target's feature parts, {"teacher": (B, Ft), "clip": (B, Fc)} (FEATURE_PARTS).
+        """
         terms = {"ce": F.cross_entropy(student_logits, labels)}
         if self.logit_loss is not None:
             if target_logits is None:
@@ -36,16 +41,23 @@ class DistillObjective(nn.Module):
             loss = self.logit_loss(student_logits, target_logits, labels, epoch=epoch + 1, **self.logit_hyper)
             terms["logit"] = self.beta * loss  # eq. 9
         if self.feature_loss is not None:
-            if target_feats is None:
+            if not target_feats:
                 raise ConfigError("the feature loss needs target features")
             terms["feat"] = self.gamma * self.feature_loss(student_feats, target_feats, index)  # eq. 9
         return terms
 
 
 def create_objective(target: str, logit_loss: str | None, feature_loss: str | None, *, student_dim: int,
-                     target_dim: int | None, num_samples: int | None, beta: float = 3.0, gamma: float = 0.8,
-                     temperature: float = 3.0, logit_hyper: dict | None = None) -> DistillObjective:
-    """`temperature` is KD's T (eq. 5); other logit losses use their own defaults unless `logit_hyper`."""
+                     teacher_dim: int | None = None, clip_dim: int | None = None, lam: float = 0.7,
+                     labels: torch.Tensor | None = None, trained: torch.Tensor | None = None, seed: int = 0,
+                     beta: float = 3.0, gamma: float = 0.8, temperature: float = 3.0,
+                     logit_hyper: dict | None = None) -> DistillObjective:
+    """`temperature` is KD's T (eq. 5); other logit losses use their own defaults unless `logit_hyper`.
+
+    The feature loss sees the target's parts (FEATURE_PARTS): teacher_dim and clip_dim are their widths.
+    CRD also needs `labels` (N,) and the sample indices `trained` (its bank and negatives), `lam` to fuse
+    after embedding (eq. 7) and `seed` for its own draws.
+    """
     if target not in TARGETS:
         raise ConfigError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
     if target == "ce":
@@ -56,7 +68,12 @@ def create_objective(target: str, logit_loss: str | None, feature_loss: str | No
     hyper.update(logit_hyper or {})
     feature = None
     if feature_loss:
-        if target_dim is None:
-            raise ConfigError(f"feature loss {feature_loss} needs target features, which target {target} lacks")
-        feature = create_feature_loss(feature_loss, student_dim, target_dim, num_samples)
+        dims = {"teacher": teacher_dim, "clip": clip_dim}
+        missing = [name for name in FEATURE_PARTS[target] if not dims[name]]
+        if missing:
+            raise ConfigError(f"feature loss {feature_loss} needs {' and '.join(missing)} features, which target "
+                              f"{target} lacks")
+        kept = {f"{name}_dim": dims[name] if name in FEATURE_PARTS[target] else None for name in dims}
+        feature = create_feature_loss(feature_loss, student_dim, **kept, labels=labels, trained=trained, lam=lam,
+                                      seed=seed)
     return DistillObjective(target, logit_loss, feature, beta=beta, gamma=gamma, logit_hyper=hyper)
