@@ -5,12 +5,15 @@ Locations stay strings (URLs) end to end: `s3://bucket/x.zarr` and `simplecache:
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 
 import fsspec
 import zarr
 from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.errors import GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore, ZipStore
 
@@ -45,12 +48,13 @@ def open_store(url: str, read_only: bool) -> Store:
     return LocalStore(local_path(url), read_only=read_only)
 
 
-def open_group_read(url: str) -> zarr.Group:
-    """Read-only, through the consolidated metadata when the build wrote it (one request on object stores)."""
+def open_group_read(url: str, consolidated: bool = True) -> zarr.Group:
+    """Read-only, through the consolidated metadata when the build wrote it (one request on object stores);
+    `consolidated=False` reads every node's own zarr.json instead (what `verify` checks too)."""
     if not is_remote(url) and not os.path.exists(local_path(url)):
         raise CacheError(f"no cache at {url}")
     try:
-        return zarr.open_group(open_store(url, read_only=True), mode="r")
+        return zarr.open_group(open_store(url, read_only=True), mode="r", use_consolidated=None if consolidated else False)
     except _NOT_THERE:
         raise CacheError(f"no cache at {url} (no zarr group there)") from None
     except _DAMAGED as e:
@@ -88,3 +92,47 @@ def occupied(url: str) -> bool:
     if not fs.exists(path):
         return False
     return not fs.isdir(path) or bool(fs.ls(path))
+
+
+def stored_keys(store: Store) -> set[str]:
+    """Every key in the store (one listing: a directory walk, a zip's index, or a few object-store pages)."""
+
+    async def collect() -> set[str]:
+        return {key async for key in store.list()}
+
+    return sync(collect())
+
+
+def key_exists(store: Store, key: str) -> bool:
+    return sync(store.exists(key))
+
+
+def delete_keys(store: Store, keys: set[str]) -> None:
+    """Delete exactly these keys, and the folders of top-level nodes that no longer hold anything."""
+
+    async def delete() -> None:
+        for key in sorted(keys):
+            await store.delete(key)
+
+    sync(delete())
+    if isinstance(store, LocalStore):  # empty folders are the only thing left of the deleted nodes
+        for top in sorted({key.split("/")[0] for key in keys if "/" in key}):
+            for folder, _, _ in sorted(os.walk(store.root / top), reverse=True):
+                if not os.listdir(folder):
+                    os.rmdir(folder)
+
+
+def read_json_key(store: Store, key: str) -> object:
+    """The JSON document at `key`, None when there is none; CacheError when it is not JSON."""
+
+    async def get() -> bytes | None:
+        buffer = await store.get(key, prototype=default_buffer_prototype())
+        return None if buffer is None else buffer.to_bytes()
+
+    raw = sync(get())
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheError(f"{key} is not JSON ({e})") from None

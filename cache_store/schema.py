@@ -6,6 +6,7 @@ docs/cache-format.md is the prose version of this module; keep the two in step.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -16,8 +17,30 @@ FORMAT_VERSION = 1
 MANIFEST_KEY = "richkd_cache"
 STATUS_BUILDING, STATUS_COMPLETE = "building", "complete"
 TEXT_GROUP = "clip/text"
-REQUIRED_MANIFEST_KEYS = ("format_version", "status", "layout", "dataset", "teacher", "clip")
 CLASS_INDEX_ARRAYS = ("labels", "teacher/topk_indices")  # values are class indices 0..C-1
+CHECKSUM_CODEC = "crc32c"  # zarr v3's core checksum codec, last in every array's codec chain
+# The top-level nodes a cache is made of: `build --overwrite` deletes, and `pack` copies, only keys under
+# these that are zarr metadata or chunk keys (every array of CacheLayout lives under one of them).
+TOP_LEVEL_NODES = ("labels", "written", "views", "teacher", "clip")
+_NODE = rf"(?:{'|'.join(TOP_LEVEL_NODES)})(?:/[A-Za-z0-9_.-]+)*"
+CACHE_KEY = re.compile(rf"zarr\.json|{_NODE}/(?:zarr\.json|c(?:/\d+)+)")
+# zarr's LocalStore writes KEY via KEY-stem.<uuid hex>.partial and a rename: a killed write leaves one
+WRITE_LEFTOVER = re.compile(rf"(?:{_NODE}/)?(?:c/(?:\d+/)*)?[^/]+\.[0-9a-f]{{32}}\.partial")
+
+_NUMBER = (int, float)
+# Fields readers rely on, with their JSON types (a dict is checked field by field). Anything else in the
+# manifest is provenance for people and is not checked. None in a tuple: the value may be null.
+MANIFEST_FIELDS: dict = {
+    "format_version": int,
+    "status": str,
+    "layout": dict,
+    "dataset": {"name": str, "split": str, "num_samples": int, "num_classes": int, "classes": list,
+                "fingerprint": str, "root?": (str, None)},
+    "teacher": {"arch": str, "checkpoint_sha256": str, "checkpoint?": str, "accuracy?": (*_NUMBER, None)},
+    "clip": {"arch": str, "requested": str, "tau": _NUMBER, "pretrained?": (str, None),
+             "checkpoint_sha256?": (str, None), "zero_shot_accuracy?": dict},
+    "build_key": dict,
+}
 
 
 @dataclass(frozen=True)
@@ -107,9 +130,11 @@ def validate_manifest(manifest: object, url: str = "cache") -> None:
                 f"({FORMAT_VERSION}); upgrade richkd-cache"
             )
         raise CacheError(f"{url}: unknown cache format version {version!r} (this richkd-cache reads {FORMAT_VERSION})")
-    missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise CacheError(f"{url}: the manifest lacks {', '.join(missing)}; the cache is damaged, rebuild it")
+    problem = manifest_problem(manifest, MANIFEST_FIELDS)
+    if problem:
+        raise CacheError(f"{url}: the manifest's {problem}; the cache is damaged, rebuild it")
+    if not math.isfinite(manifest["clip"]["tau"]) or manifest["clip"]["tau"] <= 0:
+        raise CacheError(f"{url}: the manifest's clip.tau is {manifest['clip']['tau']!r}, not a positive number")
     if manifest["status"] not in (STATUS_BUILDING, STATUS_COMPLETE):
         raise CacheError(
             f"{url}: unknown status {manifest['status']!r} (expected {STATUS_BUILDING} or {STATUS_COMPLETE})"
@@ -122,6 +147,40 @@ def validate_manifest(manifest: object, url: str = "cache") -> None:
             f"{url}: the manifest's layout has keys {got}, format {FORMAT_VERSION} needs {sorted(expected)}"
         )
     CacheLayout(**layout)  # sizes must be valid too
+
+
+def manifest_problem(value: dict, schema: dict, prefix: str = "") -> str | None:
+    """The first field of `value` that is missing or of the wrong type under `schema`, as "field: why"."""
+    for key, expected in schema.items():
+        name, optional = key.removesuffix("?"), key.endswith("?")
+        field = prefix + name
+        if name not in value:
+            if optional:
+                continue
+            return f"field {field} is missing"
+        item = value[name]
+        if isinstance(expected, dict):
+            if not isinstance(item, dict):
+                return f"field {field} is {_json_type(item)}, expected an object"
+            problem = manifest_problem(item, expected, field + ".")
+            if problem:
+                return problem
+            continue
+        allowed = expected if isinstance(expected, tuple) else (expected,)
+        if item is None and None in allowed:
+            continue
+        types = tuple(t for t in allowed if t is not None)
+        if isinstance(item, bool) and bool not in types or not isinstance(item, types):
+            return f"field {field} is {_json_type(item)}, expected {' or '.join(_json_type(t) for t in allowed)}"
+    return None
+
+
+def _json_type(value: object) -> str:
+    """A value's (or a type's) JSON name, for messages."""
+    kind = value if isinstance(value, type) or value is None else type(value)
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "an object", None: "null", type(None): "null"}
+    return names[kind] if kind in names else getattr(kind, "__name__", str(kind))
 
 
 def bad_rows(name: str, rows: np.ndarray, num_classes: int) -> np.ndarray:

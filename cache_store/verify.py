@@ -1,4 +1,9 @@
-"""`verify`: everything that can be checked without the models (structure, dtypes, NaN/Inf, flags)."""
+"""`verify`: everything that can be checked without the models.
+
+The manifest against its schema; every array's own metadata (not only the consolidated copy) against the
+layout; every chunk the written flags promise is stored; every stored chunk of every array read once
+(its crc32c checked, NaN/Inf and class indices out of range found); prompt sets written and finite.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cache_store._store import open_group_read
 from cache_store.errors import CacheError
+from cache_store.integrity import block_coords, check_array_metadata, chunk_error, chunk_key, damage
 from cache_store.reader import CacheReader, open_cache
-from cache_store.schema import STATUS_COMPLETE, bad_rows, describe_samples
+from cache_store.schema import STATUS_COMPLETE, TEXT_GROUP, bad_rows, describe_samples
+
+NO_CHECKSUMS = "none (written before richkd-cache checksummed chunks: a flipped bit in stored data goes unnoticed)"
 
 
 @dataclass
@@ -19,6 +28,7 @@ class VerifyReport:
     status: str = "unknown"
     blocks_written: int = 0
     blocks_total: int = 0
+    checksums: str = "unknown"
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -30,38 +40,86 @@ def verify_cache(url: str) -> VerifyReport:
     """Every check that needs no model; problems are collected, not raised, so one run lists them all."""
     report = VerifyReport(url)
     try:
-        reader = open_cache(url, require_complete=False)
+        reader = open_cache(url, require_complete=False, check_chunks=False)
+        written = reader.written_mask()
     except CacheError as e:
         report.problems.append(str(e))
         return report
-    written = reader.written_mask()
     report.status = reader.manifest["status"]
     report.blocks_written, report.blocks_total = int(written.sum()), int(written.size)
+    report.checksums = checksum_summary(reader)
+    report.problems += own_metadata_problems(url, reader)
     if not written.all():
         report.problems.append(f"{written.size - written.sum()} of {written.size} blocks not written: incomplete build")
     elif report.status != STATUS_COMPLETE:
         report.problems.append("every block is written but the build never completed (status building)")
+    report.problems += reader.missing()
     report.problems += _scan_blocks(reader, np.flatnonzero(written))
-    if not reader.prompt_sets():
-        report.problems.append("no prompt set stored: CLIP logits cannot be computed")
-    for name in reader.prompt_sets():
-        if not np.isfinite(reader.text_embeddings(name)).all():
-            report.problems.append(f"prompt set {name}: non-finite text embeddings")
+    report.problems += _scan_prompt_sets(reader)
     return report
 
 
+def checksum_summary(reader: CacheReader) -> str:
+    unchecked = reader.without_checksums()
+    if not unchecked:
+        return "crc32c on every chunk"
+    if len(unchecked) == len(reader.layout.arrays()) + len(reader.prompt_set_arrays()):
+        return NO_CHECKSUMS
+    return f"crc32c, except on {', '.join(unchecked)}"
+
+
+def own_metadata_problems(url: str, reader: CacheReader) -> list[str]:
+    """Readers use the consolidated copy; writers and plain zarr read each array's own zarr.json."""
+    if reader.manifest["status"] != STATUS_COMPLETE:
+        return []  # nothing consolidated yet: the reader already read every array's own metadata
+    try:
+        check_array_metadata(open_group_read(url, consolidated=False), reader.layout, url)
+    except CacheError as e:
+        return [f"{e} (the consolidated copy readers use is intact)"]
+    return []
+
+
 def _scan_blocks(reader: CacheReader, blocks: np.ndarray) -> list[str]:
-    """Read block by block (one chunk per array) so memory stays bounded on large caches."""
+    """Read block by block (one chunk per array) so memory stays bounded on large caches; a chunk that
+    does not read (checksum, truncation) is named, and the scan goes on."""
     problems = []
     layout = reader.layout
-    for name in layout.sample_arrays():
+    for name in layout.arrays():
         array = reader.group[name]
-        bad = []
-        for b in blocks:
-            start, stop = layout.block_range(int(b))
-            bad.append(bad_rows(name, array[start:stop], layout.num_classes) + start)
+        chunks = range(layout.num_blocks) if name == "written" else blocks
+        bad, damaged = [], []
+        for b in chunks:
+            coords = block_coords(array, int(b))
+            if name != "written" and chunk_key(array, coords) not in reader.keys:
+                continue  # reader.missing() names it; its fill values are not the cache's
+            try:
+                rows = array.get_block_selection(coords)  # one chunk: its crc32c is checked here
+            except Exception as error:  # a codec's error on damaged bytes
+                damaged.append(damage(array, name, coords, error))
+                continue
+            if name != "written":
+                bad.append(bad_rows(name, rows, layout.num_classes) + layout.block_range(int(b))[0])
+        problems += damaged
         bad_samples = np.concatenate(bad) if bad else np.empty(0, dtype=np.int64)
         if bad_samples.size:
             what = "non-finite values" if np.issubdtype(array.dtype, np.floating) else "class index out of range"
             problems.append(f"{name}: {what} in sample(s) {describe_samples(bad_samples)}")
+    return problems
+
+
+def _scan_prompt_sets(reader: CacheReader) -> list[str]:
+    problems = []
+    stored = reader.prompt_sets()
+    for name in reader.unwritten_prompt_sets():
+        problems.append(f"prompt set {name} was created but never written (an interrupted build or "
+                        "`prompts add`): run the same command again")
+    for name in stored:
+        array = reader.group[f"{TEXT_GROUP}/{name}"]
+        error = chunk_error(array, (0,) * array.ndim)
+        if error is not None:
+            problems.append(damage(array, f"{TEXT_GROUP}/{name}", (0,) * array.ndim, error))
+        elif not np.isfinite(array[...]).all():
+            problems.append(f"prompt set {name}: non-finite text embeddings")
+    if not stored:
+        problems.append("no prompt set stored: CLIP logits cannot be computed")
     return problems

@@ -3,26 +3,44 @@
 - each block of rows is written whole, one call per array (a block is exactly one chunk), and only then
   flagged in `written` (its own chunk): a killed build loses at most the blocks in flight;
 - the manifest says `building` until `finalize` has seen every flag, and only then `complete`;
-- writers of different blocks never touch the same chunk, so N processes lose nothing.
+- writers of different blocks never touch the same chunk, so N processes lose nothing;
+- the group is created with its manifest in one write, arrays are (re)created by a resumed build when
+  missing, and a prompt set is created with its attributes and counts only once its chunk is stored:
+  every step is atomic or redone on resume;
+- only a cache (a group carrying this manifest, holding nothing but cache keys) is ever deleted.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import re
+import uuid
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict
 
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, ZstdCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
-from cache_store._store import group_exists, occupied, open_group_write
+from cache_store._store import (
+    delete_keys,
+    group_exists,
+    key_exists,
+    occupied,
+    open_group_write,
+    open_store,
+    read_json_key,
+    stored_keys,
+)
 from cache_store.errors import CacheError
+from cache_store.integrity import check_array_metadata, chunk_key
 from cache_store.schema import (
+    CACHE_KEY,
+    CHECKSUM_CODEC,
     FORMAT_VERSION,
     MANIFEST_KEY,
+    WRITE_LEFTOVER,
     STATUS_BUILDING,
     STATUS_COMPLETE,
     TEXT_GROUP,
@@ -33,6 +51,9 @@ from cache_store.schema import (
 )
 
 COMPRESSOR = ZstdCodec(level=3)
+# crc32c over the compressed chunk, last in the chain: checked before zstd sees the bytes, and a flipped
+# bit in a block zstd stored raw (float16 model outputs barely compress) no longer reads as a wrong value
+COMPRESSORS = (COMPRESSOR, Crc32cCodec())
 STORE_PACKAGES = ("zarr", "numpy", "numcodecs")
 PROMPT_SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # one array name under clip/text, no nesting
 
@@ -41,29 +62,72 @@ def create_cache(url: str, layout: CacheLayout, manifest: dict, overwrite: bool 
     """Create the cache, or reopen it to resume when it was started by the same build.
 
     "The same build" means the same `manifest["build_key"]` (data fingerprint, models, views) and layout.
-    Another cache at `url` is refused unless `overwrite`; files that are not a cache are never deleted.
+    Another cache at `url` is refused unless `overwrite`; nothing that is not provably a richkd-cache cache
+    (a zarr group carrying its manifest, holding only cache keys) is ever deleted.
     """
-    if group_exists(url):
+    if _cache_manifest(url) is not None:
         if not overwrite:
             return _resume(url, layout, manifest)
+        _delete_cache(url)
     elif occupied(url):
-        raise CacheError(f"{url} already holds files that are not a cache; choose another location (nothing changed)")
-    group = open_group_write(url, "w")
-    for spec in layout.arrays().values():
-        group.create_array(
-            spec.name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill_value,
-            serializer=BytesCodec(), compressors=COMPRESSOR,
-        )
+        raise CacheError(f"{url} already holds files that are not a richkd-cache cache; "
+                         "choose another location (nothing was changed)")
     versions = {name: importlib.metadata.version(name) for name in STORE_PACKAGES}
-    group.attrs[MANIFEST_KEY] = {
+    full = {
         **manifest,
         "format_version": FORMAT_VERSION,
         "status": STATUS_BUILDING,
+        "cache_id": uuid.uuid4().hex,  # which cache a writer opened: another build's --overwrite changes it
         "layout": asdict(layout),
-        "chunking": {"block_rows": layout.block_rows, "compressor": "zstd", "level": COMPRESSOR.level},
+        "chunking": {"block_rows": layout.block_rows, "compressor": "zstd", "level": COMPRESSOR.level,
+                     "checksum": CHECKSUM_CODEC},
         "versions": {**manifest.get("versions", {}), **versions},
     }
+    # one write: a group without its manifest never exists, so a kill here leaves nothing or a cache to resume
+    group = zarr.create_group(open_store(url, read_only=False), zarr_format=3, attributes={MANIFEST_KEY: full})
+    _create_missing_arrays(group, layout)
     return CacheWriter(url, group)
+
+
+def _cache_manifest(url: str) -> dict | None:
+    """The manifest of the cache at `url`; None when there is no zarr group; refused when a zarr.json is
+    there that is not a richkd-cache cache's (a foreign group, a damaged file): it is not ours to replace."""
+    try:
+        root = read_json_key(open_store(url, read_only=False), "zarr.json")
+    except CacheError as e:
+        raise CacheError(f"{url}: {e}: not a richkd-cache cache, so nothing was changed; "
+                         "choose another location") from None
+    if root is None:
+        return None
+    manifest = root.get("attributes", {}).get(MANIFEST_KEY) if isinstance(root, dict) else None
+    if not isinstance(manifest, dict) or root.get("node_type") != "group":
+        raise CacheError(f"{url} holds a zarr.json that is not a richkd-cache cache (no '{MANIFEST_KEY}' manifest); "
+                         "nothing was changed: choose another location")
+    return manifest
+
+
+def _delete_cache(url: str) -> None:
+    """Delete a cache's keys, and refuse (deleting nothing) when anything else is stored beside them."""
+    store = open_store(url, read_only=False)
+    keys = stored_keys(store)
+    foreign = sorted(k for k in keys if not (CACHE_KEY.fullmatch(k) or WRITE_LEFTOVER.fullmatch(k)))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise CacheError(f"{url} holds files that are not part of a richkd-cache cache ({shown}); "
+                         "nothing was deleted: move them away or choose another location")
+    delete_keys(store, keys)
+
+
+def _create_missing_arrays(group: zarr.Group, layout: CacheLayout) -> None:
+    """Create every array of the layout that has no metadata yet (all of them for a new cache; those a
+    killed creation did not reach when resuming). Each creation is one atomic metadata write."""
+    existing = stored_keys(group.store)
+    for spec in layout.arrays().values():
+        if f"{spec.name}/zarr.json" not in existing:
+            group.create_array(
+                spec.name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill_value,
+                serializer=BytesCodec(), compressors=COMPRESSORS, overwrite=True,
+            )
 
 
 def _resume(url: str, layout: CacheLayout, manifest: dict) -> "CacheWriter":
@@ -75,8 +139,10 @@ def _resume(url: str, layout: CacheLayout, manifest: dict) -> "CacheWriter":
             f"a different cache already exists at {url} (differs in: {', '.join(differences)}); "
             "pass --overwrite to replace it"
         )
-    if old.get("status") not in (STATUS_BUILDING, STATUS_COMPLETE):
-        raise CacheError(f"cache {url} has unknown status {old.get('status')!r}; pass --overwrite to rebuild it")
+    validate_manifest(old, url)
+    if old["status"] == STATUS_BUILDING:
+        _create_missing_arrays(group, layout)
+    check_array_metadata(group, layout, url)
     return CacheWriter(url, group)
 
 
@@ -85,7 +151,9 @@ def open_for_write(url: str) -> "CacheWriter":
     if not group_exists(url):
         raise CacheError(f"no cache at {url}")
     group = open_group_write(url, "r+")
-    validate_manifest(group.attrs.get(MANIFEST_KEY), url)  # never write into a format this code does not know
+    manifest = group.attrs.get(MANIFEST_KEY)
+    validate_manifest(manifest, url)  # never write into a format this code does not know
+    check_array_metadata(group, CacheLayout(**manifest["layout"]), url)
     return CacheWriter(url, group)
 
 
@@ -117,6 +185,19 @@ class CacheWriter:
         self.manifest = dict(group.attrs[MANIFEST_KEY])
         self.layout = CacheLayout(**self.manifest["layout"])
         self._specs = self.layout.sample_arrays()
+        self.cache_id = self.manifest.get("cache_id")  # None for caches created before cache ids
+
+    def _check_same_cache(self) -> None:
+        """Refuse to write once the cache this writer opened was replaced (another build's --overwrite) or
+        deleted: its rows would land in someone else's cache."""
+        try:
+            root = read_json_key(self.group.store, "zarr.json")
+        except CacheError:
+            root = None
+        manifest = root.get("attributes", {}).get(MANIFEST_KEY) if isinstance(root, dict) else None
+        if not isinstance(manifest, dict) or manifest.get("cache_id") != self.cache_id:
+            raise CacheError(f"cache {self.url} was replaced or deleted by another process (a build with "
+                             "--overwrite?) while this one was writing to it; this build stopped")
 
     @property
     def num_blocks(self) -> int:
@@ -138,8 +219,14 @@ class CacheWriter:
         if set(arrays) != set(self._specs):
             raise CacheError(f"block {block}: expected arrays {sorted(self._specs)}, got {sorted(arrays)}")
         prepared = {name: self._prepare(name, np.asarray(value), start, stop) for name, value in arrays.items()}
-        for name, value in prepared.items():
-            self.group[name][start:stop] = value  # exactly one chunk: one call, no shared chunk
+        self._check_same_cache()
+        try:
+            for name, value in prepared.items():
+                self.group[name][start:stop] = value  # exactly one chunk: one call, no shared chunk
+        except (KeyError, FileNotFoundError):  # an array vanished under us: say why, once
+            self._check_same_cache()
+            raise
+        self._check_same_cache()
         self.group["written"][block] = True  # its own chunk: flags of other writers are untouched
 
     def _check_block(self, block: int) -> int:
@@ -180,23 +267,33 @@ class CacheWriter:
         if not np.isfinite(embeds).all():
             raise CacheError(f"prompt set {name}: the text embeddings hold NaN/Inf; the text encoder output is broken")
         path = f"{TEXT_GROUP}/{name}"
-        if path in self.group:
+        self._check_same_cache()
+        if self._text_written(path):
             if np.array_equal(self.group[path][:], embeds):
                 return
             if not replace:
                 raise CacheError(
                     f"prompt set {name!r} already exists in {self.url} with other embeddings; choose another --name"
                 )
+        # attributes go in with the array's metadata, and readers count a set only once its one chunk is
+        # stored: a kill between creating and writing leaves an unwritten set the next run writes
         array = self.group.create_array(
-            path, shape=embeds.shape, chunks=embeds.shape, dtype="float32", serializer=BytesCodec(),
-            compressors=COMPRESSOR, overwrite=True,
+            path, shape=embeds.shape, chunks=embeds.shape, dtype="float32", fill_value=np.nan,
+            serializer=BytesCodec(), compressors=COMPRESSORS, attributes=attrs, overwrite=True,
         )
         array[...] = embeds
-        array.attrs.update(attrs)
         self._keep_consolidated()
+
+    def _text_written(self, path: str) -> bool:
+        """A prompt set array exists and its single chunk is stored."""
+        if path not in self.group:
+            return False
+        array = self.group[path]
+        return key_exists(self.group.store, chunk_key(array, (0,) * array.ndim))
 
     def update_manifest(self, **fields: object) -> None:
         """Merge top-level manifest keys (e.g. accuracy figures measured after the forward pass)."""
+        self._check_same_cache()
         manifest = {**self.group.attrs[MANIFEST_KEY], **fields}
         self.group.attrs[MANIFEST_KEY] = manifest
         self.manifest = manifest

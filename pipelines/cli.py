@@ -232,11 +232,13 @@ def verify(
     clip_checkpoint: Annotated[Optional[str], typer.Option(help="Local CLIP weights.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
 ) -> None:
-    """Check structure, dtypes, NaN/Inf and the written mask (and recompute rows); exit 1 when wrong."""
+    """Check the manifest, every array's metadata, every chunk (checksums, missing chunks), NaN/Inf and the
+    written mask (and recompute rows); exit 1 when wrong."""
     from cache_store import verify_cache
 
     report = verify_cache(cache)
-    out_console.print(f"{cache}: status {report.status}, {report.blocks_written}/{report.blocks_total} blocks written")
+    out_console.print(f"{cache}: status {report.status}, {report.blocks_written}/{report.blocks_total} blocks written, "
+                      f"chunk checksums: {report.checksums}", highlight=False, soft_wrap=True)
     problems = list(report.problems)
     if recompute and report.ok:
         from pipelines.verify import recompute_rows
@@ -244,7 +246,7 @@ def verify(
         problems += recompute_rows(cache, recompute, data_root, teacher_checkpoint, clip_checkpoint, device)
         out_console.print(f"recomputed {recompute} rows with the recorded teacher and CLIP")
     for problem in problems:
-        out_console.print(f"  problem: {problem}")
+        out_console.print(f"  problem: {escape(problem)}", highlight=False, soft_wrap=True)
     out_console.print("NOT OK" if problems else "ok")
     if problems:
         raise typer.Exit(1)
@@ -255,11 +257,12 @@ def verify(
 def pack(
     cache: Annotated[str, typer.Argument(help="Complete cache to pack.")],
     out_zip: Annotated[str, typer.Argument(help="Output .zip; `train --cache FILE.zip` reads it directly.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT_ZIP.")] = False,
 ) -> None:
-    """Pack a cache into one zip file to copy around."""
+    """Pack a cache (its own files only: no links followed, no stray files) into one zip file to copy around."""
     from cache_store import pack_cache
 
-    pack_cache(cache, out_zip)
+    pack_cache(cache, out_zip, overwrite=overwrite)
     out_console.print(f"packed {cache} -> {out_zip}")
 
 

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cache_store import open_cache
+from cache_store.verify import checksum_summary
 from pipelines.cached import clean_view
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.distill import fuse_logits
@@ -39,6 +40,7 @@ def cache_summary(url: str, alpha: float) -> dict:
                  "activation": "quickgelu" if manifest["clip"].get("quick_gelu") else "gelu"},
         "arrays": reader.array_info(),
         "bytes_per_sample_view": reader.nbytes_per_sample_view(),
+        "chunk_checksums": checksum_summary(reader),
         "alpha": alpha,
         "prompt_sets": [],
     }
@@ -87,6 +89,7 @@ def render_summary(summary: dict, console: Console) -> None:
         arrays.add_row(a["name"], str(a["dtype"]), str(tuple(a["shape"])), str(tuple(a["chunks"])), human_bytes(a["stored_bytes"]))
     console.print(arrays)
     console.print(f"stored bytes per sample-view: {summary['bytes_per_sample_view']:.0f}")
+    console.print(f"chunk checksums: {summary['chunk_checksums']}", highlight=False, soft_wrap=True)
     if summary["prompt_sets"]:
         acc = Table(title=f"top-1 (%) on the cached split, fused at alpha={summary['alpha']}")
         for col in ("prompt set", "templates", "CLIP zero-shot", "teacher", "fused"):

@@ -28,7 +28,10 @@ from cache_store.schema import MANIFEST_KEY
 
 LAYOUT = CacheLayout(num_samples=100, num_views=1, num_classes=10, teacher_dim=8, clip_embed_dim=4,
                      clip_feature_dim=6, view_param_dim=5, block_rows=16)
-MANIFEST = {"dataset": {"name": "synthetic"}, "teacher": {}, "clip": {"tau": 100.0}, "build_key": {"teacher": "a"}}
+MANIFEST = {"dataset": {"name": "synthetic", "split": "train", "num_samples": 100, "num_classes": 10,
+                        "classes": [f"c{i}" for i in range(10)], "fingerprint": "f" * 64},
+            "teacher": {"arch": "resnet8", "checkpoint_sha256": "a" * 64},
+            "clip": {"arch": "tiny", "requested": "tiny", "tau": 100.0}, "build_key": {"teacher": "a"}}
 
 
 def block_arrays(layout: CacheLayout, block: int) -> dict[str, np.ndarray]:
@@ -254,17 +257,20 @@ def test_files_that_are_not_a_cache_are_never_replaced(tmp_path: Path) -> None:
     target.mkdir()
     (target / "notes.txt").write_text("mine")
     for overwrite in (False, True):
-        with pytest.raises(CacheError, match="not a cache"):
+        with pytest.raises(CacheError, match="not a richkd-cache cache") as refused:
             create_cache(str(target), LAYOUT, MANIFEST, overwrite=overwrite)
+        assert "--overwrite" not in str(refused.value)
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
     damaged = tmp_path / "damaged.zarr"
     damaged.mkdir()
     (damaged / "zarr.json").write_text("{not json")
-    with pytest.raises(CacheError, match="damaged zarr group.*--overwrite"):
-        create_cache(str(damaged), LAYOUT, MANIFEST)
+    for overwrite in (False, True):  # a damaged zarr.json is not provably a cache: never deleted
+        with pytest.raises(CacheError, match="not JSON.*not a richkd-cache cache") as refused:
+            create_cache(str(damaged), LAYOUT, MANIFEST, overwrite=overwrite)
+        assert "--overwrite" not in str(refused.value)
+    assert (damaged / "zarr.json").read_text() == "{not json"
     with pytest.raises(CacheError, match="not a readable zarr group"):
         open_cache(str(damaged))
-    assert create_cache(str(damaged), LAYOUT, MANIFEST, overwrite=True).pending_blocks() == list(range(7))
     (tmp_path / "empty").mkdir()
     assert create_cache(str(tmp_path / "empty"), LAYOUT, MANIFEST).num_blocks == 7
 
@@ -338,11 +344,11 @@ def test_changes_after_completion_stay_consolidated(tmp_path: Path) -> None:
     writer = create_cache(url, LAYOUT, MANIFEST)  # the same build again: nothing left to do
     assert writer.pending_blocks() == []
     writer.put_text_embeddings("single", np.full((1, 10, 4), 0.25, np.float32), {"templates": ["{}"]})
-    writer.update_manifest(teacher={"accuracy": 91.5})
+    writer.update_manifest(teacher={**MANIFEST["teacher"], "accuracy": 91.5})
     root = json.loads((Path(url) / "zarr.json").read_text())
     assert "clip/text/single" in root["consolidated_metadata"]["metadata"]
     reader = open_cache(url)
-    assert reader.manifest["teacher"] == {"accuracy": 91.5} and reader.manifest["status"] == "complete"
+    assert reader.manifest["teacher"]["accuracy"] == 91.5 and reader.manifest["status"] == "complete"
     assert reader.prompt_sets() == ["multi", "single"]
     assert set(reader.manifest["versions"]) >= {"zarr", "numpy", "numcodecs"}
 

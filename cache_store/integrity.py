@@ -1,0 +1,119 @@
+"""Which chunks a cache must hold, and reads that name the array and chunk of any damage.
+
+zarr alone cannot tell a deleted chunk from one never written (both read as the fill value), nor, without
+a checksum, a flipped bit in a stored-raw zstd block from real data. So: every array ends its codec
+chain in crc32c (a bad chunk fails to decode), a chunk the written flags say exists must be in the
+store's listing, and any failed read is narrowed down to the chunk that failed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import zarr
+
+from cache_store.errors import CacheError
+from cache_store.schema import CHECKSUM_CODEC, FORMAT_VERSION, TEXT_GROUP, CacheLayout, check_array
+
+
+def check_array_metadata(group: zarr.Group, layout: CacheLayout, url: str, keys: set[str] | None = None) -> None:
+    """Every array's metadata reads and matches the layout; prompt sets are float32 [M, C, D]. A writer
+    checks this on its group opened without consolidation before its first write (consolidating over a
+    broken array would fail after the root was rewritten); `keys`, when given, must hold each zarr.json
+    (a consolidated group still lists a deleted array)."""
+    text = list(group[TEXT_GROUP].array_keys()) if TEXT_GROUP in group else []
+    for name in [*layout.arrays(), *(f"{TEXT_GROUP}/{t}" for t in text)]:
+        try:
+            array = group[name]
+        except KeyError:
+            array = None
+        except Exception as e:  # zarr's metadata parsers raise ValueError, TypeError, ... on damaged JSON
+            raise CacheError(f"cache {url}: the metadata of array {name} ({name}/zarr.json) is damaged "
+                             f"({type(e).__name__}); rebuild the cache") from None
+        if array is None or (keys is not None and f"{name}/zarr.json" not in keys):
+            raise CacheError(f"cache {url} lacks array {name}; the cache is damaged, rebuild it")
+        if name in layout.arrays():
+            check_array(name, layout.arrays()[name], array.dtype, array.shape, url)
+        elif array.dtype != np.float32 or array.ndim != 3 or array.shape[1:] != (layout.num_classes,
+                                                                                  layout.clip_embed_dim):
+            raise CacheError(f"cache {url}: prompt set {name.split('/')[-1]} is {array.dtype} {array.shape}, "
+                             f"format {FORMAT_VERSION} says float32 (M, {layout.num_classes}, {layout.clip_embed_dim})")
+
+
+def has_checksum(array: zarr.Array) -> bool:
+    """The array's chunks carry a crc32c (caches written before checksums have none)."""
+    return any(codec.to_dict().get("name") == CHECKSUM_CODEC for codec in array.metadata.codecs)
+
+
+def chunk_key(array: zarr.Array, coords: tuple[int, ...]) -> str:
+    """The store key of one chunk, e.g. `teacher/logits/c/3/0/0`."""
+    return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+
+
+def block_coords(array: zarr.Array, block: int) -> tuple[int, ...]:
+    """Sample-axis arrays hold one write block per chunk: block b is chunk (b, 0, ..., 0)."""
+    return (block,) + (0,) * (array.ndim - 1)
+
+
+def chunk_rows(array: zarr.Array, coords: tuple[int, ...]) -> str:
+    """What a chunk holds, for messages: its rows along the first axis."""
+    start = coords[0] * array.chunks[0]
+    return f"rows {start}..{min(start + array.chunks[0], array.shape[0]) - 1}"
+
+
+def missing_chunks(group: zarr.Group, keys: set[str], layout: CacheLayout, blocks: np.ndarray) -> list[str]:
+    """Every fixed array's metadata must be stored, and the chunk of every block in `blocks` (the written
+    ones) in every sample-axis array and in `written`: an absent one would read as NaN or -1 fill."""
+    problems = []
+    for name in layout.arrays():
+        if f"{name}/zarr.json" not in keys:
+            problems.append(f"array {name} is missing (no {name}/zarr.json)")
+            continue
+        array = group[name]
+        lost = [b for b in blocks if chunk_key(array, block_coords(array, int(b))) not in keys]
+        if lost:
+            first = block_coords(array, int(lost[0]))
+            more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+            problems.append(f"array {name} chunk {array.metadata.encode_chunk_key(first)} "
+                            f"({chunk_rows(array, first)}){more} is missing")
+    return problems
+
+
+def read_checked(array: zarr.Array, name: str, selection: Any, url: str) -> np.ndarray:
+    """array[selection]; a chunk that fails its checksum or does not decode is named in one line."""
+    try:
+        return array[selection]
+    except Exception as error:  # zarr's codecs raise ValueError, RuntimeError, ... on damaged bytes
+        coords = damaged_chunk(array, selection)
+        if coords is None:
+            raise
+        raise CacheError(f"cache {url}: {damage(array, name, coords, error)}; "
+                         "the cache is damaged: copy it again or rebuild it") from None
+
+
+def damage(array: zarr.Array, name: str, coords: tuple[int, ...], error: Exception) -> str:
+    what = "fails its checksum" if "checksum" in str(error).lower() else f"does not decode ({type(error).__name__})"
+    return f"array {name} chunk {array.metadata.encode_chunk_key(coords)} ({chunk_rows(array, coords)}) {what}"
+
+
+def chunk_error(array: zarr.Array, coords: tuple[int, ...]) -> Exception | None:
+    """The error reading one chunk raises, None when it reads."""
+    try:
+        array.get_block_selection(coords)
+        return None
+    except Exception as error:
+        return error
+
+
+def damaged_chunk(array: zarr.Array, selection: Any) -> tuple[int, ...] | None:
+    """The first chunk overlapping `selection` (slice(None) or a row slice) that does not read."""
+    rows = selection if isinstance(selection, slice) else slice(None)
+    start, stop, _ = rows.indices(array.shape[0])
+    first, last = start // array.chunks[0], max(start, stop - 1) // array.chunks[0]
+    other_axes = [range(-(-s // c)) for s, c in zip(array.shape[1:], array.chunks[1:])]
+    for coords in itertools.product(range(first, last + 1), *other_axes):
+        if chunk_error(array, coords) is not None:
+            return coords
+    return None
