@@ -47,10 +47,25 @@ def test_clip_only_signal_is_kept_by_the_fixed_fused_target(clip_only) -> None:
     assert r_squared(0.7 * f_t + 0.3 * mapped, s) < 0.05
 
 
+class ChunkLog(np.ndarray):
+    """An fp16 array that records how many rows each slice of it takes (what a fit converts at once)."""
+
+    taken: list[int] = []
+
+    def __getitem__(self, key):
+        part = super().__getitem__(key)
+        if isinstance(key, slice):
+            ChunkLog.taken.append(len(part))
+        return part
+
+
 def test_joint_space_splits_the_energy_by_lambda_in_chunks_without_float64_rows(clip_only) -> None:
     f_t, f_c = clip_only["teacher"], clip_only["clip"]
-    views = np.repeat(f_t[:, None], 3, axis=1).astype(np.float16)  # (N, V, Ft) as cached; CLIP per sample
-    space = fit_joint_space(views, f_c.astype(np.float16), lam=0.7, chunk_rows=97)
+    views = np.repeat(f_t[:, None], 3, axis=1).astype(np.float16).view(ChunkLog)  # (N, V, Ft) as cached
+    ChunkLog.taken = []
+    space = fit_joint_space(views, f_c.astype(np.float16), lam=0.7, chunk_rows=97)  # CLIP: one row per sample
+    assert max(ChunkLog.taken) == 97 and sum(ChunkLog.taken) == 2 * 3 * N  # two passes, chunk by chunk
+    views = np.asarray(views)
     t64, c64 = views.reshape(-1, FT).astype(np.float64), f_c.astype(np.float16).astype(np.float64)
     np.testing.assert_allclose(space.teacher_mean.numpy(), t64.mean(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(space.clip_mean.numpy(), c64.mean(0), rtol=1e-5, atol=1e-5)
