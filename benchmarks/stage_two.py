@@ -19,14 +19,18 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 
-from pipelines.targets import Targets, augment
+from pipelines.build import Teacher
+from pipelines.config import TrainConfig
+from pipelines.online import OnlineTargets
+from pipelines.targets import Fusion, Targets, augment
 from pipelines.train import train_step
 from richkd_cache.clip import load_clip, resolve_clip
 from richkd_cache.clip_logits import clip_logits
-from richkd_cache.data import normalize, random_crop_flip
+from richkd_cache.data import normalize
 from richkd_cache.distill import create_objective, fit_joint_space, fuse_logits
 from richkd_cache.models import create_model
 from richkd_cache.views import view_params
@@ -126,44 +130,43 @@ def with_views(cached: dict, views: str, n: int, device) -> Targets:
 
 
 def make_cached_step(target, student_name, c, targets: Targets, n, device, batch, generator) -> Callable[[], None]:
-    """The trainer's own augment + train_step: CE (no targets), or targets gathered from the cache."""
+    """The trainer's own augment + lookup + train_step: CE (no targets), or targets gathered from the cache."""
     student = create_model(student_name, c).to(device).train()
     feats = targets.features or {}
+    dims = {"teacher": feats["teacher"].shape[1], "clip": feats["clip"].shape[1]} if feats else {}
+    return trainer_step(target, student, dims, targets, device, batch, generator)
+
+
+def make_online_step(student_name, c, teacher, clip, text, cached, n, device, batch, generator) -> Callable[[], None]:
+    """Without a cache: `train --online`'s target source runs the teacher on every augmented batch and CLIP
+    on its clean images, then the same loss and step."""
+    student = create_model(student_name, c).to(device).train()
+    feats = cached["features"]
+    cfg = TrainConfig(student=student_name, out="-", cache="-", feature_loss="cosine")
+    online = OnlineTargets(
+        logits=None, features=None, cfg=cfg, fusion=Fusion(text.cpu(), clip.tau, cached["space"]),
+        teacher=Teacher(teacher, "teacher", {}), clip=clip,
+        dataset=SimpleNamespace(mean=CIFAR_MEAN, std=CIFAR_STD),
+    )
+    dims = {"teacher": feats["teacher"].shape[1], "clip": feats["clip"].shape[1]}
+    return trainer_step("richkd", student, dims, online, device, batch, generator)
+
+
+def trainer_step(target, student, dims, targets: Targets, device, batch, generator) -> Callable[[], None]:
+    """One step of the trainer's loop (pipelines/train.py: augment, lookup, normalise, train_step)."""
+    distilled = target != "ce"
     objective = create_objective(
-        target, "kd" if target != "ce" else None, "cosine" if target != "ce" else None,
-        student_dim=student.num_features, teacher_dim=feats["teacher"].shape[1] if feats else None,
-        clip_dim=feats["clip"].shape[1] if feats else None,
+        target, "kd" if distilled else None, "cosine" if distilled else None, student_dim=student.num_features,
+        teacher_dim=dims.get("teacher"), clip_dim=dims.get("clip"),
     ).to(device)
     optimizer = torch.optim.SGD(list(student.parameters()) + list(objective.parameters()), lr=0.05, momentum=0.9)
 
     def step() -> None:
         index, x, y = batch()
-        x, rows = augment(x, index, targets, generator)
-        train_step(student, objective, optimizer, normalize(x, CIFAR_MEAN, CIFAR_STD), y, index, targets, 0, rows)
-
-    return step
-
-
-def make_online_step(student_name, c, teacher, clip, text, cached, n, device, batch, generator) -> Callable[[], None]:
-    """Without a cache: teacher and CLIP run on every augmented batch, then the same loss and step."""
-    student = create_model(student_name, c).to(device).train()
-    space, feats = cached["space"], cached["features"]
-    objective = create_objective("richkd", "kd", "cosine", student_dim=student.num_features,
-                                 teacher_dim=feats["teacher"].shape[1], clip_dim=feats["clip"].shape[1]).to(device)
-    optimizer = torch.optim.SGD(list(student.parameters()) + list(objective.parameters()), lr=0.05, momentum=0.9)
-
-    def step() -> None:
-        index, x, y = batch()
-        x = random_crop_flip(x, padding=4, generator=generator)
-        with torch.no_grad():
-            z_t, f_t = teacher(normalize(x, CIFAR_MEAN, CIFAR_STD))
-            embeds, f_c = clip.encode_images(x)
-            z_f = fuse_logits(z_t, clip_logits(embeds, text, clip.tau), 0.7)
-            f_f = {"teacher": space.teacher_part(f_t), "clip": space.clip_part(f_c)}  # eq. 7
-        # the targets exist only for this batch: row i of them belongs to sample i of the batch
-        local = torch.arange(len(y), device=device)
-        x = normalize(x, CIFAR_MEAN, CIFAR_STD)
-        train_step(student, objective, optimizer, x, y, local, Targets(z_f, f_f), 0)
+        pixels, rows = augment(x, index, targets, generator)
+        target_logits, target_feats = targets.lookup(rows, device, clean=x, pixels=pixels)
+        train_step(student, objective, optimizer, normalize(pixels, CIFAR_MEAN, CIFAR_STD), y, index,
+                   target_logits, target_feats, 0)
 
     return step
 

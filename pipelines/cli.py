@@ -168,6 +168,9 @@ def train(
     cache_device: Annotated[Optional[str], typer.Option(help="Where cached targets live (default: the training device; cpu keeps GPU memory free).")] = None,
     stream_window: Annotated[Optional[int], typer.Option(min=1, help="For caches larger than memory: read this many chunks at a time, shuffling within them.")] = None,
     workers: Annotated[int, typer.Option(min=0)] = 4,
+    online: Annotated[bool, typer.Option(help="Reference mode: run the cache's teacher and CLIP on every batch instead of reading the cache (slow).")] = False,
+    teacher_checkpoint: Annotated[Optional[str], typer.Option(help="--online: the teacher's file here (default: the path the cache records).")] = None,
+    clip_checkpoint: Annotated[Optional[str], typer.Option(help="--online: CLIP's weights file here, when the cache was built from one.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pth.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in OUT (only its own files).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -185,7 +188,8 @@ def train(
     }
     settings = train_settings(recipe, {**given, "feature_loss": feature_loss}, "train")
     base = TrainConfig(out=out, device=device, cache_device=cache_device, stream_window=stream_window,
-                       workers=workers, resume=resume, overwrite=overwrite, quiet=quiet, **settings)
+                       workers=workers, resume=resume, overwrite=overwrite, quiet=quiet, online=online,
+                       teacher_checkpoint=teacher_checkpoint, clip_checkpoint=clip_checkpoint, **settings)
     seed_list = [int(s) for s in split_list(seeds)]
     reporter = Reporter(err_console, quiet=quiet)
     if len(seed_list) == 1:

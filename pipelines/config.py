@@ -75,6 +75,9 @@ class TrainConfig:
     cache_device: str | None = None  # where cached targets live; None: the training device
     stream_window: int | None = None  # stream the cache, this many write blocks at a time; None: read it whole
     workers: int = 4
+    online: bool = False  # run the teacher and CLIP on every batch instead of reading their cached outputs
+    teacher_checkpoint: str | None = None  # --online: the teacher's file on this machine (default: the recorded path)
+    clip_checkpoint: str | None = None  # --online: CLIP's weights file on this machine, when it was built from one
     resume: bool = False
     overwrite: bool = False  # replace an existing run folder's own files
     quiet: bool = False

@@ -33,6 +33,13 @@ class Targets:
     features: dict[str, torch.Tensor] | None
     views: torch.Tensor | None = None  # (N, V, 5) view parameters when V > 1; None: the clean view only
 
+    def lookup(self, rows: torch.Tensor, device: torch.device, clean: torch.Tensor,
+               pixels: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The batch's target logits (B, C) and feature parts {name: (B, F)} on `device`: the cached rows
+        `rows` (from `augment`). `clean` (the images) and `pixels` (the drawn views) are what an online
+        source runs its models on; cached targets need neither."""
+        return gather(self.logits, rows, device), {n: gather(p, rows, device) for n, p in (self.features or {}).items()}
+
 
 def cached_arrays(cache: CacheReader) -> tuple[str, ...]:
     """The per-row arrays targets are computed from (the teacher's logits may be stored as top-k)."""

@@ -20,7 +20,7 @@ from pipelines.config import TrainConfig, resolve_device
 from pipelines.distributed import DistContext, barrier, init_distributed, rank_device, shutdown
 from pipelines.progress import Reporter
 from pipelines.run_folder import RunFolder
-from pipelines.targets import Targets, Window, augment, gather, streamed_cache, whole_cache
+from pipelines.targets import Window, augment, streamed_cache, whole_cache
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.distill import DistillObjective, create_objective
 from richkd_cache.errors import ConfigError, DataError
@@ -52,13 +52,12 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     train_set, val_set = setup_data(cfg, cache)
     pool = setup_pool(cfg, train_set, reporter)
     cache_device = resolve_device(cfg.cache_device) if cfg.cache_device else device
-    streaming = bool(cfg.stream_window) and cache is not None and cfg.resolved_target != "ce"
-    windows = streamed_cache(cfg, cache, cache_device) if streaming else whole_cache(cfg, cache, cache_device)
-    student = create_model(cfg.student, train_set.num_classes).to(device)
+    student = create_model(cfg.student, train_set.num_classes).to(device)  # its weights: from the seed alone
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
     objective = setup_objective(cfg, student, cache, train_set, pool).to(device)
     optimizer, scheduler = setup_optimizer(cfg, student, objective)
+    windows = setup_windows(cfg, cache, train_set, device, cache_device)
     state = run.start(student, objective, optimizer, scheduler, {**asdict(cfg), "target": cfg.resolved_target})
     model, loss = data_parallel(student, ctx), data_parallel(objective, ctx)
     images = setup_images(train_set, device)
@@ -78,6 +77,22 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
             run.end_epoch(state, stats, student, objective, optimizer, scheduler, train_set.num_classes, reporter)
         barrier(ctx)
     return run.finish(state)
+
+
+def setup_windows(cfg: TrainConfig, cache: CacheReader | None, train_set: ImageDataset, device: torch.device,
+                  cache_device: torch.device) -> Callable[..., Iterator[Window]]:
+    """Where each epoch's targets come from: the cache read whole (the default), streamed window by window
+    (--stream-window), or the teacher and CLIP run on every batch (--online, the reference)."""
+    distilled = cache is not None and cfg.resolved_target != "ce"
+    if cfg.online:
+        if not distilled:
+            raise ConfigError("--online computes distillation targets: it needs --cache and a target other than ce")
+        from pipelines.online import online_windows  # builds models: imported only when asked for
+
+        return online_windows(cfg, cache, train_set, device)
+    if cfg.stream_window and distilled:
+        return streamed_cache(cfg, cache, cache_device)
+    return whole_cache(cfg, cache, cache_device)
 
 
 def setup_pool(cfg: TrainConfig, train_set: ImageDataset, reporter: Reporter) -> torch.Tensor:
@@ -234,11 +249,13 @@ def train_epoch(
             for index, x, y in batches(images, dataset, cfg.batch_size, order, cfg.workers):
                 x, y, index = x.to(device), y.to(device), index.to(device)
                 rows_of = index if local is None else local.to(device)[index]  # this window's rows
-                x, rows = augment(x, rows_of, targets, generator)
-                x = normalize(x, dataset.mean, dataset.std)
+                pixels, rows = augment(x, rows_of, targets, generator)  # (B, 3, H, W) uint8: the drawn views
+                target_logits, target_feats = targets.lookup(rows, device, clean=x, pixels=pixels)
+                x = normalize(pixels, dataset.mean, dataset.std)
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
-                terms, logits = train_step(student, objective, optimizer, x, y, index, targets, epoch, rows)
+                terms, logits = train_step(student, objective, optimizer, x, y, index, target_logits, target_feats,
+                                           epoch)
                 for name, value in terms.items():  # summed on the device: no sync per step
                     sums[name] = sums.get(name, 0.0) + value * len(y)
                 correct = correct + (logits.argmax(1) == y).sum()
@@ -258,27 +275,25 @@ def train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     index: torch.Tensor,
-    targets: Targets,
+    target_logits: torch.Tensor | None,
+    target_feats: dict[str, torch.Tensor],
     epoch: int,
-    rows: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One optimisation step on a normalised batch x (B, 3, H, W); targets are gathered at `rows`
-    (the cache rows of the batch's views; default: the sample indices), CRD's memory at `index`
-    (sample indices).
+    """One optimisation step on a normalised batch x (B, 3, H, W) towards the batch's target logits (B, C)
+    and feature parts {name: (B, F)}; CRD's memory is keyed by `index` (sample indices).
 
     Returns the loss terms (eq. 9, each already weighted) and their sum as "loss", detached and left on
     the device (reading them would wait for the GPU every step), and the student's logits (B, C).
     """
     device = x.device
-    rows = index if rows is None else rows
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits, feats = student(x)
     terms = objective(
         logits.float(),
         feats.float(),
         y,
-        target_logits=gather(targets.logits, rows, device),
-        target_feats={name: gather(part, rows, device) for name, part in (targets.features or {}).items()},
+        target_logits=target_logits,
+        target_feats=target_feats,
         index=index,
         epoch=epoch,
     )
