@@ -61,17 +61,12 @@ def open_group_read(url: str, consolidated: bool = True) -> zarr.Group:
         raise CacheError(f"{url} is not a readable zarr group ({type(e).__name__}: {e})") from None
 
 
-def open_group_write(url: str, mode: str) -> zarr.Group:
-    """mode "w" replaces whatever is there; "r+" opens an existing group (no consolidated view)."""
-    store = open_store(url, read_only=False)
-    if mode == "w":
-        return zarr.open_group(store, mode="w", zarr_format=3)
+def open_group_write(url: str) -> zarr.Group:
+    """An existing group, for writing, through every node's own metadata (never a consolidated view)."""
     try:
-        return zarr.open_group(store, mode="r+", use_consolidated=False)
+        return zarr.open_group(open_store(url, read_only=False), mode="r+", use_consolidated=False)
     except _DAMAGED as e:
-        raise CacheError(
-            f"{url} holds a damaged zarr group ({type(e).__name__}: {e}); pass --overwrite to replace it"
-        ) from None
+        raise CacheError(f"{url} holds a damaged zarr group ({type(e).__name__}: {e}); nothing was changed") from None
 
 
 def group_exists(url: str) -> bool:

@@ -131,7 +131,7 @@ def _create_missing_arrays(group: zarr.Group, layout: CacheLayout) -> None:
 
 
 def _resume(url: str, layout: CacheLayout, manifest: dict) -> "CacheWriter":
-    group = open_group_write(url, "r+")
+    group = open_group_write(url)
     old = group.attrs.get(MANIFEST_KEY)
     differences = _differences(old, manifest, layout)
     if differences:
@@ -150,16 +150,14 @@ def open_for_write(url: str) -> "CacheWriter":
     """An existing cache, for another writer process or to add prompt sets; creates nothing."""
     if not group_exists(url):
         raise CacheError(f"no cache at {url}")
-    group = open_group_write(url, "r+")
+    group = open_group_write(url)
     manifest = group.attrs.get(MANIFEST_KEY)
     validate_manifest(manifest, url)  # never write into a format this code does not know
     check_array_metadata(group, CacheLayout(**manifest["layout"]), url)
     return CacheWriter(url, group)
 
 
-def _differences(old: object, manifest: dict, layout: CacheLayout) -> list[str]:
-    if not isinstance(old, dict):
-        return ["not a richkd-cache cache"]
+def _differences(old: dict, manifest: dict, layout: CacheLayout) -> list[str]:
     if old.get("format_version") != FORMAT_VERSION:
         return ["format_version"]
     found = [f"build_key.{k}" for k in _diff_keys(old.get("build_key", {}), manifest.get("build_key", {}))]
@@ -301,6 +299,7 @@ class CacheWriter:
 
     def finalize(self) -> None:
         """Mark complete once every block is flagged; consolidate metadata for readers. Idempotent."""
+        self._check_same_cache()
         missing = len(self.pending_blocks())
         if missing:
             raise CacheError(f"cache {self.url} is missing {missing} of {self.num_blocks} blocks; cannot complete it")
