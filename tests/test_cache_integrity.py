@@ -346,3 +346,13 @@ def test_info_and_train_refuse_a_cache_with_a_deleted_chunk(built: Path, tmp_pat
         result = cli(*command)
         assert result.exit_code == 2 and "array clip/image_embeds chunk c/1/0/0 (rows 64..127) is missing" in result.output
         assert "complete" not in result.output and "nan" not in result.output.lower()
+
+
+def test_pack_command_keeps_an_existing_zip_unless_told(built: Path, tmp_path: Path) -> None:
+    packed = tmp_path / "digits.zip"
+    packed.write_bytes(b"mine")
+    result = cli("pack", built, packed)
+    assert result.exit_code == 2 and "already exists; pass --overwrite" in result.output
+    assert packed.read_bytes() == b"mine"
+    assert cli("pack", built, packed, "--overwrite").exit_code == 0
+    assert cli("verify", packed).exit_code == 0
