@@ -163,6 +163,10 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Default 0.05 (0.01 for MobileNet/ShuffleNet).")] = None,
     milestones: Annotated[Optional[str], typer.Option(help="Epochs where lr x0.1, e.g. 150,180,210.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option()] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="sgd (default) or adamw (the ViT recipes).")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="step (lr x0.1 at the milestones) or cosine.")] = None,
+    warmup_epochs: Annotated[Optional[int], typer.Option(min=0, help="cosine: linear warm-up epochs.")] = None,
+    min_lr: Annotated[Optional[float], typer.Option(help="cosine: the lr it ends at.")] = None,
     seeds: Annotated[str, typer.Option(help="One seed, or several (0,1,2): runs each, reports mean +- std.")] = "0",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     cache_device: Annotated[Optional[str], typer.Option(help="Where cached targets live (default: the training device; cpu keeps GPU memory free).")] = None,
@@ -183,7 +187,8 @@ def train(
         "method": method, "alpha": alpha, "temperature": temperature, "lam": lam, "beta": beta,
         "gamma": gamma, "prompts": prompts, "clip_tau": clip_tau, "clip_renormalize": clip_renormalize,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-        "fraction": fraction, "imbalance": imbalance,
+        "fraction": fraction, "imbalance": imbalance, "optimizer": optimizer, "schedule": schedule,
+        "warmup_epochs": warmup_epochs, "min_lr": min_lr,
         "milestones": tuple(int(m) for m in split_list(milestones)) if milestones else None,
     }
     settings = train_settings(recipe, {**given, "feature_loss": feature_loss}, "train")

@@ -70,6 +70,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     milestones: tuple[int, ...] = (150, 180, 210)
     lr_decay: float = 0.1
+    optimizer: str = "sgd"  # sgd (mdistiller) | adamw (LG's ViT students); see pipelines/optim.py
+    schedule: str = "step"  # step: x lr_decay at the milestones | cosine: from lr to min_lr over the epochs
+    warmup_epochs: int = 0  # cosine only: linear warm-up from lr x 0.001 (LG's WARMUP_FACTOR)
+    min_lr: float = 0.0  # cosine only: the floor the cosine ends at
     seed: int = 0
     device: str = "auto"
     cache_device: str | None = None  # where cached targets live; None: the training device

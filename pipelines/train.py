@@ -18,6 +18,7 @@ import torch
 from cache_store import CacheReader, open_cache
 from pipelines.config import TrainConfig, resolve_device
 from pipelines.distributed import DistContext, barrier, init_distributed, rank_device, shutdown
+from pipelines.optim import make_optimizer, make_schedule
 from pipelines.progress import Reporter
 from pipelines.run_folder import RunFolder
 from pipelines.targets import Window, augment, streamed_cache, whole_cache
@@ -209,11 +210,12 @@ def setup_objective(cfg: TrainConfig, student: torch.nn.Module, cache: CacheRead
 
 
 def setup_optimizer(cfg: TrainConfig, student: torch.nn.Module, objective: torch.nn.Module):
-    """mdistiller's CIFAR recipe: SGD momentum 0.9, x0.1 at the milestones, weight decay 5e-4."""
+    """By default mdistiller's CIFAR recipe: SGD momentum 0.9, x0.1 at the milestones, weight decay 5e-4;
+    ViT recipes choose AdamW with a warmed-up cosine (pipelines/optim.py)."""
     lr = cfg.lr if cfg.lr is not None else (0.01 if uses_small_lr(cfg.student) else 0.05)
-    params = list(student.parameters()) + list(objective.parameters())
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.lr_decay)
+    optimizer = make_optimizer(cfg.optimizer, (student, objective), lr, cfg.momentum, cfg.weight_decay)
+    scheduler = make_schedule(optimizer, cfg.schedule, cfg.epochs, cfg.milestones, cfg.lr_decay,
+                              cfg.warmup_epochs, cfg.min_lr)
     return optimizer, scheduler
 
 

@@ -16,7 +16,7 @@ import torchvision
 from richkd_cache.errors import ModelError
 from richkd_cache.models import create_model, list_models, load_checkpoint, save_checkpoint, uses_small_lr
 
-CIFAR_MODELS = list_models(include_torchvision=False)
+CIFAR_MODELS = list_models(include_torchvision=False, include_timm=False)
 # Key names and shapes of mdistiller's CIFAR-100 models (its models/cifar code, num_classes=100):
 # the count, the first and last entries, and a sha256 over every "key:[shape]" line in order.
 LAYOUTS = json.loads((Path(__file__).parent / "fixtures" / "mdistiller_cifar100_layouts.json").read_text())
@@ -253,3 +253,55 @@ def test_unknown_name_lists_valid_ones() -> None:
     with pytest.raises(ModelError, match="resnet8x4") as err:
         create_model("resnet8x5", 10)
     assert "valid:" in str(err.value)
+
+
+TIMM_STUDENTS = [n for n in list_models() if n.startswith("timm:")]
+
+
+@pytest.mark.parametrize("name", TIMM_STUDENTS)
+def test_timm_students_take_cifar_images_train_and_round_trip(name: str, tmp_path: Path) -> None:
+    model = create_model(name, 100)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 97])
+    logits, feats = model(x)  # resized inside to the 224x224 LG trains at
+    assert logits.shape == (2, 100) and feats.shape == (2, model.num_features)
+    assert model.input_size == (224, 224)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    optimizer.step()
+    assert all(p.grad is not None for p in model.get_classifier().parameters())  # the head is in the graph
+    path = tmp_path / "best.pth"
+    save_checkpoint(str(path), model, arch=name, num_classes=100, epoch=1, best_acc=1.0)
+    loaded, meta = load_checkpoint(str(path))
+    assert meta["arch"] == name and type(loaded) is type(model)
+    with torch.no_grad():
+        again, again_feats = loaded(x)
+        expected, expected_feats = model.eval()(x)
+    assert torch.equal(again, expected) and torch.equal(again_feats, expected_feats)
+    assert torch.allclose(again, loaded.get_classifier()(again_feats))  # features are the head's input
+
+
+def test_timm_students_keep_timm_keys_and_take_lg_drop_path() -> None:
+    import timm
+
+    model = create_model("timm:deit_tiny_patch16_224", 100)
+    reference = timm.create_model("deit_tiny_patch16_224", num_classes=100)
+    assert list(model.state_dict()) == list(reference.state_dict())  # timm checkpoints load strictly
+    assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)  # LG's DROP_PATH_RATE
+    assert reference.blocks[-1].drop_path1.__class__.__name__ == "Identity"
+
+
+def test_unknown_timm_name_lists_the_valid_ones() -> None:
+    with pytest.raises(ModelError) as err:
+        create_model("timm:deit_tiny_patch16", 100)
+    message = str(err.value)
+    assert "did you mean timm:deit_tiny_patch16_224" in message and "timm:pit_ti_224" in message
+    assert "T2T-ViT-7" in message and "PVT-Ti" in message and "\n" not in message
+    with pytest.raises(ModelError, match="one linear classifier"):
+        create_model("timm:deit_tiny_distilled_patch16_224", 10)  # two heads: no single pooled feature
+
+
+def test_table_11_students_missing_from_timm_are_missing() -> None:
+    import timm
+
+    assert timm.list_models("*t2t*") == []  # T2T-ViT-7
+    assert timm.list_models("pvt_*") == [n for n in timm.list_models("pvt_*") if n.startswith("pvt_v2")]  # no PVT v1

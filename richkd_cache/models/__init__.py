@@ -1,4 +1,4 @@
-"""Teachers and students: the CIFAR zoo of mdistiller/RepDistiller (checkpoint-compatible) and torchvision."""
+"""Teachers and students: the CIFAR zoo of mdistiller/RepDistiller (checkpoint-compatible), torchvision and timm."""
 
 from richkd_cache.models._registry import canonical_name, create_model, list_models, uses_small_lr
 from richkd_cache.models.checkpoint import load_checkpoint, save_checkpoint

@@ -9,7 +9,8 @@ from typing import Any
 import torch.nn as nn
 
 from richkd_cache.errors import ModelError
-from richkd_cache.models import mobilenetv2, resnet_cifar, resnet_large, shufflenet, torchvision_models, vgg, wrn
+from richkd_cache.models import (mobilenetv2, resnet_cifar, resnet_large, shufflenet, timm_models, torchvision_models,
+                                 vgg, wrn)
 
 _CIFAR: dict[str, Callable[[str, int], nn.Module]] = {
     **{name: resnet_cifar.make for name in resnet_cifar.CIFAR_RESNETS},
@@ -25,11 +26,14 @@ _ALIASES = {"mobile_half": "MobileNetV2"}  # mdistiller's function name for the 
 _SMALL_LR = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 
 
-def list_models(include_torchvision: bool = True) -> list[str]:
-    """The CIFAR zoo, then a few common torchvision models (any `tv:<torchvision name>` works)."""
+def list_models(include_torchvision: bool = True, include_timm: bool = True) -> list[str]:
+    """The CIFAR zoo, then a few common torchvision models (any `tv:<torchvision name>` works), then the
+    ViT students of Table 11 that timm has (any `timm:<timm name>` works; see models/timm_models.py)."""
     names = list(_CIFAR)
     if include_torchvision:
         names += [torchvision_models.PREFIX + n for n in torchvision_models.LISTED]
+    if include_timm:
+        names += [timm_models.PREFIX + n for n in timm_models.LISTED]
     return names
 
 
@@ -41,20 +45,23 @@ def canonical_name(name: str) -> str:
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """A model with the shared interface: model(x) -> (logits, pooled feature); .num_features, .num_classes.
 
-    `kwargs` reach torchvision's builder (`create_model("tv:vit_b_16", 10, image_size=64)`); the CIFAR
-    models have a fixed recipe and take none, so their checkpoints always fit.
+    `kwargs` reach torchvision's or timm's builder (`create_model("tv:vit_b_16", 10, image_size=64)`); the
+    CIFAR models have a fixed recipe and take none, so their checkpoints always fit.
     """
     name = canonical_name(name)
     if name.startswith(torchvision_models.PREFIX):
         return torchvision_models.make(name, num_classes, **kwargs)
+    if name.startswith(timm_models.PREFIX):
+        return timm_models.make(name, num_classes, **kwargs)
     if name not in _CIFAR:
         close = difflib.get_close_matches(name, list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelError(
-            f"unknown model {name!r}{hint}; valid: {', '.join(list_models(False))}, or tv:<torchvision name>"
+            f"unknown model {name!r}{hint}; valid: {', '.join(list_models(False, False))}, "
+            f"or tv:<torchvision name>, or timm:<timm name>"
         )
     if kwargs:
-        raise ModelError(f"{name} takes no options (got {', '.join(sorted(kwargs))}): only tv: models do")
+        raise ModelError(f"{name} takes no options (got {', '.join(sorted(kwargs))}): only tv: and timm: models do")
     return _CIFAR[name](name, num_classes)
 
 
