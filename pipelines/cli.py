@@ -319,7 +319,8 @@ def analyze(
 @app.command()
 @user_errors
 def evaluate(
-    checkpoint: Annotated[str, typer.Argument(help="Student checkpoint (last.pth / best.pth).")],
+    checkpoints: Annotated[list[str], typer.Argument(help="Student checkpoint (last.pth / best.pth); with --gradcam, "
+                                                          "more to draw beside it.")],
     dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the run's).")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Dataset folder.")] = None,
     split: Annotated[str, typer.Option()] = "val",
@@ -328,6 +329,7 @@ def evaluate(
     corruptions: Annotated[Optional[str], typer.Option(help="A CIFAR-10-C / CIFAR-100-C folder: top-1 per corruption and severity.")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher checkpoint: the student's accuracy by the teacher's category (Table 9).")] = None,
     plots: Annotated[Optional[str], typer.Option(help="Folder for the correlation matrix (Fig. 5) and t-SNE (Fig. 4) plots.")] = None,
+    gradcam: Annotated[int, typer.Option(min=0, help="Grad-CAM maps of N random images, one column per checkpoint (Fig. 7), in --plots.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
@@ -336,10 +338,10 @@ def evaluate(
     from pipelines.config import resolve_device
     from pipelines.evaluate import render_evaluation, run_evaluate
 
-    result = run_evaluate(checkpoint, dataset, data_root, split=split, attacks=attacks, batch_size=batch_size,
+    result = run_evaluate(checkpoints[0], dataset, data_root, split=split, attacks=attacks, batch_size=batch_size,
                           device=str(resolve_device(device)),
                           epsilons=tuple(float(e) for e in split_list(epsilons)), corruptions=corruptions,
-                          teacher=teacher, plots=plots)
+                          teacher=teacher, plots=plots, gradcam=gradcam, beside=tuple(checkpoints[1:]))
     show(result, as_json, render_evaluation)
 
 

@@ -1,5 +1,5 @@
 """`richkd-cache evaluate`: a student checkpoint's top-1/top-5 on clean images and under the FGSM
-and PGD attacks of the paper's Table 6.
+and PGD attacks of the paper's Table 6; with --gradcam, Fig. 7's Grad-CAM maps of several students.
 
 Attacks work in [0, 1] pixel space: the image x / 255 is perturbed within an L_inf ball of radius
 epsilon, clamped to [0, 1], and only then normalised for the model. The perturbed images stay float
@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -21,8 +22,10 @@ from cache_store import CacheError, open_cache
 from pipelines import studies
 from pipelines.config import resolve_device
 from pipelines.train import batches, setup_images
-from richkd_cache.data import ImageDataset, create_dataset
+from richkd_cache.data import ImageDataset, create_dataset, normalize
 from richkd_cache.errors import ConfigError, DataError
+from richkd_cache.files import atomic_path
+from richkd_cache.gradcam import grad_cam, render_grid
 from richkd_cache.metrics import topk_hits
 from richkd_cache.models import load_checkpoint
 
@@ -43,17 +46,26 @@ def run_evaluate(
     corruptions: str | None = None,
     teacher: str | None = None,
     plots: str | None = None,
+    gradcam: int = 0,
+    beside: tuple[str, ...] = (),
 ) -> dict:
     """A JSON-ready report: clean top-1/top-5 (%) and, with attacks, FGSM and PGD at each epsilon;
-    optionally CIFAR-C corruptions, accuracy by the teacher's category, and the Fig. 4/5 plots."""
+    optionally CIFAR-C corruptions, accuracy by the teacher's category, the Fig. 4/5 plots, and the
+    Fig. 7 Grad-CAM grid of `gradcam` images for this checkpoint and those `beside` it."""
     if attacks and not all(0.0 < eps <= 1.0 for eps in epsilons):
         raise ConfigError(f"attack epsilons are L_inf radii in [0, 1] pixel space, in (0, 1]; got {list(epsilons)}")
+    if beside and not gradcam:
+        raise ConfigError("several checkpoints are compared only by --gradcam N; evaluate them one at a time")
+    if gradcam and not plots:
+        raise ConfigError("--gradcam N writes gradcam.png into the --plots DIR folder: pass --plots DIR")
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, map_location=str(dev))
     name, root = resolve_dataset(checkpoint, meta, dataset, data_root)
     data = create_dataset(name, root, split)
     if data.num_classes != meta["num_classes"]:
         raise DataError(f"{checkpoint} predicts {meta['num_classes']} classes but {name} has {data.num_classes}")
+    if gradcam > len(data):
+        raise ConfigError(f"--gradcam takes 1 to {len(data)} images (the {data.split} split's size), got {gradcam}")
     settings = [(attack, eps) for attack in ATTACKS for eps in epsilons] if attacks else []
     hits = count_hits(model_forward(model, data), data, batch_size, dev, settings)
     n = max(len(data), 1)
@@ -80,7 +92,26 @@ def run_evaluate(
             result["by_teacher_category"] = studies.accuracy_by_teacher_category(logits, teacher_logits, labels)
         if plots:
             result["plots"] = studies.write_plots(logits, feats, labels, Path(plots))
+    if gradcam:
+        result["gradcam"] = draw_gradcam([checkpoint, *beside], data, gradcam, dev, Path(plots) / "gradcam.png")
     return result
+
+
+def draw_gradcam(checkpoints: list[str], data: ImageDataset, count: int, device: torch.device, out: Path) -> dict:
+    """Fig. 7: Grad-CAM maps of `count` images drawn at random (seed 0, as the paper picks them) for each
+    checkpoint side by side, each map for the image's true class; written atomically to `out`."""
+    picks = np.random.default_rng(0).choice(len(data), size=count, replace=False)
+    _, x, y = next(batches(setup_images(data, device), data, count, torch.from_numpy(picks)))
+    x, y = x.to(device), y.to(device)
+    maps = []
+    for path in checkpoints:
+        model, _ = load_checkpoint(path, num_classes=data.num_classes, map_location=str(device))
+        maps.append(grad_cam(model, normalize(x, data.mean, data.std), y).numpy())  # (N, H, W)
+    titles = [Path(p).parent.name or Path(p).stem for p in checkpoints]  # runs/kd/best.pth -> "kd"
+    picture = render_grid(x.permute(0, 2, 3, 1).cpu().numpy(), maps, titles)
+    with atomic_path(out) as tmp:
+        picture.save(tmp, format="PNG")
+    return {"path": str(out), "images": picks.tolist(), "columns": titles}
 
 
 def resolve_dataset(checkpoint: str, meta: dict, dataset: str | None, data_root: str | None) -> tuple[str, str | None]:
@@ -197,3 +228,6 @@ def render_evaluation(result: dict, console: Console) -> None:
         console.print(cat)
     for path in result.get("plots", []):
         console.print(f"plot: {path}")
+    if result.get("gradcam"):
+        cam = result["gradcam"]
+        console.print(f"Grad-CAM (Fig. 7) of {len(cam['images'])} images, columns {', '.join(cam['columns'])}: {cam['path']}")
