@@ -12,6 +12,7 @@ from cache_store.errors import CacheError
 from cache_store.integrity import check_array_metadata, chunk_key, has_checksum, missing_chunks, read_checked
 from cache_store.schema import (
     MANIFEST_KEY,
+    STATUS_BUILDING,
     STATUS_COMPLETE,
     TEXT_GROUP,
     CacheLayout,
@@ -54,6 +55,10 @@ class CacheReader:
 
     def check_arrays(self) -> None:
         """Every array of the layout is there with its dtype and shape; prompt sets are float32 [M, C, D]."""
+        absent = [name for name in self.layout.arrays() if f"{name}/zarr.json" not in self.keys]
+        if absent and self.manifest["status"] == STATUS_BUILDING:  # killed while creating them: resumable
+            raise CacheError(f"cache {self.url} is incomplete (its build stopped before creating {', '.join(absent)}): "
+                             "re-run the same build command to resume")
         check_array_metadata(self.group, self.layout, self.url, self.keys)
 
     def prompt_sets(self) -> list[str]:

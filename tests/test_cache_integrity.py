@@ -154,6 +154,7 @@ def test_killed_before_the_arrays_exist_resumes(tmp_path: Path, monkeypatch) -> 
         create_cache(url, LAYOUT, MANIFEST)
     monkeypatch.undo()
     assert os.path.exists(f"{url}/zarr.json")  # the group is there, two arrays are
+    assert "re-run the same build command to resume" in verify_cache(url).problems[0]
     writer = create_cache(url, LAYOUT, MANIFEST)  # the same build again: resumed, not "a different cache"
     assert writer.pending_blocks() == list(range(LAYOUT.num_blocks))
     for b in writer.pending_blocks():
