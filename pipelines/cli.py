@@ -18,7 +18,15 @@ from rich.table import Table
 
 from cache_store import CacheError
 
-from pipelines.config import BuildConfig, TrainConfig, check_fields, list_recipes, load_recipe
+from pipelines.config import (
+    METHOD_SETTINGS,
+    BuildConfig,
+    TrainConfig,
+    check_fields,
+    list_recipes,
+    load_recipe,
+    parse_method_params,
+)
 from pipelines.progress import Reporter
 from richkd_cache.errors import RichKDError
 
@@ -121,10 +129,20 @@ def build(
     out_console.print(f"cache complete: {url}")
 
 
-def train_settings(recipe: str | None, given: dict[str, Any], command: str) -> dict[str, Any]:
-    """A recipe's settings overridden by the flags given (None: not given); "none" switches a loss off."""
+def train_settings(recipe: str | None, given: dict[str, Any], command: str, new_method: bool = False) -> dict[str, Any]:
+    """A recipe's settings overridden by the flags given (None: not given); "none" switches a loss off.
+
+    The recipe's method settings (temperature, beta, method_params) belong to the recipe's method: they
+    are dropped when the method changes (`new_method`: it is swept) or no logit loss is trained."""
     settings: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    method = given.get("method")
+    if new_method or (method is not None and method != settings.get("method")) or given.get("target") == "ce":
+        for key in METHOD_SETTINGS:
+            settings.pop(key, None)
+    params = given.pop("method_params", None) or {}
     settings.update({k: v for k, v in given.items() if v is not None})
+    if params:
+        settings["method_params"] = {**settings.get("method_params", {}), **params}
     for key in ("feature_loss", "method"):
         if settings.get(key) == "none":
             settings[key] = None
@@ -146,12 +164,13 @@ def train(
     data_root: Annotated[Optional[str], typer.Option(help="Dataset folder on this machine.")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="A shipped recipe; other flags override it.")] = None,
     target: Annotated[Optional[str], typer.Option(help="ce, kd (teacher), clip or richkd (fused).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="Logit loss: kd, dkd, lskd, normkd, rld.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Logit loss: kd, dkd, lskd, normkd, rld, each with its reference weights (a recipe's method settings are dropped when this changes its method).")] = None,
+    method_param: Annotated[Optional[list[str]], typer.Option(help="A parameter of the logit method, NAME=VALUE, repeatable (e.g. DKD's beta=6); an unknown name lists the method's parameters.")] = None,
     feature_loss: Annotated[Optional[str], typer.Option(help="cosine, mse, crd or none.")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="Teacher weight in the fused logits (eq. 4).")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature (eq. 5).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="The method's temperature (eq. 5; default its own: kd 3, dkd 4, lskd 2, rld 4; normkd uses t_norm).")] = None,
     lam: Annotated[Optional[float], typer.Option(help="Teacher weight in the fused features (eq. 7).")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="Logit loss weight (eq. 9).")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="Weight of the logit loss (eq. 9; default the method's own: kd 3, lskd 9, normkd 0.9; dkd and rld weigh their terms with --method-param alpha=,beta=).")] = None,
     gamma: Annotated[Optional[float], typer.Option(help="Feature loss weight (eq. 9).")] = None,
     prompts: Annotated[Optional[str], typer.Option(help="Stored prompt set for CLIP's logits.")] = None,
     clip_tau: Annotated[Optional[float], typer.Option(help="Override CLIP's logit scale tau.")] = None,
@@ -191,7 +210,8 @@ def train(
         "warmup_epochs": warmup_epochs, "min_lr": min_lr,
         "milestones": tuple(int(m) for m in split_list(milestones)) if milestones else None,
     }
-    settings = train_settings(recipe, {**given, "feature_loss": feature_loss}, "train")
+    params = parse_method_params(method_param) if method_param else None
+    settings = train_settings(recipe, {**given, "feature_loss": feature_loss, "method_params": params}, "train")
     base = TrainConfig(out=out, device=device, cache_device=cache_device, stream_window=stream_window,
                        workers=workers, resume=resume, overwrite=overwrite, quiet=quiet, online=online,
                        teacher_checkpoint=teacher_checkpoint, clip_checkpoint=clip_checkpoint, **settings)
@@ -396,7 +416,8 @@ def sweep(
     axes = {name: v for name, v in values.items() if len(v) > 1}  # one value: a fixed setting
     fixed = {"student": student, "cache": cache, "dataset": dataset, "data_root": data_root, "epochs": epochs,
              "batch_size": batch_size, "lr": lr}
-    settings = train_settings(recipe, {**fixed, **{k: v[0] for k, v in values.items() if len(v) == 1}}, "sweep")
+    settings = train_settings(recipe, {**fixed, **{k: v[0] for k, v in values.items() if len(v) == 1}}, "sweep",
+                              new_method="method" in axes)
     try:
         seed_list = tuple(int(s) for s in split_list(seeds))
     except ValueError:

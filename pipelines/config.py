@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from richkd_cache.distill import DEFAULTS, describe_params, get_logit_loss, method_params
 from richkd_cache.errors import ConfigError
 
 
@@ -54,10 +55,11 @@ class TrainConfig:
     method: str | None = "kd"  # the logit loss applied to the target logits; None: no logit loss
     feature_loss: str | None = "cosine"
     alpha: float = 0.7  # eq. 4
-    temperature: float = 3.0  # eq. 5
+    temperature: float | None = None  # the method's temperature (eq. 5 for KD); None: its reference value
     lam: float = 0.7  # eq. 7
-    beta: float = 3.0  # eq. 9
+    beta: float | None = None  # the method's loss weight (eq. 9; 3 for KD); None: its reference value
     gamma: float = 0.8  # eq. 9
+    method_params: dict[str, float] = field(default_factory=dict)  # the method's other parameters, by name
     prompts: str | None = None  # None: the first prompt set stored in the cache
     clip_renormalize: bool = False
     clip_tau: float | None = None
@@ -92,6 +94,61 @@ class TrainConfig:
         if self.target is not None:
             return self.target
         return "richkd" if self.cache else "ce"
+
+
+# Settings of the logit method: a recipe's belong to its method and are dropped when --method changes it.
+METHOD_SETTINGS = ("temperature", "beta", "method_params")
+# TrainConfig fields that are shorthands for a method parameter (its name in logit_losses.DEFAULTS)
+_SHORTHANDS = {"temperature": ("temperature", "the distillation temperature"),
+               "beta": ("weight", "the weight of the logit loss, eq. 9")}
+
+
+def logit_params(cfg: TrainConfig) -> dict[str, float] | None:
+    """The logit method's parameters as trained: its reference values, replaced by the recipe's and the
+    flags'. None when no logit loss is trained. A setting the method does not use is an error, never ignored."""
+    method = cfg.method if cfg.resolved_target != "ce" else None
+    if not isinstance(cfg.method_params, dict):
+        raise ConfigError("method_params must be a table of NAME = VALUE")
+    given = dict(cfg.method_params)
+    shorthands = {key: getattr(cfg, key) for key in _SHORTHANDS if getattr(cfg, key) is not None}
+    if method is None:
+        if given or shorthands:
+            names = [f"--{k}" for k in shorthands] + [f"method parameter {k}" for k in given]
+            raise ConfigError(f"{', '.join(names)} set, but no logit loss is trained "
+                              f"(target {cfg.resolved_target}, method {cfg.method})")
+        return None
+    get_logit_loss(method)
+    for key, value in shorthands.items():
+        name, meaning = _SHORTHANDS[key]
+        if name not in DEFAULTS[method]:
+            raise ConfigError(f"--{key} ({meaning}; recipe key {key}) is not used by {method}; its parameters: "
+                              f"{describe_params(method)} (set with --method-param NAME=VALUE)")
+        if name in given:
+            raise ConfigError(f"{method}'s {name} is set twice: by --{key} and by method parameter {name}")
+        given[name] = value
+    return method_params(method, given)
+
+
+def recorded_method(cfg: TrainConfig, params: dict[str, float] | None) -> dict[str, Any]:
+    """What config.json says about the logit method: the values trained with, not the flags' defaults."""
+    params = params or {}
+    return {"method": cfg.method if params else None, "temperature": params.get("temperature"),
+            "beta": params.get("weight"), "method_params": params}
+
+
+def parse_method_params(values: list[str]) -> dict[str, float]:
+    """`--method-param beta=6 --method-param alpha=1,warmup=20` -> {"beta": 6.0, "alpha": 1.0, "warmup": 20.0}."""
+    parsed: dict[str, float] = {}
+    for item in (p.strip() for v in values for p in v.split(",") if p.strip()):
+        name, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not name.strip() or number is None:
+            raise ConfigError(f"--method-param wants NAME=VALUE with a number (e.g. beta=6), got {item!r}")
+        parsed[name.strip()] = number
+    return parsed
 
 
 def load_recipe(name: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cache_store import CacheReader, open_cache
-from pipelines.config import TrainConfig, resolve_device
+from pipelines.config import TrainConfig, logit_params, recorded_method, resolve_device
 from pipelines.distributed import DistContext, barrier, init_distributed, rank_device, shutdown
 from pipelines.optim import make_optimizer, make_schedule
 from pipelines.progress import Reporter
@@ -47,6 +47,7 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     torch.manual_seed(cfg.seed)
     device = resolve_device(rank_device(cfg.device, ctx))
     run = RunFolder(cfg, ctx.is_main)
+    method = logit_params(cfg)  # a setting the method does not use fails before any data is read
     if cfg.resolved_target != "ce" and not cfg.cache:
         raise ConfigError(f"target {cfg.resolved_target} distills from a cache: pass --cache (or --target ce)")
     cache = open_cache(cfg.cache) if cfg.cache else None
@@ -56,10 +57,11 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     student = create_model(cfg.student, train_set.num_classes).to(device)  # its weights: from the seed alone
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
-    objective = setup_objective(cfg, student, cache, train_set, pool).to(device)
+    objective = setup_objective(cfg, student, cache, train_set, pool, method).to(device)
     optimizer, scheduler = setup_optimizer(cfg, student, objective)
     windows = setup_windows(cfg, cache, train_set, device, cache_device)
-    state = run.start(student, objective, optimizer, scheduler, {**asdict(cfg), "target": cfg.resolved_target})
+    state = run.start(student, objective, optimizer, scheduler, {**asdict(cfg), "target": cfg.resolved_target,
+                                                                      **recorded_method(cfg, method)})
     model, loss = data_parallel(student, ctx), data_parallel(objective, ctx)
     images = setup_images(train_set, device)
     val_images = setup_images(val_set, device) if ctx.is_main else None
@@ -187,7 +189,7 @@ def batches(
 
 
 def setup_objective(cfg: TrainConfig, student: torch.nn.Module, cache: CacheReader | None,
-                    train_set: ImageDataset, pool: torch.Tensor) -> DistillObjective:
+                    train_set: ImageDataset, pool: torch.Tensor, method: dict[str, float] | None) -> DistillObjective:
     """The feature loss sees the target's feature parts (the teacher's and/or CLIP's); CRD also needs the
     labels (negatives of other classes) and the samples trained on (its memory bank)."""
     target = cfg.resolved_target
@@ -203,9 +205,8 @@ def setup_objective(cfg: TrainConfig, student: torch.nn.Module, cache: CacheRead
         labels=torch.from_numpy(train_set.labels.astype(np.int64)),
         trained=pool,
         seed=cfg.seed,
-        beta=cfg.beta,
         gamma=cfg.gamma,
-        temperature=cfg.temperature,
+        logit_params=method if distilled else None,
     )
 
 

@@ -15,6 +15,7 @@ from richkd_cache.distill import (
     fit_joint_space,
     fuse_logits,
     get_logit_loss,
+    method_params,
 )
 from richkd_cache.errors import ConfigError
 
@@ -39,16 +40,11 @@ def batch():
     return s, t, y
 
 
-def test_kd_is_t_squared_kl(batch) -> None:
-    s, t, y = batch
-    T = 3.0
-    expected = np.mean([kl(softmax(t[i].numpy() / T), softmax(s[i].numpy() / T)) for i in range(B)]) * T * T
-    assert get_logit_loss("kd")(s, t, y, temperature=T).item() == pytest.approx(expected, rel=1e-6)
+def kd_by_hand(s, t, y, T: float) -> float:
+    return float(np.mean([kl(softmax(t[i].numpy() / T), softmax(s[i].numpy() / T)) for i in range(B)]) * T * T)
 
 
-def test_dkd_by_hand(batch) -> None:
-    s, t, y = batch
-    T, a, b = 4.0, 1.0, 8.0
+def dkd_by_hand(s, t, y, T: float, a: float, b: float) -> float:
     total = 0.0
     for i in range(B):
         ps, pt = softmax(s[i].numpy() / T), softmax(t[i].numpy() / T)
@@ -57,37 +53,25 @@ def test_dkd_by_hand(batch) -> None:
         others = [j for j in range(C) if j != k]
         nckd = kl(softmax(t[i].numpy()[others] / T), softmax(s[i].numpy()[others] / T))
         total += (a * tckd + b * nckd) * T * T
-    full = get_logit_loss("dkd")(s, t, y, epoch=20).item()
-    assert full == pytest.approx(total / B, rel=1e-5)
-    assert get_logit_loss("dkd")(s, t, y, epoch=5).item() == pytest.approx(full * 5 / 20, rel=1e-6)  # warm-up
+    return total / B
 
 
-def test_lskd_is_kd_on_zscores(batch) -> None:
-    s, t, y = batch
-    T = 2.0
-
+def lskd_by_hand(s, t, y, T: float) -> float:
     def z(v: np.ndarray) -> np.ndarray:
         return (v - v.mean()) / (v.std(ddof=1) + 1e-7)
 
-    expected = np.mean([kl(softmax(z(t[i].numpy()) / T), softmax(z(s[i].numpy()) / T)) for i in range(B)]) * T * T
-    assert get_logit_loss("lskd")(s, t, y, temperature=T).item() == pytest.approx(expected, rel=1e-6)
-    # invariant to shifting and scaling either side's logits
-    assert get_logit_loss("lskd")(s * 5 + 2, t, y, temperature=T).item() == pytest.approx(expected, rel=1e-5)
+    return float(np.mean([kl(softmax(z(t[i].numpy()) / T), softmax(z(s[i].numpy()) / T)) for i in range(B)]) * T * T)
 
 
-def test_normkd_per_sample_temperature(batch) -> None:
-    s, t, y = batch
-    tn = 1.5
+def normkd_by_hand(s, t, y, tn: float) -> float:
     total = 0.0
     for i in range(B):
         tt, ts = tn * t[i].numpy().std(ddof=1), tn * s[i].numpy().std(ddof=1)
         total += kl(softmax(t[i].numpy() / tt), softmax(s[i].numpy() / ts)) * tt * tt
-    assert get_logit_loss("normkd")(s, t, y, t_norm=tn).item() == pytest.approx(total / B, rel=1e-6)
+    return total / B
 
 
-def test_rld_by_hand(batch) -> None:
-    s, t, y = batch
-    T, a, b, at = 4.0, 1.0, 8.0, 1.0
+def rld_by_hand(s, t, y, T: float, a: float, b: float, at: float) -> float:
     total = 0.0
     for i in range(B):
         k, top = int(y[i]), int(t[i].argmax())
@@ -96,7 +80,69 @@ def test_rld_by_hand(batch) -> None:
         kept = [j for j in range(C) if t[i, j] < t[i, k]]  # classes the target ranks below the true one
         mcd = kl(softmax(t[i].numpy()[kept] / T), softmax(s[i].numpy()[kept] / T)) * T * T if kept else 0.0
         total += a * scd + b * mcd
-    assert get_logit_loss("rld")(s, t, y, epoch=20).item() == pytest.approx(total / B, rel=1e-5)
+    return total / B
+
+
+# Each method's CIFAR-100 weights as its public code trains it: (CE weight, its distillation term by hand).
+REFERENCE = {
+    "kd": (1.0, lambda s, t, y: 3.0 * kd_by_hand(s, t, y, T=3.0)),  # RichKD paper: beta 3, T 3
+    "dkd": (1.0, lambda s, t, y: dkd_by_hand(s, t, y, T=4.0, a=1.0, b=8.0)),  # mdistiller CFG.DKD
+    "lskd": (0.1, lambda s, t, y: 9.0 * lskd_by_hand(s, t, y, T=2.0)),  # --kd-weight 9 --base-temp 2
+    "normkd": (0.1, lambda s, t, y: 0.9 * normkd_by_hand(s, t, y, tn=2.0)),  # CFG.NormKD
+    "rld": (1.0, lambda s, t, y: rld_by_hand(s, t, y, T=4.0, a=1.0, b=8.0, at=4.0)),  # CFG.RLD with --same-t
+}
+
+
+def test_kd_is_t_squared_kl(batch) -> None:
+    s, t, y = batch
+    assert get_logit_loss("kd")(s, t, y, temperature=3.0).item() == pytest.approx(kd_by_hand(s, t, y, 3.0), rel=1e-6)
+
+
+def test_lskd_is_kd_on_zscores(batch) -> None:
+    s, t, y = batch
+    expected = lskd_by_hand(s, t, y, T=2.0)
+    assert get_logit_loss("lskd")(s, t, y, temperature=2.0).item() == pytest.approx(expected, rel=1e-6)
+    # invariant to shifting and scaling either side's logits
+    assert get_logit_loss("lskd")(s * 5 + 2, t, y, temperature=2.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", list(REFERENCE))
+def test_each_method_trains_with_its_reference_weights(batch, method: str) -> None:
+    s, t, y = batch
+    objective = create_objective("richkd", method, None, student_dim=4)
+    terms = objective(s, torch.zeros(B, 4), y, target_logits=t, epoch=30)  # past the warm-ups
+    ce_weight, distill = REFERENCE[method]
+    ce = float(np.mean([-math.log(softmax(s[i].numpy())[int(y[i])]) for i in range(B)]))
+    assert terms["ce"].item() == pytest.approx(ce_weight * ce, rel=1e-6)
+    assert terms["logit"].item() == pytest.approx(distill(s, t, y), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dkd", "rld"])
+def test_dkd_and_rld_ramp_in_over_twenty_epochs(batch, method: str) -> None:
+    s, t, y = batch
+    objective = create_objective("richkd", method, None, student_dim=4)
+    full = objective(s, torch.zeros(B, 4), y, target_logits=t, epoch=19)["logit"].item()  # the trainer's epoch 20
+    assert objective(s, torch.zeros(B, 4), y, target_logits=t, epoch=4)["logit"].item() == pytest.approx(full * 5 / 20)
+
+
+def test_given_parameters_replace_the_reference_ones(batch) -> None:
+    s, t, y = batch
+    objective = create_objective("richkd", "dkd", None, student_dim=4,
+                                 logit_params={"beta": 6.0, "temperature": 2.0})
+    terms = objective(s, torch.zeros(B, 4), y, target_logits=t, epoch=30)
+    assert terms["logit"].item() == pytest.approx(dkd_by_hand(s, t, y, T=2.0, a=1.0, b=6.0), rel=1e-5)
+    assert objective.logit_params == {"ce_weight": 1.0, "alpha": 1.0, "beta": 6.0, "temperature": 2.0, "warmup": 20.0}
+
+
+def test_a_parameter_the_method_does_not_have_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"dkd has no parameter weight; its parameters: ce_weight=1, alpha=1"):
+        method_params("dkd", {"weight": 3.0})
+    with pytest.raises(ConfigError, match="normkd has no parameter temperature.*t_norm=2"):
+        method_params("normkd", {"temperature": 4.0})
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        method_params("kd", {"temperature": 0.0})
+    with pytest.raises(ConfigError, match="ce_weight must be >= 0"):
+        method_params("lskd", {"ce_weight": -1.0})
 
 
 def test_logit_fusion_is_eq4() -> None:
@@ -127,7 +173,7 @@ def test_targets_by_name() -> None:
 def test_gradients_reach_only_the_student_and_its_maps(logit_loss: str, feature_loss: str) -> None:
     labels = torch.arange(32) % C
     objective = create_objective("richkd", logit_loss, feature_loss, student_dim=8, teacher_dim=5, clip_dim=6,
-                                 labels=labels, beta=3.0, gamma=0.8)
+                                 labels=labels, gamma=0.8)
     s_logits = torch.randn(B, C, requires_grad=True)
     s_feats = torch.randn(B, 8, requires_grad=True)
     t_logits = torch.randn(B, C, requires_grad=True)
@@ -143,8 +189,8 @@ def test_gradients_reach_only_the_student_and_its_maps(logit_loss: str, feature_
 
 def test_weights_multiply_the_terms(batch) -> None:
     s, t, y = (v.float() if v.is_floating_point() else v for v in batch)
-    one = create_objective("kd", "kd", None, student_dim=4, beta=1.0)
-    three = create_objective("kd", "kd", None, student_dim=4, beta=3.0)
+    one = create_objective("kd", "kd", None, student_dim=4, logit_params={"weight": 1.0})
+    three = create_objective("kd", "kd", None, student_dim=4)  # KD's reference weight, beta = 3
     f = torch.zeros(B, 4)
     assert three(s, f, y, target_logits=t)["logit"].item() == pytest.approx(3 * one(s, f, y, target_logits=t)["logit"].item())
     assert set(create_objective("ce", "kd", "cosine", student_dim=4, teacher_dim=3)(s, f, y)) == {"ce"}

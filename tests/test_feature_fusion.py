@@ -176,7 +176,7 @@ def test_crd_objective_resumes_bit_identically() -> None:
         torch.manual_seed(seed)  # a resumed process starts from other global random state
         student = torch.nn.Linear(10, 6)
         objective = create_objective("richkd", "kd", "crd", student_dim=6, teacher_dim=5, clip_dim=7,
-                                     labels=labels, trained=trained, seed=11, logit_hyper={})
+                                     labels=labels, trained=trained, seed=11)
         optimizer = torch.optim.SGD([*student.parameters(), *objective.parameters()], lr=0.1, momentum=0.9)
         return student, objective, optimizer
 

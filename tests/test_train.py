@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.config import list_recipes, load_recipe
+from pipelines.config import TrainConfig, list_recipes, load_recipe, logit_params
 from richkd_cache.models import create_model, load_checkpoint, save_checkpoint
 
 runner = CliRunner()
@@ -89,14 +89,45 @@ def test_subset_training_and_compare(cache: Path, tmp_path: Path) -> None:
 
 def test_recipes_load_and_flags_override_them(cache: Path, tmp_path: Path) -> None:
     assert "cifar100-resnet32x4-resnet8x4" in list_recipes()
-    for name in list_recipes():
-        load_recipe(name)  # every shipped recipe names only real settings
+    for name in list_recipes():  # every shipped recipe names only real settings, and only its method's
+        logit_params(TrainConfig(out="unused", **load_recipe(name)))
     out = tmp_path / "recipe"
     result = invoke("train", "--recipe", "cifar100-resnet32x4-resnet8x4", "--cache", cache, "--dataset", "digits",
                     *FAST, "--epochs", "1", "--out", out)
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     assert config["student"] == "resnet8" and config["feature_loss"] == "crd" and config["beta"] == 3.0
+    assert config["method_params"] == {"ce_weight": 1.0, "weight": 3.0, "temperature": 3.0}
+
+
+def test_table4_recipes_carry_the_pairs_reference_weights() -> None:
+    # DKD's NCKD weight per pair: mdistiller configs/cifar100/dkd/res32x4_res8x4.yaml (default 8.0),
+    # wrn40_2_wrn_40_1.yaml (6.0); NormKD and RLD configs override nothing for these pairs
+    assert load_recipe("cifar100-r32x4-r8x4-dkd")["method_params"]["beta"] == 8.0
+    assert load_recipe("cifar100-wrn402-wrn401-dkd")["method_params"]["beta"] == 6.0
+    for pair in ("r32x4-r8x4", "wrn402-wrn401"):
+        assert load_recipe(f"cifar100-{pair}-normkd")["method_params"] == {"ce_weight": 0.1, "weight": 0.9, "t_norm": 2.0}
+        rld = load_recipe(f"cifar100-{pair}-rld")["method_params"]
+        assert (rld["ce_weight"], rld["alpha"], rld["beta"], rld["temperature"]) == (1.0, 1.0, 8.0, 4.0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "dkd", "--beta", "3"], "--beta (the weight of the logit loss, eq. 9; recipe key beta) is not used by dkd"),
+    (["--method", "normkd", "--temperature", "4"], "--temperature (the distillation temperature; recipe key temperature) is not used by normkd; its parameters: ce_weight=0.1, weight=0.9, t_norm=2"),
+    (["--method", "kd", "--method-param", "alpha=1"], "kd has no parameter alpha"),
+    (["--method", "kd", "--beta", "2", "--method-param", "weight=2"], "set twice"),
+    (["--method", "dkd", "--method-param", "beta"], "--method-param wants NAME=VALUE"),
+    (["--target", "ce", "--temperature", "3"], "no logit loss is trained"),
+    (["--method", "none", "--method-param", "beta=6"], "no logit loss is trained"),
+    # a KD recipe's temperature and beta are dropped when --method changes its method: only warmup is wrong
+    (["--recipe", "cifar100-resnet32x4-resnet8x4", "--method", "dkd", "--method-param", "warmup=0"], "warmup must be > 0"),
+    # and with --target ce (no logit loss): the run gets as far as the recipe's dataset
+    (["--recipe", "cifar100-resnet32x4-resnet8x4", "--target", "ce"], "CIFAR-100 not found"),
+])
+def test_a_setting_the_method_does_not_use_is_one_line_error(cache: Path, tmp_path: Path, args, message) -> None:
+    result = invoke("train", "--cache", cache, *args, *FAST, "--epochs", "1", "--out", tmp_path / "x")
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
 def test_distillation_without_a_cache_is_refused(tmp_path: Path) -> None:
@@ -105,10 +136,13 @@ def test_distillation_without_a_cache_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("target", ["kd", "clip"])
-def test_every_target_trains(cache: Path, tmp_path: Path, target: str) -> None:
+def test_every_target_trains_and_records_the_weights_it_used(cache: Path, tmp_path: Path, target: str) -> None:
     result = invoke("train", "--cache", cache, "--target", target, "--method", "dkd", "--feature-loss", "mse",
-                    *FAST, "--epochs", "1", "--out", tmp_path / target)
+                    "--method-param", "beta=6", *FAST, "--epochs", "1", "--out", tmp_path / target)
     assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / target / "config.json").read_text())
+    assert config["method_params"] == {"ce_weight": 1.0, "alpha": 1.0, "beta": 6.0, "temperature": 4.0, "warmup": 20.0}
+    assert config["temperature"] == 4.0 and config["beta"] is None  # DKD's T; no overall weight (not KD's 3)
 
 
 def test_streamed_cache_reads_whole_blocks_window_by_window(tmp_path: Path, monkeypatch) -> None:

@@ -12,7 +12,14 @@ from richkd_cache.distill.fusion import (
     topk_kl,
     topk_log_probs,
 )
-from richkd_cache.distill.logit_losses import DEFAULTS, LOGIT_LOSSES, get_logit_loss, list_logit_losses
+from richkd_cache.distill.logit_losses import (
+    DEFAULTS,
+    LOGIT_LOSSES,
+    describe_params,
+    get_logit_loss,
+    list_logit_losses,
+    method_params,
+)
 from richkd_cache.distill.objective import DistillObjective, create_objective
 
 __all__ = [
@@ -27,12 +34,14 @@ __all__ = [
     "build_targets",
     "create_feature_loss",
     "create_objective",
+    "describe_params",
     "fit_joint_space",
     "fuse_logits",
     "get_logit_loss",
     "list_feature_losses",
     "list_logit_losses",
     "logits_from_topk",
+    "method_params",
     "topk_kl",
     "topk_log_probs",
 ]

@@ -1,14 +1,20 @@
-"""Logit distillation losses: pure functions of (student logits, target logits, labels).
+"""Logit distillation losses: pure functions of (student logits, target logits, labels), and the weights
+each method is trained with.
 
 The target is the teacher's logits or the fused ones (eq. 4): every method here works with either,
-which is how RichKD plugs into DKD, LSKD, NormKD and RLD (the paper's Table 4). Targets are detached
-inside, so gradients reach only the student. Defaults are the CIFAR-100 values of each method's paper
-and official code, kept in DEFAULTS so they live in one place.
+which is how RichKD plugs into DKD, LSKD, NormKD and RLD (the paper's Table 4: the fused logits replace
+the teacher's inside each method, and each method keeps its own weights). Targets are detached inside,
+so gradients reach only the student.
+
+A method's parameters (DEFAULTS) are its loss's keyword arguments plus `ce_weight` (the weight of the
+cross-entropy term) and, for methods whose reference scales the whole loss by one number, `weight`
+(RichKD's beta, eq. 9, for KD). DKD and RLD weigh their two terms with `alpha` and `beta` instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,27 +23,66 @@ from richkd_cache.errors import ConfigError
 
 Tensor = torch.Tensor
 
+# The CIFAR-100 reference values of each method, with the file and value they come from.
 DEFAULTS: dict[str, dict[str, float]] = {
-    "kd": {"temperature": 3.0},  # RichKD's T (eq. 5)
-    "dkd": {"temperature": 4.0, "alpha": 1.0, "beta": 8.0, "warmup": 20},
-    "lskd": {"temperature": 2.0},
-    "normkd": {"t_norm": 1.5},
-    "rld": {"temperature": 4.0, "alpha": 1.0, "beta": 8.0, "alpha_temperature": 1.0, "warmup": 20},
+    # RichKD paper, Sec. 4 "Implementation Details": L = CE + beta * L_logit (eq. 9), beta 3, T 3
+    "kd": {
+        "ce_weight": 1.0,  # eq. 9: the cross-entropy is not reweighted
+        "weight": 3.0,  # beta = 3 (eq. 9)
+        "temperature": 3.0,  # T = 3 (eq. 5)
+    },
+    # megvii-research/mdistiller, mdistiller/engine/cfg.py (CFG.DKD) read by mdistiller/distillers/DKD.py;
+    # configs/cifar100/dkd/*.yaml change only BETA for some pairs (6.0, 2.0; see the recipes)
+    "dkd": {
+        "ce_weight": 1.0,  # CFG.DKD.CE_WEIGHT = 1.0
+        "alpha": 1.0,  # CFG.DKD.ALPHA = 1.0 (weight of TCKD)
+        "beta": 8.0,  # CFG.DKD.BETA = 8.0 (weight of NCKD)
+        "temperature": 4.0,  # CFG.DKD.T = 4.0
+        "warmup": 20.0,  # CFG.DKD.WARMUP = 20 (epochs)
+    },
+    # sunshangquan/logit-standardization-KD: mdistiller/distillers/KD.py with --logit-stand; README's
+    # "KD+Ours" command sets --base-temp 2 --kd-weight 9; CE from mdistiller/engine/cfg.py
+    "lskd": {
+        "ce_weight": 0.1,  # CFG.KD.LOSS.CE_WEIGHT = 0.1 (left unchanged by tools/train.py)
+        "weight": 9.0,  # --kd-weight 9 -> CFG.KD.LOSS.KD_WEIGHT
+        "temperature": 2.0,  # --base-temp 2 -> CFG.KD.TEMPERATURE
+    },
+    # gizi1/NormKD: mdistiller/engine/cfg.py (CFG.NormKD) read by mdistiller/distillers/NormKD.py;
+    # configs/cifar100/NormKD/*.yaml override none of them
+    "normkd": {
+        "ce_weight": 0.1,  # CFG.NormKD.LOSS.CE_WEIGHT = 0.1
+        "weight": 0.9,  # CFG.NormKD.LOSS.KD_WEIGHT = 0.9
+        "t_norm": 2.0,  # CFG.NormKD.TEMPERATURE_NORM = 2.0
+    },
+    # zju-SWJ/RLD: mdistiller/engine/cfg.py (CFG.RLD) read by mdistiller/distillers/RLD.py;
+    # configs/cifar100/rld/*.yaml override none; the README's RLD command adds --same-t
+    "rld": {
+        "ce_weight": 1.0,  # CFG.RLD.CE_WEIGHT = 1.0
+        "alpha": 1.0,  # CFG.RLD.ALPHA = 1.0 (weight of SCD)
+        "beta": 8.0,  # CFG.RLD.BETA = 8.0 (weight of MCD)
+        "temperature": 4.0,  # CFG.RLD.T = 4.0 (MCD)
+        "alpha_temperature": 4.0,  # --same-t: ALPHA_T = T (tools/train.py; cfg.py alone would give 1.0)
+        "warmup": 20.0,  # CFG.RLD.WARMUP = 20 (epochs)
+    },
 }
+# parameters that divide or ramp (> 0); every other one is a weight (>= 0)
+_POSITIVE = ("temperature", "alpha_temperature", "t_norm", "warmup")
+# applied by the objective (eq. 9), not passed to the loss function
+OBJECTIVE_WEIGHTS = ("ce_weight", "weight")
 
 
-def kd_loss(student: Tensor, target: Tensor, labels: Tensor, *, temperature: float = 3.0, epoch: int = 1) -> Tensor:
+def kd_loss(student: Tensor, target: Tensor, labels: Tensor, *, temperature: float, epoch: int = 1) -> Tensor:
     """eq. 5: T^2 * KL(softmax(z_F/T) || softmax(z_S/T)), averaged over the batch.
 
     The T^2 factor is applied (Hinton et al.; mdistiller does the same): soft-target gradients scale
-    as 1/T^2, so this keeps the term's weight independent of T. beta in eq. 9 multiplies this term.
+    as 1/T^2, so this keeps the term's weight independent of T. `weight` (beta, eq. 9) multiplies it.
     """
     t = temperature
     return t * t * _kl(F.log_softmax(student / t, dim=1), F.softmax(target.detach() / t, dim=1))
 
 
-def dkd_loss(student: Tensor, target: Tensor, labels: Tensor, *, temperature: float = 4.0, alpha: float = 1.0,
-             beta: float = 8.0, warmup: int = 20, epoch: int = 1) -> Tensor:
+def dkd_loss(student: Tensor, target: Tensor, labels: Tensor, *, temperature: float, alpha: float, beta: float,
+             warmup: float, epoch: int = 1) -> Tensor:
     """Decoupled KD: alpha * TCKD + beta * NCKD, ramped in over `warmup` epochs (min(epoch / warmup, 1)).
 
     TCKD matches the binary (target class, all others) split of the probabilities; NCKD matches the
@@ -55,18 +100,17 @@ def dkd_loss(student: Tensor, target: Tensor, labels: Tensor, *, temperature: fl
     return min(epoch / warmup, 1.0) * (alpha * tckd + beta * nckd)
 
 
-def lskd_loss(student: Tensor, target: Tensor, labels: Tensor, *, temperature: float = 2.0, epoch: int = 1) -> Tensor:
+def lskd_loss(student: Tensor, target: Tensor, labels: Tensor, *, temperature: float, epoch: int = 1) -> Tensor:
     """Logit-standardised KD: KD on per-sample z-scores (z - mean) / std of both sides, so the student
     matches the target's logit relations, not its logit range."""
     return kd_loss(_zscore(student), _zscore(target.detach()), labels, temperature=temperature)
 
 
-def normkd_loss(student: Tensor, target: Tensor, labels: Tensor, *, t_norm: float = 1.5, epoch: int = 1) -> Tensor:
+def normkd_loss(student: Tensor, target: Tensor, labels: Tensor, *, t_norm: float, epoch: int = 1) -> Tensor:
     """NormKD: a per-sample temperature from each side's own logit spread, T_i = t_norm * std(z_i).
 
     Each side is divided by its own T_i, as NormKD's code does (the student's spread is not forced to
-    the target's); the target's T_i^2 scales its sample's KL (KD's T^2 rule, per sample). t_norm 1.5
-    is NormKD's CIFAR-100 value.
+    the target's); the target's T_i^2 scales its sample's KL (KD's T^2 rule, per sample).
     """
     target = target.detach()
     t_t = t_norm * target.std(dim=1, keepdim=True)  # (B, 1)
@@ -75,14 +119,14 @@ def normkd_loss(student: Tensor, target: Tensor, labels: Tensor, *, t_norm: floa
     return (kl * t_t.squeeze(1) ** 2).mean()
 
 
-def rld_loss(student: Tensor, target: Tensor, labels: Tensor, *, temperature: float = 4.0, alpha: float = 1.0,
-             beta: float = 8.0, alpha_temperature: float = 1.0, warmup: int = 20, epoch: int = 1) -> Tensor:
-    """Refined logit distillation: sample confidence distillation (SCD) + masked correlation (MCD).
+def rld_loss(student: Tensor, target: Tensor, labels: Tensor, *, temperature: float, alpha: float, beta: float,
+             alpha_temperature: float, warmup: float, epoch: int = 1) -> Tensor:
+    """Refined logit distillation: alpha * SCD + beta * MCD, ramped in over `warmup` epochs.
 
-    SCD matches the student's binary (true class, rest) probability to the target's (its top class,
-    rest): confidence without copying a wrong top-1. MCD matches the distribution over the classes the
-    target ranks below the true class, masking every class it ranks at or above it, so a wrong
-    target ranking is never taught.
+    SCD (sample confidence, at `alpha_temperature`) matches the student's binary (true class, rest)
+    probability to the target's (its top class, rest): confidence without copying a wrong top-1. MCD
+    (masked correlation, at `temperature`) matches the distribution over the classes the target ranks
+    below the true class, masking every class it ranks at or above it, so a wrong ranking is never taught.
     """
     target = target.detach()
     s_true = F.one_hot(labels, student.shape[1]).bool()
@@ -115,6 +159,38 @@ def get_logit_loss(name: str) -> Callable[..., Tensor]:
     if name not in LOGIT_LOSSES:
         raise ConfigError(f"unknown logit loss {name!r}; valid: {', '.join(LOGIT_LOSSES)}")
     return LOGIT_LOSSES[name]
+
+
+def describe_params(name: str) -> str:
+    """`ce_weight=1, alpha=1, ...`: a method's parameters and reference values, for messages."""
+    get_logit_loss(name)
+    return ", ".join(f"{k}={v:g}" for k, v in DEFAULTS[name].items())
+
+
+def method_params(name: str, given: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The method's reference parameters with the `given` ones replacing them.
+
+    A parameter the method does not have is an error (it would otherwise be silently ignored), and so
+    is a weight below 0 or a temperature or warm-up that is not positive.
+    """
+    get_logit_loss(name)  # an unknown name fails listing the valid ones
+    defaults = DEFAULTS[name]
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(f"logit loss {name} has no parameter {', '.join(unknown)}; its parameters: "
+                          f"{describe_params(name)}")
+    params = {**defaults, **{k: _number(name, k, v) for k, v in given.items()}}
+    for key, value in params.items():
+        if not math.isfinite(value) or value < 0 or (key in _POSITIVE and value == 0):
+            raise ConfigError(f"logit loss {name}: {key} must be {'> 0' if key in _POSITIVE else '>= 0'}, got {value:g}")
+    return params
+
+
+def _number(method: str, key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"logit loss {method}: {key} must be a number, got {value!r}")
+    return float(value)
 
 
 def _kl(log_q: Tensor, p: Tensor) -> Tensor:

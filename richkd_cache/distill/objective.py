@@ -1,5 +1,8 @@
 """The whole loss of eq. 9 as one module: CE + beta * L_logit + gamma * L_feat, as named terms.
 
+The logit side carries the chosen method's own weights (logit_losses.DEFAULTS): its CE weight, and its
+loss weight (beta = 3 is KD's; DKD and RLD weigh their two terms inside the loss).
+
 The trainer sums the terms and logs each. Parameters of this module are the feature loss's maps
 (trained with the student; for CRD also its embeddings of the cached teacher and CLIP features), and its
 state_dict holds everything a resumed run needs (CRD's banks, normalisers and draw generator); nothing
@@ -14,18 +17,19 @@ import torch.nn.functional as F
 
 from richkd_cache.distill.feature_losses import create_feature_loss
 from richkd_cache.distill.fusion import FEATURE_PARTS, TARGETS
-from richkd_cache.distill.logit_losses import DEFAULTS, get_logit_loss
+from richkd_cache.distill.logit_losses import OBJECTIVE_WEIGHTS, get_logit_loss, method_params
 from richkd_cache.errors import ConfigError
 
 
 class DistillObjective(nn.Module):
     def __init__(self, target: str, logit_loss: str | None, feature_loss: nn.Module | None, *,
-                 beta: float, gamma: float, logit_hyper: dict) -> None:
+                 gamma: float, logit_params: dict[str, float] | None) -> None:
         super().__init__()
         self.target, self.logit_loss_name = target, logit_loss
         self.logit_loss = get_logit_loss(logit_loss) if logit_loss else None
         self.feature_loss = feature_loss
-        self.beta, self.gamma, self.logit_hyper = beta, gamma, logit_hyper
+        self.gamma = gamma
+        self.logit_params = dict(logit_params or {})  # resolved: every parameter of the method
 
     def forward(self, student_logits: torch.Tensor, student_feats: torch.Tensor, labels: torch.Tensor, *,
                 target_logits: torch.Tensor | None = None, target_feats: dict[str, torch.Tensor] | None = None,
@@ -34,12 +38,14 @@ class DistillObjective(nn.Module):
 
         target_feats: the target's feature parts, {"teacher": (B, Ft), "clip": (B, Fc)} (FEATURE_PARTS).
         """
-        terms = {"ce": F.cross_entropy(student_logits, labels)}
+        params = self.logit_params
+        terms = {"ce": params.get("ce_weight", 1.0) * F.cross_entropy(student_logits, labels)}  # eq. 9
         if self.logit_loss is not None:
             if target_logits is None:
                 raise ConfigError(f"logit loss {self.logit_loss_name} needs target logits")
-            loss = self.logit_loss(student_logits, target_logits, labels, epoch=epoch + 1, **self.logit_hyper)
-            terms["logit"] = self.beta * loss  # eq. 9
+            own = {k: v for k, v in params.items() if k not in OBJECTIVE_WEIGHTS}
+            loss = self.logit_loss(student_logits, target_logits, labels, epoch=epoch + 1, **own)
+            terms["logit"] = params.get("weight", 1.0) * loss  # eq. 9: beta for KD
         if self.feature_loss is not None:
             if not target_feats:
                 raise ConfigError("the feature loss needs target features")
@@ -50,9 +56,8 @@ class DistillObjective(nn.Module):
 def create_objective(target: str, logit_loss: str | None, feature_loss: str | None, *, student_dim: int,
                      teacher_dim: int | None = None, clip_dim: int | None = None, lam: float = 0.7,
                      labels: torch.Tensor | None = None, trained: torch.Tensor | None = None, seed: int = 0,
-                     beta: float = 3.0, gamma: float = 0.8, temperature: float = 3.0,
-                     logit_hyper: dict | None = None) -> DistillObjective:
-    """`temperature` is KD's T (eq. 5); other logit losses use their own defaults unless `logit_hyper`.
+                     gamma: float = 0.8, logit_params: dict[str, float] | None = None) -> DistillObjective:
+    """`logit_params` replace the logit loss's reference values by name (see logit_losses.method_params).
 
     The feature loss sees the target's parts (FEATURE_PARTS): teacher_dim and clip_dim are their widths.
     CRD also needs `labels` (N,) and the sample indices `trained` (its bank and negatives), `lam` to fuse
@@ -62,10 +67,7 @@ def create_objective(target: str, logit_loss: str | None, feature_loss: str | No
         raise ConfigError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
     if target == "ce":
         logit_loss = feature_loss = None
-    hyper = dict(DEFAULTS.get(logit_loss, {})) if logit_loss else {}
-    if logit_loss == "kd":
-        hyper["temperature"] = temperature
-    hyper.update(logit_hyper or {})
+    params = method_params(logit_loss, logit_params) if logit_loss else None
     feature = None
     if feature_loss:
         dims = {"teacher": teacher_dim, "clip": clip_dim}
@@ -76,4 +78,4 @@ def create_objective(target: str, logit_loss: str | None, feature_loss: str | No
         kept = {f"{name}_dim": dims[name] if name in FEATURE_PARTS[target] else None for name in dims}
         feature = create_feature_loss(feature_loss, student_dim, **kept, labels=labels, trained=trained, lam=lam,
                                       seed=seed)
-    return DistillObjective(target, logit_loss, feature, beta=beta, gamma=gamma, logit_hyper=hyper)
+    return DistillObjective(target, logit_loss, feature, gamma=gamma, logit_params=params)
