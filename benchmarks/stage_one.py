@@ -7,6 +7,7 @@ fresh cache. The two alternate over the rounds so drift on a shared machine hits
 
     python benchmarks/stage_one.py --quick                        # CPU, a few minutes
     python benchmarks/stage_one.py --device cuda --clip ViT-L/14 --dataset cifar100 --data-root DIR
+    python benchmarks/stage_one.py ... --teacher-views all      # the teacher on all 162 views, CLIP clean
 
 The last line printed is JSON with the keys forward_img_s and build_img_s.
 """
@@ -30,6 +31,7 @@ from cache_store import create_cache
 from richkd_cache.clip import load_clip, resolve_clip
 from richkd_cache.data import create_dataset
 from richkd_cache.models import create_model
+from richkd_cache.views import teacher_policy, view_params
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="train")
+    p.add_argument("--teacher-views", default="clean", help="clean, all or K (CLIP stays on the clean view)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
@@ -56,19 +59,21 @@ def main() -> None:
     model = create_model(args.teacher, dataset.num_classes).to(device).eval()
     teacher = Teacher(model, args.teacher, {"arch": args.teacher, "checkpoint_sha256": "benchmark"})
     clip = load_clip(resolve_clip(args.clip, "random"), device=device)
-    forward = make_forward(teacher, clip, dataset, device)
+    size = int(dataset[0]["image"].shape[-1])
+    params = view_params(teacher_policy(args.teacher_views, size), len(dataset), size)  # (N, V, 5)
+    forward = make_forward(teacher, clip, dataset, device, params)
     batches = preload(dataset, args.batch_size)
 
     forward_s, build_s = [], []
     forward(batches[0])  # warm-up: kernels, allocator
     for _ in range(args.rounds):
         forward_s.append(time_forward(forward, batches, device))
-        build_s.append(time_build(args, dataset, teacher, clip, device))
+        build_s.append(time_build(args, dataset, teacher, clip, device, params))
     n = len(dataset)
     result = {
         "forward_img_s": n / statistics.median(forward_s),
         "build_img_s": n / statistics.median(build_s),
-        "images": n, "teacher": args.teacher, "clip": args.clip, "batch_size": args.batch_size,
+        "images": n, "teacher_views": params.shape[1], "teacher": args.teacher, "clip": args.clip, "batch_size": args.batch_size,
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
@@ -91,19 +96,21 @@ def time_forward(forward, batches: list[dict], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def time_build(args, dataset, teacher: Teacher, clip, device: torch.device) -> float:
+def time_build(args, dataset, teacher: Teacher, clip, device: torch.device, params) -> float:
     """The build loop into a fresh local cache (creation and finalising are not timed)."""
     folder = tempfile.mkdtemp(prefix="richkd-bench-")
     try:
         cfg = BuildConfig(dataset=args.dataset, data_root=args.data_root, split=args.split, teacher=args.teacher,
                           teacher_checkpoint="", clip=args.clip, clip_pretrained="random", clip_checkpoint=None,
-                          prompts=(), out=f"{folder}/bench.zarr", batch_size=args.batch_size, workers=args.workers)
-        layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip)
+                          prompts=(), out=f"{folder}/bench.zarr", batch_size=args.batch_size, workers=args.workers,
+                          teacher_views=args.teacher_views)
+        layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip,
+                              num_views=params.shape[1])
         writer = create_cache(cfg.out, layout, build_manifest(cfg, dataset, teacher, clip))
         sync(device)
         t0 = time.perf_counter()
         forward_blocks(writer, writer.pending_blocks(), dataset, teacher, clip, device, args.batch_size,
-                       args.workers, Reporter(quiet=True))
+                       args.workers, Reporter(quiet=True), params=params)
         sync(device)
         return time.perf_counter() - t0
     finally:

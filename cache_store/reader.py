@@ -16,6 +16,7 @@ from cache_store.schema import (
     STATUS_COMPLETE,
     TEXT_GROUP,
     CacheLayout,
+    model_of,
     validate_manifest,
 )
 
@@ -95,7 +96,7 @@ class CacheReader:
         names = list(self.layout.arrays()) + [f"{TEXT_GROUP}/{p}" for p in self.prompt_set_arrays()]
         return [name for name in names if not has_checksum(self.group[name])]
 
-    def _read(self, name: str, selection: slice) -> np.ndarray:
+    def _read(self, name: str, selection: slice | tuple) -> np.ndarray:
         return read_checked(self.group[name], name, selection, self.url)
 
     def load(self, name: str) -> np.ndarray:
@@ -112,6 +113,12 @@ class CacheReader:
         if name not in self.group:
             raise CacheError(f"cache {self.url} has no array {name}")
         return self._read(name, slice(start, stop))
+
+    def load_view(self, name: str, view: int) -> np.ndarray:
+        """(N, X): view `view` of every sample of one (N, V, X) array, read chunk by chunk."""
+        if name not in self.layout.sample_arrays() or len(self.layout.sample_arrays()[name].shape) != 3:
+            raise CacheError(f"cache {self.url} has no per-view array {name!r}")
+        return self._read(name, (slice(None), view))
 
     def text_embeddings(self, name: str) -> np.ndarray:
         """[M, C, D] float32 text embeddings of a stored prompt set."""
@@ -138,8 +145,16 @@ class CacheReader:
                          "chunks": list(array.chunks), "stored_bytes": int(array.nbytes_stored())})
         return info
 
-    def nbytes_per_sample_view(self) -> float:
-        """Stored (compressed) bytes of the per-sample arrays, per sample-view."""
-        per_sample = set(self.layout.sample_arrays())
-        stored = sum(a["stored_bytes"] for a in self.array_info() if a["name"] in per_sample)
-        return stored / max(self.layout.num_samples * self.layout.num_views, 1)
+    def bytes_per_sample_view(self) -> dict[str, dict]:
+        """Per model: its rows (N x its view count) and the bytes one row takes, as written (fp16 values,
+        uncompressed) and as stored (compressed) on average. `views/params` and `labels` are not counted."""
+        specs = self.layout.sample_arrays()
+        stored = {a["name"]: a["stored_bytes"] for a in self.array_info()}
+        out = {}
+        for model in ("teacher", "clip"):
+            names = [n for n in specs if model_of(n) == model]
+            rows = self.layout.num_samples * specs[names[0]].shape[1]
+            raw = sum(np.dtype(specs[n].dtype).itemsize * specs[n].shape[2] for n in names)
+            out[model] = {"rows": rows, "bytes_per_row": raw,
+                          "stored_bytes_per_row": sum(stored[n] for n in names) / max(rows, 1)}
+        return out

@@ -41,6 +41,8 @@ MANIFEST_FIELDS: dict = {
              "checkpoint_sha256?": (str, None), "zero_shot_accuracy?": dict},
     "build_key": dict,
 }
+OPTIONAL_LAYOUT_KEYS = ("teacher_topk", "clip_views")  # None when unused; absent in older manifests
+MODELS = ("teacher", "clip")
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,12 @@ class ArraySpec:
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Sizes that fix every array's shape. Sample-axis chunks are whole write blocks of `block_rows`."""
+    """Sizes that fix every array's shape. Sample-axis chunks are whole write blocks of `block_rows`.
+
+    `num_views` is the teacher's view count (and that of `views/params`); `clip_views` is CLIP's: 1 (the
+    clean view) or `num_views` (the teacher's views). None, in caches written before the two had their
+    own policies, means `num_views`.
+    """
 
     num_samples: int
     num_views: int
@@ -65,15 +72,22 @@ class CacheLayout:
     view_param_dim: int
     block_rows: int
     teacher_topk: int | None = None
+    clip_views: int | None = None
 
     def __post_init__(self) -> None:
-        sizes = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "teacher_topk"}
+        sizes = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in OPTIONAL_LAYOUT_KEYS}
         wrong = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or v < 1]
+        if self.clip_views not in (None, 1, self.num_views):
+            wrong.append(f"clip_views={self.clip_views!r} (must be 1 or num_views={self.num_views})")
         if self.teacher_topk is not None and not (isinstance(self.teacher_topk, int)
                                                   and 1 <= self.teacher_topk <= self.num_classes):
             wrong.append(f"teacher_topk={self.teacher_topk!r} (must be 1..num_classes or None)")
         if wrong:
             raise CacheError(f"invalid cache layout: {', '.join(wrong)} (sizes are positive integers)")
+
+    @property
+    def clip_num_views(self) -> int:
+        return self.num_views if self.clip_views is None else self.clip_views
 
     @property
     def num_blocks(self) -> int:
@@ -85,18 +99,18 @@ class CacheLayout:
 
     def sample_arrays(self) -> dict[str, ArraySpec]:
         """Arrays with one row per sample (and a view axis): written block by block."""
-        n, v, r = self.num_samples, self.num_views, self.block_rows
+        n, r = self.num_samples, self.block_rows
         nan = float("nan")
 
-        def per_view(name: str, dtype: str, width: int, fill: float | int = nan) -> ArraySpec:
+        def per_view(name: str, dtype: str, width: int, fill: float | int = nan, v: int = self.num_views) -> ArraySpec:
             return ArraySpec(name, dtype, (n, v, width), (r, v, width), fill)
 
         specs = [
             ArraySpec("labels", "int32", (n,), (r,), -1),
             per_view("views/params", "float32", self.view_param_dim),
             per_view("teacher/features", "float16", self.teacher_dim),
-            per_view("clip/image_embeds", "float16", self.clip_embed_dim),
-            per_view("clip/features", "float16", self.clip_feature_dim),
+            per_view("clip/image_embeds", "float16", self.clip_embed_dim, v=self.clip_num_views),
+            per_view("clip/features", "float16", self.clip_feature_dim, v=self.clip_num_views),
         ]
         if self.teacher_topk:
             specs += [per_view("teacher/topk_values", "float16", self.teacher_topk),
@@ -110,6 +124,24 @@ class CacheLayout:
         of different blocks never touch the same chunk."""
         written = ArraySpec("written", "bool", (self.num_blocks,), (1,), False)
         return {**self.sample_arrays(), "written": written}
+
+
+def model_of(array: str) -> str | None:
+    """The model whose outputs a sample-axis array holds (teacher/..., clip/...), else None."""
+    head = array.split("/", 1)[0]
+    return head if head in MODELS else None
+
+
+def model_views(manifest: dict) -> dict[str, dict]:
+    """Each model's view policy and view count. A cache written when both models shared one policy
+    (no per-model entries in its manifest) gives both that policy."""
+    views = manifest.get("views") or {}
+    layout = CacheLayout(**manifest["layout"])
+    shared = str(views.get("policy", "clean"))
+    return {
+        "teacher": dict(views.get("teacher") or {"policy": shared, "num_views": layout.num_views}),
+        "clip": dict(views.get("clip") or {"policy": shared, "num_views": layout.clip_num_views}),
+    }
 
 
 def choose_block_rows(bytes_per_row: int, target_bytes: int = 4 << 20, multiple: int = 64) -> int:
@@ -141,7 +173,7 @@ def validate_manifest(manifest: object, url: str = "cache") -> None:
         )
     layout = manifest["layout"]
     expected = {f.name for f in fields(CacheLayout)}
-    if not isinstance(layout, dict) or set(layout) != expected:
+    if not isinstance(layout, dict) or not expected - set(OPTIONAL_LAYOUT_KEYS) <= set(layout) <= expected:
         got = sorted(layout) if isinstance(layout, dict) else type(layout).__name__
         raise CacheError(
             f"{url}: the manifest's layout has keys {got}, format {FORMAT_VERSION} needs {sorted(expected)}"

@@ -1,6 +1,6 @@
 """`richkd-cache analyze`: how the teacher, CLIP and their fusion compare, from the cache alone.
 
-Everything is computed from the cached clean view (view 0) of the cached split: no model runs. It
+Everything is computed from each model's cached clean view of the cached split: no model runs. It
 reproduces the paper's analyses for any cache: accuracies and the alpha sweep, the confidence
 categories of Fig. 1a, the outcome changes of the supplement's Table 10, calibration, the
 supplement's optimal fusion weight alpha* (Sec. 9), its value per class, and what each adaptive

@@ -25,6 +25,7 @@ from cache_store import (
     open_cache,
     open_for_write,
 )
+from pipelines.cached import clean_views
 from pipelines.config import BuildConfig, resolve_device
 from pipelines.distributed import (
     DistContext,
@@ -43,7 +44,16 @@ from richkd_cache.distill import topk_kl, topk_log_probs
 from richkd_cache.errors import ConfigError, RichKDError
 from richkd_cache.files import file_sha256
 from richkd_cache.models import load_checkpoint
-from richkd_cache.views import CLEAN, PARAM_NAMES, apply_views, num_views, parse_policy, view_params
+from richkd_cache.views import (
+    CLEAN,
+    PARAM_NAMES,
+    apply_views,
+    clean_view_index,
+    clip_policy,
+    num_views,
+    teacher_policy,
+    view_params,
+)
 from richkd_cache.prompts import (
     PromptSet,
     get_prompt_set,
@@ -51,6 +61,9 @@ from richkd_cache.prompts import (
     prompt_set_manifest,
 )
 
+# Teacher views per forward call: CIFAR teachers are small and 32 px views cheap, so their calls are
+# larger than CLIP's; bounded so that 162 views x a batch of samples never needs the memory at once.
+TEACHER_VIEWS_PER_CALL = 4096
 
 
 @dataclass(frozen=True)
@@ -70,16 +83,17 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
         teacher = setup_teacher(cfg.teacher, cfg.teacher_checkpoint, dataset, device)
         clip = load_clip(resolve_clip(cfg.clip, cfg.clip_pretrained, cfg.clip_checkpoint, cfg.clip_activation), device=device)
         prompt_sets = [resolve_prompt_set(p, cfg.dataset) for p in cfg.prompts]
-        policy = parse_policy(cfg.views)
-        params = view_params(policy, len(dataset), image_size(dataset), cfg.view_seed)  # (N, V, 5)
+        views = view_policies(cfg, image_size(dataset))
+        params = view_params(views["teacher"]["policy"], len(dataset), image_size(dataset), cfg.view_seed)  # (N, V, 5)
         layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip, cfg.block_rows,
-                              params.shape[1], cfg.topk)
+                              params.shape[1], cfg.topk, views["clip"]["num_views"])
         writer, pending = open_cache_for_build(cfg, layout, build_manifest(cfg, dataset, teacher, clip),
                                                clip, prompt_sets, dataset.classes, ctx)
         blocks = contiguous_share(pending, ctx)
         quiet = Reporter(reporter.console, quiet=True)
         topk_error = forward_blocks(writer, blocks, dataset, teacher, clip, device, cfg.batch_size, cfg.workers,
-                                    reporter if ctx.is_main else quiet, ctx.world_size, params, cfg.topk)
+                                    reporter if ctx.is_main else quiet, ctx.world_size, params, cfg.topk,
+                                    layout.clip_num_views)
         barrier(ctx)
         if ctx.is_main:
             summary = accuracy_summary(cfg.out)
@@ -140,12 +154,14 @@ def image_size(dataset: ImageDataset) -> int:
 
 
 def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: ClipTeacher,
-                 block_rows: int | None = None, num_views: int = 1, topk: int | None = None) -> CacheLayout:
-    """Chunks of whole write blocks, a few MB each (DESIGN.md section 3) unless block_rows is given."""
+                 block_rows: int | None = None, num_views: int = 1, topk: int | None = None,
+                 clip_views: int = 1) -> CacheLayout:
+    """Chunks of whole write blocks, a few MB each (DESIGN.md section 3) unless block_rows is given.
+    num_views: the teacher's views per sample; clip_views: CLIP's (1, or num_views)."""
     if topk is not None and not 0 < topk < num_classes:
         raise ConfigError(f"--topk must be between 1 and {num_classes - 1} (the dataset has {num_classes} classes)")
     logit_width = 3 * topk if topk else num_classes  # top-k: fp16 values + int32 indices
-    row_bytes = 2 * num_views * (logit_width + teacher_dim + clip.embed_dim + clip.feature_dim)
+    row_bytes = 2 * (num_views * (logit_width + teacher_dim) + clip_views * (clip.embed_dim + clip.feature_dim))
     block_rows = block_rows or choose_block_rows(row_bytes)
     return CacheLayout(
         num_samples=num_samples,
@@ -157,6 +173,7 @@ def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: Cli
         view_param_dim=len(PARAM_NAMES),
         block_rows=min(block_rows, max(num_samples, 1)),
         teacher_topk=topk,
+        clip_views=clip_views,
     )
 
 
@@ -173,17 +190,20 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, cl
         "classes": list(dataset.classes),
         "fingerprint": fingerprint,
     }
-    policy = parse_policy(cfg.views)
-    views = {"num_views": num_views(policy, image_size(dataset)), "policy": str(policy),
+    size = image_size(dataset)
+    per_model = view_policies(cfg, size)
+    policy = per_model["teacher"]["policy"]
+    # top-level policy / num_views: the teacher's, which `views/params` holds (as in one-policy caches)
+    views = {"num_views": per_model["teacher"]["num_views"], "policy": str(policy),
              "param_names": list(PARAM_NAMES), "seed": cfg.view_seed if isinstance(policy, int) else None,
-             "image_size": image_size(dataset)}
+             "image_size": size, **{m: {**v, "policy": str(v["policy"])} for m, v in per_model.items()}}
     build_key = {
         "dataset_fingerprint": fingerprint,
         "split": dataset.split,
         "teacher_arch": teacher.arch,
         "teacher_checkpoint_sha256": teacher.manifest["checkpoint_sha256"],
         "clip": {k: clip_manifest.get(k) for k in ("arch", "pretrained", "checkpoint_sha256")},
-        "views": {k: views[k] for k in ("policy", "seed", "num_views")},
+        "views": {k: views[k] for k in ("policy", "seed", "num_views", "clip")},
         "teacher_topk": cfg.topk,
     }
     return {
@@ -198,6 +218,14 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, cl
         "clip": clip_manifest,
         "build_key": build_key,
     }
+
+
+def view_policies(cfg: BuildConfig, size: int) -> dict[str, dict]:
+    """Each model's policy and views per sample, with its clean view's index (None: no clean view)."""
+    teacher = teacher_policy(cfg.teacher_views, size)
+    clip = clip_policy(cfg.clip_views, teacher)
+    return {m: {"policy": p, "num_views": num_views(p, size), "clean_view": clean_view_index(p, size)}
+            for m, p in (("teacher", teacher), ("clip", clip))}
 
 
 def store_prompt_sets(
@@ -222,9 +250,13 @@ def forward_blocks(
     world_size: int = 1,
     params: np.ndarray | None = None,
     topk: int | None = None,
+    clip_views: int = 1,
 ) -> tuple[float, int]:
     """Run teacher and CLIP over the given blocks; a writer thread stores finished blocks.
 
+    params: the teacher's (N, V, 5) views (None: the clean view); clip_views: CLIP's views per sample,
+    1 (the clean view) or V (the teacher's). A batch holds batch_size CLIP images: batch_size // V
+    samples when CLIP sees every view, batch_size samples when it sees the clean one.
     The bar shows this process's blocks; with several ranks its rate is scaled to the total.
     Returns (sum, count) of the per-row KL cost of keeping only the teacher's top k (0, 0 without top-k).
     """
@@ -233,7 +265,7 @@ def forward_blocks(
         return 0.0, 0
     # Batches never straddle blocks and start at block boundaries, so a resumed build runs exactly
     # the batches an uninterrupted one does (and writes bit-identical rows).
-    per_batch = max(1, batch_size // (1 if params is None else params.shape[1]))  # samples x views ~ batch_size
+    per_batch = max(1, batch_size // clip_views)
     batch_indices = [list(range(i, min(i + per_batch, stop))) for start, stop in ranges
                      for i in range(start, stop, per_batch)]
     loader = DataLoader(
@@ -242,7 +274,7 @@ def forward_blocks(
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
-    forward = make_forward(teacher, clip, dataset, device, params, topk)
+    forward = make_forward(teacher, clip, dataset, device, params, topk, clip_views)
     kl_sum, kl_rows = 0.0, 0
     total = sum(stop - start for start, stop in ranges)
     label = "build" if world_size == 1 else f"build (rank 0 of {world_size}; total ~{world_size}x this rate)"
@@ -264,39 +296,35 @@ def forward_blocks(
 
 def make_forward(
     teacher: Teacher, clip: ClipTeacher, dataset: ImageDataset, device: torch.device,
-    params: np.ndarray | None = None, topk: int | None = None,
+    params: np.ndarray | None = None, topk: int | None = None, clip_views: int = 1,
 ) -> Callable[[dict], dict[str, np.ndarray]]:
-    """One batch of samples -> numpy rows for every sample-axis array, all V views of each sample.
+    """One batch of samples -> numpy rows for every sample-axis array: the teacher's V views of each
+    sample, and CLIP's clean view (clip_views = 1) or the same V views (clip_views = V).
 
-    params: (N, V, 5) view parameters of the whole split (None: the clean view). Each view's pixels come
-    from `apply_views`, the function stage two replays them with. The B x V views of a batch run through
-    the models together (forward_blocks sizes B so that B x V is about the requested batch size).
+    params: (N, V, 5) view parameters of the whole split (None: the clean view only). Each view's pixels
+    come from `apply_views`, the function stage two replays them with; the clean view is the image.
     """
     @torch.no_grad()
     def forward(batch: dict) -> dict[str, np.ndarray]:
         images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) uint8
         index = batch["index"].numpy()
         b = len(index)
-        batch_params = (params[index] if params is not None
-                        else np.broadcast_to(CLEAN, (b, 1, CLEAN.size)).copy())  # (B, V, 5)
+        batch_params = params[index] if params is not None else np.broadcast_to(CLEAN, (b, 1, CLEAN.size)).copy()
         v = batch_params.shape[1]
-        if params is None:
-            views = images
-        else:  # (B * V, 3, H, W), sample-major: row i * V + j is view j of sample i
-            flat = torch.from_numpy(batch_params.reshape(b * v, -1))
-            views = apply_views(images.repeat_interleave(v, dim=0), flat)
-        outputs = run_models(teacher, clip, dataset, views, device)
+        t_logits, t_feats = run_teacher(teacher, dataset, images, batch_params, device)  # (B * V, C), (B * V, Ft)
+        clip_images = images if clip_views == 1 else views_of(images, batch_params, slice(None))
+        c_embeds, c_feats = run_clip(clip, clip_images, device)  # (B * Vc, D), (B * Vc, Fc)
 
-        def rows(k: int) -> np.ndarray:  # (B * V, X) -> (B, V, X) float32
-            return outputs[k].float().cpu().numpy().reshape(b, v, -1)
+        def rows(t: torch.Tensor, views: int) -> np.ndarray:  # (B * views, X) -> (B, views, X) float32
+            return t.float().cpu().numpy().reshape(b, views, -1)
 
         out = {
             "labels": batch["label"].numpy().astype(np.int32),
             "views/params": batch_params.astype(np.float32),
-            "teacher/logits": rows(0),
-            "teacher/features": rows(1),
-            "clip/image_embeds": rows(2),
-            "clip/features": rows(3),
+            "teacher/logits": rows(t_logits, v),
+            "teacher/features": rows(t_feats, v),
+            "clip/image_embeds": rows(c_embeds, clip_views),
+            "clip/features": rows(c_feats, clip_views),
         }
         if topk:  # keep the k largest log-probabilities per view, and what dropping the rest costs
             logits = torch.from_numpy(out.pop("teacher/logits"))
@@ -308,13 +336,31 @@ def make_forward(
     return forward
 
 
-def run_models(teacher: Teacher, clip: ClipTeacher, dataset: ImageDataset, images: torch.Tensor,
-               device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Teacher and CLIP on one uint8 batch, each with its own preprocessing; bf16 autocast on GPUs."""
+def views_of(images: torch.Tensor, params: np.ndarray, rows: slice) -> torch.Tensor:
+    """Pixels of views `rows` of the sample-major list of B x V views: flat row i * V + j is view j of
+    sample i. images: (B, 3, H, W) uint8, params: (B, V, 5) -> (len(rows), 3, H, W) uint8."""
+    b, v = params.shape[:2]
+    flat = torch.from_numpy(np.ascontiguousarray(params.reshape(b * v, -1)[rows]))
+    sample = torch.arange(b * v, device=images.device).div(v, rounding_mode="floor")[rows]
+    return apply_views(images[sample], flat)
+
+
+def run_teacher(teacher: Teacher, dataset: ImageDataset, images: torch.Tensor, params: np.ndarray,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's logits and pooled features on all B x V views, a bounded number of views per call."""
+    total = params.shape[0] * params.shape[1]
+    parts = []
+    for start in range(0, total, TEACHER_VIEWS_PER_CALL):
+        views = views_of(images, params, slice(start, start + TEACHER_VIEWS_PER_CALL))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            parts.append(teacher.model(normalize(views, dataset.mean, dataset.std)))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def run_clip(clip: ClipTeacher, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's normalised embeddings and features on a uint8 batch (its own preprocessing); bf16 on GPUs."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits, feats = teacher.model(normalize(images, dataset.mean, dataset.std))
-        embeds, clip_feats = clip.encode_images(images)
-    return logits, feats, embeds, clip_feats
+        return clip.encode_images(images)
 
 
 def assemble_blocks(
@@ -338,9 +384,10 @@ def assemble_blocks(
 
 
 def accuracy_summary(url: str) -> dict:
-    """Teacher top-1 and CLIP zero-shot top-1 per stored prompt set, from the cache itself."""
+    """Teacher top-1 and CLIP zero-shot top-1 per stored prompt set on the clean view, from the cache itself
+    (none when a model has no clean view: random views only)."""
     reader = open_cache(url, require_complete=False)
-    rows = prompt_set_accuracy(reader, alpha=0.7)
+    rows = prompt_set_accuracy(reader, alpha=0.7) if None not in clean_views(reader).values() else []
     teacher = dict(reader.manifest["teacher"], accuracy=rows[0]["teacher_top1"] if rows else None)
     zero_shot = {r["prompt_set"]: r["clip_top1"] for r in rows}
     return {"teacher": teacher, "clip": dict(reader.manifest["clip"], zero_shot_accuracy=zero_shot)}

@@ -110,8 +110,9 @@ def build(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace a cache built with other settings.")] = False,
     block_rows: Annotated[Optional[int], typer.Option(min=1, help="Rows per write block and chunk (default: ~4 MB chunks).")] = None,
-    views: Annotated[str, typer.Option(help="clean (one view), all (CIFAR's 162 crop+flip views) or K random views.")] = "clean",
-    view_seed: Annotated[int, typer.Option(help="Seed of the random views (with --views K).")] = 0,
+    teacher_views: Annotated[str, typer.Option(help="Teacher views: all (CIFAR's 162 crop+flip views, what the student draws), clean, K random views, or auto (all for 32 px images, else clean).")] = "auto",
+    clip_views: Annotated[str, typer.Option(help="CLIP views: clean (the paper's setting) or same (the teacher's views).")] = "clean",
+    view_seed: Annotated[int, typer.Option(help="Seed of the random views (with --teacher-views K).")] = 0,
     topk: Annotated[Optional[int], typer.Option(min=1, help="Store only the teacher's top-k log-probabilities (large class counts).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
@@ -123,7 +124,7 @@ def build(
         teacher_checkpoint=teacher_checkpoint, clip=clip, clip_pretrained=clip_pretrained,
         clip_checkpoint=clip_checkpoint, clip_activation=clip_activation, prompts=split_list(prompts), out=out,
         batch_size=batch_size, workers=workers, device=device, overwrite=overwrite, block_rows=block_rows,
-        views=views, view_seed=view_seed, topk=topk,
+        teacher_views=teacher_views, clip_views=clip_views, view_seed=view_seed, topk=topk,
     )
     url = run_build(cfg, Reporter(err_console, quiet=quiet))
     out_console.print(f"cache complete: {url}")

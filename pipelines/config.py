@@ -37,7 +37,8 @@ class BuildConfig:
     device: str = "auto"
     overwrite: bool = False
     block_rows: int | None = None  # rows per write block (= chunk); None: a few MB per chunk
-    views: str = "clean"  # clean | all | K (random views per sample)
+    teacher_views: str = "auto"  # clean | all | K random views | auto: all for 32 px images, else clean
+    clip_views: str = "clean"  # clean | same (the teacher's views)
     topk: int | None = None  # store only the teacher's top-k log-probabilities (large class counts)
     view_seed: int = 0
 

@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from cache_store import open_cache
+from cache_store.schema import model_views
 from cache_store.verify import checksum_summary
-from pipelines.cached import clean_view
+from pipelines.cached import clean_view, clean_views
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.distill import fuse_logits
 from richkd_cache.errors import ConfigError
@@ -31,7 +32,7 @@ def cache_summary(url: str, alpha: float) -> dict:
         "blocks_written": int(written.sum()),
         "blocks_total": int(written.size),
         "dataset": {k: manifest["dataset"].get(k) for k in ("name", "split", "num_samples", "num_classes", "fingerprint")},
-        "views": manifest.get("views"),
+        "views": model_views(manifest),
         "teacher": {k: manifest["teacher"].get(k)
                     for k in ("arch", "checkpoint_sha256", "accuracy", "topk_kl_mean", "topk_kl_rows")},
         "teacher_topk": reader.layout.teacher_topk,
@@ -39,12 +40,12 @@ def cache_summary(url: str, alpha: float) -> dict:
                                                           "activation_source")},
                  "activation": "quickgelu" if manifest["clip"].get("quick_gelu") else "gelu"},
         "arrays": reader.array_info(),
-        "bytes_per_sample_view": reader.nbytes_per_sample_view(),
+        "bytes_per_sample_view": reader.bytes_per_sample_view(),
         "chunk_checksums": checksum_summary(reader),
         "alpha": alpha,
         "prompt_sets": [],
     }
-    if manifest.get("status") == "complete":
+    if manifest.get("status") == "complete" and None not in clean_views(reader).values():
         summary["prompt_sets"] = prompt_set_accuracy(reader, alpha)
     return summary
 
@@ -88,7 +89,7 @@ def render_summary(summary: dict, console: Console) -> None:
     for a in summary["arrays"]:
         arrays.add_row(a["name"], str(a["dtype"]), str(tuple(a["shape"])), str(tuple(a["chunks"])), human_bytes(a["stored_bytes"]))
     console.print(arrays)
-    console.print(f"stored bytes per sample-view: {summary['bytes_per_sample_view']:.0f}")
+    console.print(views_table(summary))
     console.print(f"chunk checksums: {summary['chunk_checksums']}", highlight=False, soft_wrap=True)
     if summary["prompt_sets"]:
         acc = Table(title=f"top-1 (%) on the cached split, fused at alpha={summary['alpha']}")
@@ -98,6 +99,18 @@ def render_summary(summary: dict, console: Console) -> None:
             acc.add_row(r["prompt_set"], str(r["num_templates"]), f"{r['clip_top1']:.2f}",
                         f"{r['teacher_top1']:.2f}", f"{r['fused_top1']:.2f}")
         console.print(acc)
+
+
+def views_table(summary: dict) -> Table:
+    """Each model's view policy, its rows, and the bytes of one row (one sample-view)."""
+    table = Table(title="views and bytes per sample-view")
+    for col in ("model", "policy", "views", "rows", "bytes/row", "stored/row", "fp16 total"):
+        table.add_column(col, justify="right")
+    for model, v in summary["views"].items():
+        size = summary["bytes_per_sample_view"][model]
+        table.add_row(model, str(v["policy"]), str(v["num_views"]), str(size["rows"]), str(size["bytes_per_row"]),
+                      f"{size['stored_bytes_per_row']:.0f}", human_bytes(size["rows"] * size["bytes_per_row"]))
+    return table
 
 
 def human_bytes(n: float) -> str:

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from cache_store import CacheReader
-from pipelines.cached import flat, teacher_logits
+from pipelines.cached import flatten_views, float_rows, per_view_rows, teacher_logits
 from pipelines.config import TrainConfig
 from richkd_cache.clip_logits import clip_logits
-from richkd_cache.data import random_crop_flip
+from richkd_cache.data import random_crop_flip, random_resized_crop_flip
 from richkd_cache.distill import JointSpace, build_targets, fit_joint_space
 from richkd_cache.errors import ConfigError
-from richkd_cache.views import apply_views
+from richkd_cache.views import CIFAR_PAD, CIFAR_SIZE, apply_views
 
 
 @dataclass
@@ -32,13 +32,18 @@ class Targets:
     # CRD (it fuses after its embeddings), the blocks of the fixed fused f_F for cosine/MSE (docs/fusion.md)
     features: dict[str, torch.Tensor] | None
     views: torch.Tensor | None = None  # (N, V, 5) view parameters when V > 1; None: the clean view only
+    # teacher rows per CLIP row of the "clip" feature part: V when CLIP is cached on the clean view only
+    # (its (N, Fc) rows are not copied per view), 1 when it has a row per teacher view
+    clip_stride: int = 1
 
     def lookup(self, rows: torch.Tensor, device: torch.device, clean: torch.Tensor,
                pixels: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """The batch's target logits (B, C) and feature parts {name: (B, F)} on `device`: the cached rows
         `rows` (from `augment`). `clean` (the images) and `pixels` (the drawn views) are what an online
         source runs its models on; cached targets need neither."""
-        return gather(self.logits, rows, device), {n: gather(p, rows, device) for n, p in (self.features or {}).items()}
+        parts = {n: gather(p, rows // self.clip_stride if n == "clip" else rows, device)
+                 for n, p in (self.features or {}).items()}
+        return gather(self.logits, rows, device), parts
 
 
 def cached_arrays(cache: CacheReader) -> tuple[str, ...]:
@@ -77,14 +82,22 @@ def setup_fusion(cfg: TrainConfig, cache: CacheReader, arrays: dict[str, np.ndar
 
 def compute_targets(cfg: TrainConfig, arrays: dict[str, np.ndarray], fusion: Fusion, device: torch.device,
                     views: np.ndarray | None) -> Targets:
-    """z_C (eq. 2-3), z_F (eq. 4) and the feature parts (eq. 7) for a set of cached rows, placed on `device`."""
-    t_feats, c_embeds, c_feats = (flat(arrays[k]) for k in ("teacher/features", "clip/image_embeds", "clip/features"))
-    t_logits = teacher_logits(arrays, fusion.text.shape[1])
-    c_logits = clip_logits(c_embeds, fusion.text, fusion.tau, renormalize=cfg.clip_renormalize)  # eq. 2-3
+    """z_C (eq. 2-3), z_F (eq. 4) and the feature parts (eq. 7) for every teacher row (sample, view),
+    placed on `device`.
+
+    Computed on (n, V, X) teacher and (n, Vc, X) CLIP rows. With Vc = 1 the sample's clean CLIP row pairs
+    with each of the teacher's views (the pixels the student sees): its logits broadcast over the views
+    in eq. 4, and its feature part keeps one row per sample (`clip_stride` = V). With Vc = V view v pairs
+    with view v.
+    """
+    t_feats, c_embeds, c_feats = (float_rows(arrays[k]) for k in ("teacher/features", "clip/image_embeds", "clip/features"))
+    t_logits = teacher_logits(arrays, fusion.text.shape[1])  # (n, V, C)
+    c_logits = clip_logits(c_embeds, fusion.text, fusion.tau, renormalize=cfg.clip_renormalize)  # eq. 2-3, (n, Vc, C)
     built = build_targets(cfg.resolved_target, teacher_logits=t_logits, clip_logits=c_logits,
                           teacher_feats=t_feats, clip_feats=c_feats, alpha=cfg.alpha, space=fusion.space)
-    logits = built.get("logits")
-    feats = {name: built[f"{name}_features"] for name in ("teacher", "clip") if f"{name}_features" in built}
+    num_views, clip_views = t_feats.shape[1], c_feats.shape[1]
+    logits = None if built.get("logits") is None else per_view_rows(built["logits"], num_views)
+    feats = {name: flatten_views(built[f"{name}_features"]) for name in ("teacher", "clip") if f"{name}_features" in built}
     pin = device.type == "cpu" and torch.cuda.is_available()  # host copies that feed a GPU are pinned
 
     def place(t: torch.Tensor) -> torch.Tensor:
@@ -95,6 +108,7 @@ def compute_targets(cfg: TrainConfig, arrays: dict[str, np.ndarray], fusion: Fus
         logits=None if logits is None else place(logits),
         features={name: place(t) for name, t in feats.items()} if cfg.feature_loss and feats else None,
         views=None if views is None or views.shape[1] == 1 else torch.from_numpy(views).to(device),
+        clip_stride=num_views // clip_views,
     )
 
 
@@ -143,11 +157,15 @@ def augment(images: torch.Tensor, index: torch.Tensor, targets: Targets,
     """(B, 3, H, W) uint8 -> the pixels the student sees, and the rows of `targets` that match them
     (`index`: each image's sample position within `targets`).
 
-    A cache with several views per sample replays one stored view per draw (the very pixels the teachers
-    saw); a clean-view cache gets CIFAR's crop and flip, as in the paper (its targets are the clean view's).
+    A cache with several views per sample replays one stored view per draw (the very pixels the teacher
+    saw). Without stored views the student gets mdistiller's augmentation (its targets are the clean
+    view's): CIFAR's pad-4 crop and flip for 32 px images, RandomResizedCrop and flip (its ImageNet
+    recipe) for larger ones.
     """
     if targets.views is None:
-        return random_crop_flip(images, padding=images.shape[-1] // 8, generator=generator), index
+        if images.shape[-1] == CIFAR_SIZE:
+            return random_crop_flip(images, padding=CIFAR_PAD, generator=generator), index
+        return random_resized_crop_flip(images, generator=generator), index
     num_views = targets.views.shape[1]
     v = torch.randint(0, num_views, (len(index),), generator=generator, device=generator.device).to(index.device)
     params = targets.views[index.to(targets.views.device), v.to(targets.views.device)]

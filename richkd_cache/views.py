@@ -5,12 +5,17 @@ A view is stored as parameters (top, left, height, width as fractions of the ima
 pixels replayed in stage two are bit-identical to those the teachers saw.
 
 Policies:
-- `clean`: one view, the image itself (the paper's setting).
+- `clean`: one view, the image itself.
 - `all`: every view of CIFAR's standard augmentation (zero-pad 4, 32x32 crop, horizontal flip):
   9 x 9 x 2 = 162 views, so training from the cache is distributed exactly like online KD.
 - an integer K: K random views per sample of a continuous policy (random-resized-crop, scale
   0.08-1, ratio 3/4-4/3, and flip), drawn from a seeded generator and stored, as FKD and dataset
   reinforcement do.
+
+The teacher and CLIP each have a policy. The paper's code runs the teacher on the student's augmented
+batch and CLIP on the clean image upsampled to 224, so the default for CIFAR-sized (32 px) data is the
+teacher over `all` views and CLIP on the `clean` view; CLIP's views are either the clean one or the
+teacher's own (then view v of both is the same pixels).
 """
 
 from __future__ import annotations
@@ -26,15 +31,45 @@ from richkd_cache.errors import ConfigError
 PARAM_NAMES = ("top", "left", "height", "width", "hflip")
 CLEAN = np.array([0.0, 0.0, 1.0, 1.0, 0.0], dtype=np.float32)
 CIFAR_PAD = 4
+CIFAR_SIZE = 32
 
 
-def parse_policy(text: str) -> str | int:
+def parse_policy(text: str, flag: str = "--teacher-views") -> str | int:
     """`clean`, `all`, or a positive number of random views."""
     if text in ("clean", "all"):
         return text
     if text.isdigit() and int(text) > 0:
         return int(text)
-    raise ConfigError(f"--views takes clean, all or a number of random views, not {text!r}")
+    raise ConfigError(f"{flag} takes clean, all or a number of random views, not {text!r}")
+
+
+def teacher_policy(text: str, image_size: int) -> str | int:
+    """`auto` is `all` for CIFAR-sized images (what the paper's teacher saw: every crop+flip the student
+    draws) and `clean` otherwise (a larger image's random crops are drawn with `K`)."""
+    if text == "auto":
+        return "all" if image_size == CIFAR_SIZE else "clean"
+    return parse_policy(text)
+
+
+def clip_policy(text: str, teacher: str | int) -> str | int:
+    """CLIP's views: `clean` (one row per sample, the paper's setting), or the teacher's own views
+    (`same`, or the teacher's policy spelled out), so that CLIP row v is the teacher's view v."""
+    if text == "clean":
+        return "clean"
+    if text == "same" or (text.isdigit() and int(text) == teacher) or text == teacher:
+        return teacher
+    raise ConfigError(f"--clip-views takes clean or same (the teacher's views, here {teacher}), not {text!r}")
+
+
+def clean_view_index(policy: str | int, image_size: int) -> int | None:
+    """Which stored view is the clean image: 0 for `clean`, the zero-offset unflipped crop for `all`,
+    None for random views (none of them is the whole image)."""
+    if policy == "clean":
+        return 0
+    if policy == "all":
+        rows = all_crop_flips(image_size)
+        return int(np.flatnonzero((rows == CLEAN).all(axis=1))[0])
+    return None
 
 
 def num_views(policy: str | int, image_size: int) -> int:
@@ -47,7 +82,7 @@ def num_views(policy: str | int, image_size: int) -> int:
 
 def pad_for(image_size: int) -> int:
     """CIFAR's 4 pixels of padding at 32 px, scaled with the image."""
-    return max(1, image_size * CIFAR_PAD // 32)
+    return max(1, image_size * CIFAR_PAD // CIFAR_SIZE)
 
 
 def view_params(policy: str | int, num_samples: int, image_size: int, seed: int = 0) -> np.ndarray:

@@ -34,7 +34,7 @@ def cache(tmp_path_factory, teacher_ckpt) -> Path:
     out = tmp_path_factory.mktemp("cache") / "digits.zarr"
     result = invoke("build", "--dataset", "digits", "--teacher-checkpoint", teacher_ckpt,
                     "--clip", "richkd-tiny", "--clip-pretrained", "random", "--prompts", "single,multi",
-                    "--device", "cpu", "--workers", "0", "--batch-size", "128", "--quiet", "--out", out)
+                    "--teacher-views", "clean", "--device", "cpu", "--workers", "0", "--batch-size", "128", "--quiet", "--out", out)
     assert result.exit_code == 0, result.output
     return out
 
@@ -69,7 +69,7 @@ def test_rebuilding_with_another_teacher_is_refused(cache: Path, tmp_path: Path)
            "--device", "cpu", "--workers", "0", "--quiet", "--out", other)
     result = invoke("build", "--dataset", "digits", "--teacher-checkpoint", other / "last.pth",
                     "--clip", "richkd-tiny", "--clip-pretrained", "random", "--prompts", "single",
-                    "--device", "cpu", "--workers", "0", "--quiet", "--out", cache)
+                    "--teacher-views", "clean", "--device", "cpu", "--workers", "0", "--quiet", "--out", cache)
     assert result.exit_code == 2
     assert "--overwrite" in result.output
 

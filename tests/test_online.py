@@ -50,7 +50,7 @@ def setup(tmp_path_factory) -> dict:
         out = root / f"{views}.zarr"
         result = invoke("build", "--dataset", "cifar10", "--data-root", data, "--teacher-checkpoint", teacher,
                         "--clip", "richkd-tiny", "--clip-pretrained", "random", "--prompts", "single",
-                        "--views", views, "--device", "cpu", "--workers", "0", "--quiet", "--out", out)
+                        "--teacher-views", views, "--device", "cpu", "--workers", "0", "--quiet", "--out", out)
         assert result.exit_code == 0, result.output
         caches[views] = out
     return {"data": data, "teacher": teacher, **caches}

@@ -22,7 +22,7 @@ from richkd_cache.models import create_model, save_checkpoint
 runner = CliRunner()
 CLI = [sys.executable, "-m", "pipelines.cli"]
 BUILD = ["build", "--dataset", "digits", "--clip", "richkd-tiny", "--clip-pretrained", "random",
-         "--prompts", "single", "--device", "cpu", "--workers", "0", "--quiet"]
+         "--prompts", "single", "--teacher-views", "clean", "--device", "cpu", "--workers", "0", "--quiet"]
 ARRAYS = ["labels", "views/params", "teacher/logits", "teacher/features", "clip/image_embeds", "clip/features"]
 
 

@@ -29,8 +29,8 @@ def cache(tmp_path_factory) -> Path:
     save_checkpoint(str(teacher), create_model("resnet8", 10), arch="resnet8", num_classes=10)
     out = root / "digits.zarr"
     result = invoke("build", "--dataset", "digits", "--teacher-checkpoint", teacher, "--clip", "richkd-tiny",
-                    "--clip-pretrained", "random", "--prompts", "single", "--device", "cpu", "--workers", "0",
-                    "--quiet", "--out", out)
+                    "--clip-pretrained", "random", "--prompts", "single", "--teacher-views", "clean", "--device", "cpu",
+                    "--workers", "0", "--quiet", "--out", out)
     assert result.exit_code == 0, result.output
     return out
 
@@ -155,8 +155,8 @@ def test_streamed_cache_reads_whole_blocks_window_by_window(tmp_path: Path, monk
     save_checkpoint(str(teacher), create_model("resnet8", 10), arch="resnet8", num_classes=10)
     cache = tmp_path / "blocks.zarr"
     assert invoke("build", "--dataset", "digits", "--teacher-checkpoint", teacher, "--clip", "richkd-tiny",
-                  "--clip-pretrained", "random", "--prompts", "single", "--device", "cpu", "--workers", "0",
-                  "--block-rows", "256", "--quiet", "--out", cache).exit_code == 0
+                  "--clip-pretrained", "random", "--prompts", "single", "--teacher-views", "clean", "--device", "cpu",
+                  "--workers", "0", "--block-rows", "256", "--quiet", "--out", cache).exit_code == 0
     reads: list[tuple[str, int, int]] = []
     whole: list[str] = []
     original_rows, original_load = CacheReader.load_rows, CacheReader.load

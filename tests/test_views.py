@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -11,12 +12,27 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from cache_store import open_cache
+import zarr
+
+from cache_store import MANIFEST_KEY, open_cache
 from pipelines.cli import app
-from pipelines.targets import Targets, augment
+from cache_store.schema import model_views
+from pipelines.cached import clean_view
+from pipelines.config import TrainConfig
+from pipelines.targets import Targets, augment, cached_arrays, compute_targets, setup_fusion
+from richkd_cache.clip import load_clip, resolve_clip
 from richkd_cache.data import create_dataset, normalize
 from richkd_cache.models import create_model, load_checkpoint, save_checkpoint
-from richkd_cache.views import all_crop_flips, apply_views, num_views, random_resized_crops, view_params
+from richkd_cache.views import (
+    all_crop_flips,
+    apply_views,
+    clean_view_index,
+    clip_policy,
+    num_views,
+    random_resized_crops,
+    teacher_policy,
+    view_params,
+)
 
 runner = CliRunner()
 
@@ -75,6 +91,7 @@ def write_tiny_cifar10(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def all_views_cache(tmp_path_factory):
+    """CIFAR-format data built with the default views: the teacher on all 162, CLIP on the clean view."""
     root = tmp_path_factory.mktemp("views")
     data = write_tiny_cifar10(root / "data")
     teacher = root / "teacher.pth"
@@ -82,26 +99,76 @@ def all_views_cache(tmp_path_factory):
     out = root / "all.zarr"
     result = runner.invoke(app, ["build", "--dataset", "cifar10", "--data-root", str(data), "--teacher-checkpoint",
                                  str(teacher), "--clip", "richkd-tiny", "--clip-pretrained", "random", "--prompts",
-                                 "single", "--views", "all", "--device", "cpu", "--workers", "0", "--quiet",
-                                 "--out", str(out)])
+                                 "single", "--device", "cpu", "--workers", "0", "--quiet", "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out, data, teacher
 
 
 def test_replayed_views_give_the_cached_targets(all_views_cache) -> None:
+    """A stored view's parameters, replayed on the dataset image, give the pixels the teacher's cached row
+    came from; CLIP's single row per sample is CLIP on the clean image."""
     out, data, teacher = all_views_cache
     cache = open_cache(str(out))
-    assert cache.layout.num_views == 162 and cache.manifest["views"]["policy"] == "all"
+    assert model_views(cache.manifest) == {"teacher": {"policy": "all", "num_views": 162, "clean_view": 80},
+                                           "clip": {"policy": "clean", "num_views": 1, "clean_view": 0}}
+    assert cache.load("teacher/logits").shape == (6, 162, 10) and cache.load("clip/image_embeds").shape[:2] == (6, 1)
     params = torch.from_numpy(cache.load("views/params"))
-    cached = torch.from_numpy(cache.load("teacher/logits").astype(np.float32))  # (N, 162, C)
     dataset = create_dataset("cifar10", str(data), "train")
     images = torch.from_numpy(dataset.images.transpose(0, 3, 1, 2).copy())
     model, _ = load_checkpoint(str(teacher))
     v = torch.tensor([0, 17, 80, 161, 100, 55])
     replayed = apply_views(images, params[torch.arange(6), v])
     with torch.no_grad():
-        logits, _ = model(normalize(replayed, dataset.mean, dataset.std))
-    assert torch.allclose(logits, cached[torch.arange(6), v], rtol=2e-3, atol=2e-3)  # fp16 storage
+        logits, feats = model(normalize(replayed, dataset.mean, dataset.std))
+    for name, fresh in (("teacher/logits", logits), ("teacher/features", feats)):
+        cached = torch.from_numpy(cache.load(name).astype(np.float32))[torch.arange(6), v]
+        assert torch.allclose(fresh, cached, rtol=2e-3, atol=2e-3), name  # fp16 storage
+    clip = load_clip(resolve_clip("richkd-tiny", "random"))
+    embeds, _ = clip.encode_images(images)
+    assert torch.allclose(embeds, torch.from_numpy(cache.load("clip/image_embeds")[:, 0].astype(np.float32)), atol=2e-3)
+
+
+def test_stage_two_pairs_each_teacher_view_with_the_samples_clip_row(all_views_cache) -> None:
+    """z_F of row (i, v) = alpha z_T(i, v) + (1 - alpha) tau e_i W^T (eq. 2-4), written out here."""
+    out, _, _ = all_views_cache
+    cache = open_cache(str(out))
+    cfg = TrainConfig(student="resnet8", out="unused", cache=str(out), alpha=0.7)
+    arrays = cache.load_many(cached_arrays(cache))
+    fusion = setup_fusion(cfg, cache, arrays)
+    targets = compute_targets(cfg, arrays, fusion, torch.device("cpu"),
+                              cache.load("views/params"))
+    z_t = torch.from_numpy(cache.load("teacher/logits").astype(np.float64))  # (6, 162, C)
+    e = torch.from_numpy(cache.load("clip/image_embeds").astype(np.float64))[:, 0]  # (6, D)
+    w = torch.from_numpy(cache.text_embeddings("single")).double().mean(0)  # (C, D)
+    z_c = cache.manifest["clip"]["tau"] * e @ w.T  # (6, C)
+    pairs = torch.tensor([[0, 0], [2, 80], [5, 161], [3, 17]])  # (sample i, view v)
+    logits, parts = targets.lookup(pairs[:, 0] * 162 + pairs[:, 1], torch.device("cpu"), None, None)
+    t_feats = torch.from_numpy(cache.load("teacher/features").astype(np.float32))  # (6, 162, Ft)
+    c_feats = torch.from_numpy(cache.load("clip/features").astype(np.float32))[:, 0]  # (6, Fc)
+    for k, (i, v) in enumerate(pairs.tolist()):
+        assert torch.allclose(logits[k].double(), 0.7 * z_t[i, v] + 0.3 * z_c[i], atol=1e-4), (i, v)
+        assert torch.allclose(parts["teacher"][k], fusion.space.teacher_part(t_feats[i, v]), atol=1e-5)
+        assert torch.allclose(parts["clip"][k], fusion.space.clip_part(c_feats[i]), atol=1e-5)
+    assert targets.logits.shape == (6 * 162, 10) and targets.features["clip"].shape[0] == 6  # one CLIP row per sample
+
+
+def test_accuracy_reports_read_the_clean_view(all_views_cache) -> None:
+    """With 162 views, view 0 is the crop shifted by (-4, -4); info and analyze use the clean view (80)."""
+    out, _, _ = all_views_cache
+    cache = open_cache(str(out))
+    labels, z_t, embeds = clean_view(cache)
+    stored = cache.load("teacher/logits").astype(np.float32)
+    assert np.array_equal(z_t.numpy(), stored[:, 80]) and not np.array_equal(z_t.numpy(), stored[:, 0])
+    assert np.array_equal(embeds.numpy(), cache.load("clip/image_embeds")[:, 0].astype(np.float32))
+    clean_top1 = 100.0 * float((stored[:, 80].argmax(1) == labels.numpy()).mean())
+    assert cache.manifest["teacher"]["accuracy"] == pytest.approx(clean_top1)
+    info = runner.invoke(app, ["info", str(out), "--json"])
+    assert info.exit_code == 0, info.output
+    summary = json.loads(info.output)
+    assert summary["prompt_sets"][0]["teacher_top1"] == pytest.approx(clean_top1)
+    sizes = summary["bytes_per_sample_view"]
+    assert (sizes["teacher"]["rows"], sizes["clip"]["rows"]) == (6 * 162, 6)
+    assert sizes["teacher"]["bytes_per_row"] == 2 * (10 + 64)  # fp16 logits + resnet8's 64 pooled features
 
 
 def test_training_draws_cover_every_stored_view(all_views_cache) -> None:
@@ -152,7 +219,7 @@ def test_a_topk_cache_trains_and_reports_its_kl(tmp_path: Path) -> None:
     out = tmp_path / "topk.zarr"
     result = runner.invoke(app, ["build", "--dataset", "digits", "--teacher-checkpoint", str(teacher),
                                  "--clip", "richkd-tiny", "--clip-pretrained", "random", "--prompts", "single",
-                                 "--topk", "3", "--device", "cpu", "--workers", "0", "--quiet", "--out", str(out)])
+                                 "--teacher-views", "clean", "--topk", "3", "--device", "cpu", "--workers", "0", "--quiet", "--out", str(out)])
     assert result.exit_code == 0, result.output
     cache = open_cache(str(out))
     assert cache.load("teacher/topk_indices").shape == (1442, 1, 3) and cache.layout.teacher_topk == 3
@@ -166,3 +233,87 @@ def test_a_topk_cache_trains_and_reports_its_kl(tmp_path: Path) -> None:
     trained = runner.invoke(app, ["train", "--cache", str(out), "--student", "resnet8", "--epochs", "1",
                                   "--device", "cpu", "--workers", "0", "--quiet", "--out", str(tmp_path / "run")])
     assert trained.exit_code == 0, trained.output
+
+
+def build_tiny(data: Path, teacher: Path, out: Path, *views: str) -> None:
+    result = runner.invoke(app, ["build", "--dataset", "cifar10", "--data-root", str(data), "--teacher-checkpoint",
+                                 str(teacher), "--clip", "richkd-tiny", "--clip-pretrained", "random", "--prompts",
+                                 "single", *views, "--device", "cpu", "--workers", "0", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+
+
+def as_shared_policy_cache(url: Path) -> None:
+    """Rewrite a manifest as caches were written when both models shared one view policy."""
+    group = zarr.open_group(str(url), mode="r+", use_consolidated=False)
+    manifest = dict(group.attrs[MANIFEST_KEY])
+    manifest["layout"] = {k: v for k, v in manifest["layout"].items() if k != "clip_views"}
+    manifest["views"] = {k: v for k, v in manifest["views"].items() if k not in ("teacher", "clip")}
+    group.attrs[MANIFEST_KEY] = manifest
+    zarr.consolidate_metadata(group.store)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # zarr: consolidated metadata is outside the v3 spec
+def test_a_cache_with_one_shared_view_policy_still_opens_reports_and_trains(all_views_cache, tmp_path: Path) -> None:
+    _, data, teacher = all_views_cache
+    out = tmp_path / "shared.zarr"
+    build_tiny(data, teacher, out, "--teacher-views", "all", "--clip-views", "same")
+    as_shared_policy_cache(out)
+    cache = open_cache(str(out))
+    assert cache.layout.clip_num_views == 162 and model_views(cache.manifest)["clip"]["policy"] == "all"
+    _, z_t, embeds = clean_view(cache)
+    assert np.array_equal(embeds.numpy(), cache.load("clip/image_embeds")[:, 80].astype(np.float32))
+    cfg = TrainConfig(student="resnet8", out="unused", cache=str(out), alpha=0.7)
+    targets = compute_targets(cfg, cache.load_many(cached_arrays(cache)), setup_fusion(cfg, cache),
+                              torch.device("cpu"), cache.load("views/params"))
+    z_t_all = torch.from_numpy(cache.load("teacher/logits").astype(np.float64))
+    e = torch.from_numpy(cache.load("clip/image_embeds").astype(np.float64))
+    z_c = cache.manifest["clip"]["tau"] * e @ torch.from_numpy(cache.text_embeddings("single")).double().mean(0).T
+    assert torch.allclose(targets.logits[2 * 162 + 40].double(), 0.7 * z_t_all[2, 40] + 0.3 * z_c[2, 40], atol=1e-4)
+    assert runner.invoke(app, ["info", str(out)]).exit_code == 0
+    trained = runner.invoke(app, ["train", "--cache", str(out), "--data-root", str(data), "--student", "resnet8",
+                                  "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--workers", "0",
+                                  "--quiet", "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+
+
+def test_random_teacher_views_have_no_clean_view_to_report_on(all_views_cache, tmp_path: Path) -> None:
+    _, data, teacher = all_views_cache
+    out = tmp_path / "random.zarr"
+    build_tiny(data, teacher, out, "--teacher-views", "3")
+    info = runner.invoke(app, ["info", str(out), "--json"])
+    assert info.exit_code == 0 and json.loads(info.output)["prompt_sets"] == []
+    analysis = runner.invoke(app, ["analyze", str(out)])
+    assert analysis.exit_code == 2 and "no clean view of the teacher" in analysis.output
+    assert len(analysis.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("teacher, clip, message", [
+    ("some", "clean", "--teacher-views takes clean, all or a number"),
+    ("all", "4", "--clip-views takes clean or same"),
+])
+def test_view_policy_errors_are_one_line(all_views_cache, tmp_path: Path, teacher: str, clip: str, message: str) -> None:
+    _, data, checkpoint = all_views_cache
+    result = runner.invoke(app, ["build", "--dataset", "cifar10", "--data-root", str(data), "--teacher-checkpoint",
+                                 str(checkpoint), "--clip", "richkd-tiny", "--clip-pretrained", "random",
+                                 "--teacher-views", teacher, "--clip-views", clip, "--device", "cpu", "--out",
+                                 str(tmp_path / "x.zarr")])
+    assert result.exit_code == 2 and message in result.output and not (tmp_path / "x.zarr").exists()
+
+
+def test_default_teacher_views_follow_the_image_size() -> None:
+    assert teacher_policy("auto", 32) == "all" and teacher_policy("auto", 224) == "clean"
+    assert clip_policy("same", 4) == 4 and clip_policy("all", "all") == "all" and clip_policy("clean", "all") == "clean"
+    assert clean_view_index("all", 32) == 80 and clean_view_index(5, 32) is None
+
+
+def test_larger_images_without_stored_views_get_random_resized_crops() -> None:
+    """mdistiller's ImageNet recipe (RandomResizedCrop + flip), not a zero-padded shift: a constant image
+    stays constant (a padded crop would bring in black borders), and the crops zoom in."""
+    generator = torch.Generator().manual_seed(0)
+    flat_grey = torch.full((32, 3, 64, 64), 200, dtype=torch.uint8)
+    out, rows = augment(flat_grey, torch.arange(32), Targets(None, None), generator)
+    assert torch.equal(out, flat_grey) and torch.equal(rows, torch.arange(32))
+    ramp = torch.arange(64, dtype=torch.uint8).mul(4).expand(32, 3, 64, 64).contiguous()  # column c is 4c
+    out, _ = augment(ramp, torch.arange(32), Targets(None, None), generator)
+    spans = (out[:, 0, 0, -1].int() - out[:, 0, 0, 0].int()).abs()  # a whole-width view spans 252
+    assert (spans < 150).float().mean() > 0.3  # scale 0.08-1: many crops are narrower than half the image
