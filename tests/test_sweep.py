@@ -28,8 +28,8 @@ def cache(tmp_path_factory) -> Path:
     save_checkpoint(str(teacher), create_model("resnet8", 10), arch="resnet8", num_classes=10)
     out = root / "digits.zarr"
     result = invoke("build", "--dataset", "digits", "--teacher-checkpoint", teacher, "--clip", "richkd-tiny",
-                    "--clip-pretrained", "random", "--prompts", "single,multi", "--device", "cpu", "--workers", "0",
-                    "--quiet", "--out", out)
+                    "--clip-pretrained", "random", "--prompts", "single,multi", "--teacher-views", "clean", "--device", "cpu",
+                    "--workers", "0", "--quiet", "--out", out)
     assert result.exit_code == 0, result.output
     return out
 
