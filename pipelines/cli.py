@@ -195,6 +195,7 @@ def train(
     online: Annotated[bool, typer.Option(help="Reference mode: run the cache's teacher and CLIP on every batch instead of reading the cache (slow).")] = False,
     teacher_checkpoint: Annotated[Optional[str], typer.Option(help="--online: the teacher's file here (default: the path the cache records).")] = None,
     clip_checkpoint: Annotated[Optional[str], typer.Option(help="--online: CLIP's weights file here, when the cache was built from one.")] = None,
+    compile_step: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step (CUDA graphs on a GPU).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pth.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in OUT (only its own files).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -208,7 +209,7 @@ def train(
         "gamma": gamma, "prompts": prompts, "clip_tau": clip_tau, "clip_renormalize": clip_renormalize,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "fraction": fraction, "imbalance": imbalance, "optimizer": optimizer, "schedule": schedule,
-        "warmup_epochs": warmup_epochs, "min_lr": min_lr,
+        "warmup_epochs": warmup_epochs, "min_lr": min_lr, "compile": compile_step,
         "milestones": tuple(int(m) for m in split_list(milestones)) if milestones else None,
     }
     params = parse_method_params(method_param) if method_param else None

@@ -83,6 +83,9 @@ class TrainConfig:
     stream_window: int | None = None  # stream the cache, this many write blocks at a time; None: read it whole
     workers: int = 4
     online: bool = False  # run the teacher and CLIP on every batch instead of reading their cached outputs
+    # torch.compile the step (CUDA graphs on a GPU). Off by default until measured on a GPU; on a CPU the
+    # first steps pay minutes of compilation that a short run never wins back
+    compile: bool = False
     teacher_checkpoint: str | None = None  # --online: the teacher's file on this machine (default: the recorded path)
     clip_checkpoint: str | None = None  # --online: CLIP's weights file on this machine, when it was built from one
     resume: bool = False

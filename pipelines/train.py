@@ -7,6 +7,7 @@ A step costs what a plain cross-entropy step costs.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -244,21 +245,29 @@ def train_epoch(
     objective.train()
     device = next(student.parameters()).device
     pool = torch.arange(len(dataset)) if pool is None else pool
-    sums: dict[str, float] = {}
+    compiled = compiled_step(device.type) if cfg.compile else None
+    sums: dict[str, torch.Tensor | float] = {}
     correct = seen = 0
     with reporter.task(f"epoch {epoch + 1}", total=len(pool) // ctx.world_size) as advance:
         for shuffled, targets, local in windows(generator, pool):
             order = shuffled[ctx.rank :: ctx.world_size]
+            if images is not None:
+                order = order.to(device)  # once per window, not a host-to-device copy per batch
+            rows_in = None if local is None else local.to(device)
             for index, x, y in batches(images, dataset, cfg.batch_size, order, cfg.workers):
                 x, y, index = x.to(device), y.to(device), index.to(device)
-                rows_of = index if local is None else local.to(device)[index]  # this window's rows
+                rows_of = index if rows_in is None else rows_in[index]  # this window's rows
                 pixels, rows = augment(x, rows_of, targets, generator)  # (B, 3, H, W) uint8: the drawn views
                 target_logits, target_feats = targets.lookup(rows, device, clean=x, pixels=pixels)
                 x = normalize(pixels, dataset.mean, dataset.std)
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
-                terms, logits = train_step(student, objective, optimizer, x, y, index, target_logits, target_feats,
-                                           epoch)
+                # The compiled step sees one static batch shape. The epoch's last, partial batch runs eagerly
+                # on the same weights and optimiser instead of being padded: padded rows would enter
+                # BatchNorm's batch statistics and CRD's memory banks, and every loss would need row
+                # weights. One eager step per epoch (CIFAR: 50,000 = 781 x 64 + 16) costs nothing.
+                step = compiled if compiled is not None and len(y) == cfg.batch_size else train_step
+                terms, logits = step(student, objective, optimizer, x, y, index, target_logits, target_feats, epoch)
                 for name, value in terms.items():  # summed on the device: no sync per step
                     sums[name] = sums.get(name, 0.0) + value * len(y)
                 correct = correct + (logits.argmax(1) == y).sum()
@@ -269,6 +278,29 @@ def train_epoch(
         raise ConfigError(f"the loss became {stats['loss']} in epoch {epoch + 1}; lower --lr or the loss weights")
     stats["train_top1"] = 100.0 * float(correct) / seen
     return stats
+
+
+@functools.cache
+def compiled_step(device_type: str) -> Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """`train_step` (forward, objective, backward, optimiser step) under torch.compile, built once per process.
+
+    On CUDA the "reduce-overhead" mode replays the step's kernels as CUDA graphs: at batch 64 a step is
+    bound by kernel launches and Python, not arithmetic. A CPU has no launches to save: inductor's default.
+    `zero_grad` and `backward()` break the graph: the forward and objective (with their compiled backward)
+    and the optimiser step are compiled graphs of their own. The epoch counter recompiles once (then it is
+    a symbol), and so does each lr change at a milestone.
+    """
+    step = torch.compile(train_step, mode="reduce-overhead" if device_type == "cuda" else "default")
+    if device_type != "cuda":
+        return step
+
+    def graphed(*args: object) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        # a new iteration: the graphs may now reuse the memory of the previous step's outputs, which the
+        # loop has already folded into its sums
+        torch.compiler.cudagraph_mark_step_begin()
+        return step(*args)
+
+    return graphed
 
 
 def train_step(
@@ -313,17 +345,20 @@ def train_step(
 def evaluate(
     student: torch.nn.Module, images: torch.Tensor | None, dataset: ImageDataset, batch_size: int
 ) -> tuple[float, float]:
-    """Top-1 and top-5 (%) on the clean validation images."""
+    """Top-1 and top-5 (%) on the clean validation images, in batches of at least 1024 (no weights change,
+    so a batch is as large as memory allows), counted on the device and read once."""
     student.eval()
     device = next(student.parameters()).device
     order = torch.arange(len(dataset))
-    correct1 = correct5 = 0
+    correct1 = correct5 = torch.zeros((), dtype=torch.long, device=device)
     k = min(5, dataset.num_classes)
-    for _, x, y in batches(images, dataset, max(batch_size, 256), order):
-        x, y = x.to(device), y.to(device)
-        logits, _ = student(normalize(x, dataset.mean, dataset.std))
+    for _, x, y in batches(images, dataset, max(batch_size, 1024), order):
+        x, y = normalize(x.to(device), dataset.mean, dataset.std), y.to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits, _ = student(x)
         top = logits.topk(k, dim=1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(dim=1).sum().item()
+        correct1 = correct1 + (top[:, 0] == y).sum()
+        correct5 = correct5 + (top == y[:, None]).any(dim=1).sum()
     n = max(len(dataset), 1)
-    return 100.0 * correct1 / n, 100.0 * correct5 / n
+    return 100.0 * int(correct1) / n, 100.0 * int(correct5) / n
