@@ -66,6 +66,7 @@ def run_evaluate(
         raise DataError(f"{checkpoint} predicts {meta['num_classes']} classes but {name} has {data.num_classes}")
     if gradcam > len(data):
         raise ConfigError(f"--gradcam takes 1 to {len(data)} images (the {data.split} split's size), got {gradcam}")
+    others = [load_checkpoint(p, num_classes=data.num_classes, map_location=str(dev))[0] for p in beside]
     settings = [(attack, eps) for attack in ATTACKS for eps in epsilons] if attacks else []
     hits = count_hits(model_forward(model, data), data, batch_size, dev, settings)
     n = max(len(data), 1)
@@ -93,25 +94,33 @@ def run_evaluate(
         if plots:
             result["plots"] = studies.write_plots(logits, feats, labels, Path(plots))
     if gradcam:
-        result["gradcam"] = draw_gradcam([checkpoint, *beside], data, gradcam, dev, Path(plots) / "gradcam.png")
+        students = dict(zip(column_titles([checkpoint, *beside]), [model, *others]))
+        result["gradcam"] = draw_gradcam(students, data, gradcam, dev, Path(plots) / "gradcam.png")
     return result
 
 
-def draw_gradcam(checkpoints: list[str], data: ImageDataset, count: int, device: torch.device, out: Path) -> dict:
-    """Fig. 7: Grad-CAM maps of `count` images drawn at random (seed 0, as the paper picks them) for each
-    checkpoint side by side, each map for the image's true class; written atomically to `out`."""
+def draw_gradcam(students: dict[str, torch.nn.Module], data: ImageDataset, count: int, device: torch.device,
+                 out: Path) -> dict:
+    """Fig. 7: Grad-CAM maps of `count` images drawn at random (seed 0; the paper picks them at random) for
+    each student (title -> model) side by side, each map for the image's true class; written atomically."""
     picks = np.random.default_rng(0).choice(len(data), size=count, replace=False)
     _, x, y = next(batches(setup_images(data, device), data, count, torch.from_numpy(picks)))
     x, y = x.to(device), y.to(device)
-    maps = []
-    for path in checkpoints:
-        model, _ = load_checkpoint(path, num_classes=data.num_classes, map_location=str(device))
-        maps.append(grad_cam(model, normalize(x, data.mean, data.std), y).numpy())  # (N, H, W)
-    titles = [Path(p).parent.name or Path(p).stem for p in checkpoints]  # runs/kd/best.pth -> "kd"
-    picture = render_grid(x.permute(0, 2, 3, 1).cpu().numpy(), maps, titles)
+    maps = [grad_cam(model, normalize(x, data.mean, data.std), y).numpy() for model in students.values()]  # (N, H, W)
+    picture = render_grid(x.permute(0, 2, 3, 1).cpu().numpy(), maps, list(students))
     with atomic_path(out) as tmp:
         picture.save(tmp, format="PNG")
-    return {"path": str(out), "images": picks.tolist(), "columns": titles}
+    return {"path": str(out), "images": picks.tolist(), "columns": list(students)}
+
+
+def column_titles(checkpoints: list[str]) -> list[str]:
+    """The run folder of each checkpoint (runs/kd/best.pth -> "kd"); folder/file where folders repeat."""
+    titles = [Path(p).parent.name or Path(p).stem for p in checkpoints]
+    if len(set(titles)) < len(titles):
+        titles = [f"{Path(p).parent.name}/{Path(p).stem}".lstrip("/") for p in checkpoints]
+    if len(set(titles)) < len(titles):
+        titles = [f"{i + 1}: {t}" for i, t in enumerate(titles)]  # the same file twice
+    return titles
 
 
 def resolve_dataset(checkpoint: str, meta: dict, dataset: str | None, data_root: str | None) -> tuple[str, str | None]:

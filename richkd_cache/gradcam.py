@@ -31,7 +31,8 @@ HEADER = 14  # pixels of column titles above the first row
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) normalised images, (B,) classes -> (B, H, W) maps in [0, 1]; the model is left unchanged."""
+    """(B, 3, H, W) normalised images, (B,) classes -> (B, H, W) maps in [0, 1] on the CPU. The model is put in
+    eval mode; its weights get no gradient."""
     model.eval()
     watched, prefix = _watched(model)
     outputs: list[torch.Tensor] = []

@@ -150,7 +150,8 @@ def test_gradcam_refusals_are_one_line(tmp_path: Path) -> None:
     base = ["evaluate", str(ckpt), "--dataset", "digits", "--no-attacks", "--device", "cpu"]
     for extra, message in ((["--gradcam", "2"], "--plots DIR"),
                            ([str(ckpt)], "only by --gradcam"),
-                           (["--gradcam", "100000", "--plots", str(tmp_path)], "--gradcam takes 1 to")):
+                           (["--gradcam", "100000", "--plots", str(tmp_path)], "--gradcam takes 1 to"),
+                           ([str(tmp_path / "nope.pth"), "--gradcam", "2", "--plots", str(tmp_path)], "not found")):
         result = CliRunner().invoke(app, [*base, *extra])
         assert result.exit_code != 0 and message in result.output, result.output
         assert "Traceback" not in result.output

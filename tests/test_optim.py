@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
 import pytest
 import torch
 from timm.scheduler.cosine_lr import CosineLRScheduler
+from typer.testing import CliRunner
 
+from pipelines.cli import app
 from pipelines.optim import make_optimizer, make_schedule
+from pipelines.train import evaluate
 from richkd_cache.errors import ConfigError
 from richkd_cache.models import create_model
 
@@ -63,3 +70,31 @@ def test_unknown_names_and_bad_warmups_are_one_line() -> None:
         make_schedule(torch.optim.SGD(params, lr=0.1), "cosine", 10, (), 0.1, 10, 0.0)
     with pytest.raises(ConfigError, match="goes with schedule"):
         make_schedule(torch.optim.SGD(params, lr=0.1), "step", 10, (5,), 0.1, 2, 0.0)
+
+
+def test_a_resumed_adamw_cosine_run_equals_a_straight_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def train(out: Path, *extra: str) -> CliRunner:
+        args = ["train", "--dataset", "digits", "--student", "resnet8", "--fraction", "0.1", "--batch-size", "32",
+                "--device", "cpu", "--workers", "0", "--quiet", "--optimizer", "adamw", "--lr", "1e-3",
+                "--weight-decay", "0.05", "--schedule", "cosine", "--warmup-epochs", "1", "--min-lr", "1e-5",
+                "--epochs", "3", "--out", str(out), *extra]
+        return CliRunner().invoke(app, args)
+
+    assert train(tmp_path / "straight").exit_code == 0
+    evaluations = []
+
+    def dies_in_the_third_epoch(*args):
+        evaluations.append(1)
+        if len(evaluations) == 3:
+            raise KeyboardInterrupt  # after two epochs were saved
+        return evaluate(*args)
+
+    monkeypatch.setattr("pipelines.train.evaluate", dies_in_the_third_epoch)
+    assert train(tmp_path / "crashed").exit_code != 0
+    monkeypatch.undo()
+    result = train(tmp_path / "crashed", "--resume")
+    assert result.exit_code == 0, result.output
+    straight, resumed = (pq.read_table(tmp_path / run / "metrics.parquet").to_pylist() for run in ("straight", "crashed"))
+    cosine = [1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * e / 3)) for e in (1, 2)]
+    assert [r["lr"] for r in resumed] == pytest.approx([1e-6, *cosine])  # warm-up from lr x 0.001, then the cosine
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-5)
