@@ -438,6 +438,29 @@ def sweep(
 
 @app.command()
 @user_errors
+def export(
+    cache: Annotated[str, typer.Argument(help="Cache location.")],
+    out: Annotated[str, typer.Option(help="FILE.parquet (streamed block by block) or FILE.npz.")],
+    target: Annotated[str, typer.Option(help="richkd (fused), kd (teacher) or clip.")] = "richkd",
+    alpha: Annotated[float, typer.Option(help="Teacher weight in the fused logits (eq. 4).")] = 0.7,
+    temperature: Annotated[float, typer.Option(help="Soft labels are softmax(z / T) (eq. 5).")] = 3.0,
+    lam: Annotated[float, typer.Option(help="Teacher weight in the fused feature (eq. 7).")] = 0.7,
+    prompts: Annotated[Optional[str], typer.Option(help="Stored prompt set (default: the first).")] = None,
+    features: Annotated[bool, typer.Option(help="Also write the fused feature f_F of the fixed joint space.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Fused soft labels (and features) per (sample, view) as a plain file, for other trainers."""
+    from pipelines.export import run_export
+
+    cfg = TrainConfig(student="-", out=out, cache=cache, target=target, alpha=alpha, temperature=temperature,
+                      lam=lam, prompts=prompts, feature_loss="cosine" if features else None)
+    result = run_export(cfg, out, features, overwrite)
+    out_console.print(f"{result['rows']} rows (sample, view) of {result['target']} soft labels at T "
+                      f"{result['temperature']} -> {result['out']}")
+
+
+@app.command()
+@user_errors
 def models() -> None:
     """List the registered model names."""
     from richkd_cache.models import list_models

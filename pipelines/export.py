@@ -1,0 +1,102 @@
+"""`richkd-cache export`: the fused targets as a plain array file, for labs that train with another tool.
+
+For chosen settings (alpha, prompt set, temperature, lambda) it writes, per cached (sample, view) row, the
+fused soft labels softmax(z_F / T) (eq. 4, 5), and optionally the fused feature f_F of the fixed joint space
+(eq. 7, docs/fusion.md), with the sample index and view number that key them. Replaying view v of sample i
+(its parameters are exported too) gives the pixels those targets belong to. The cache is read block by
+block, so a cache larger than memory exports to Parquet in bounded memory; `.npz` gathers every row first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from cache_store import open_cache
+from pipelines.config import TrainConfig
+from pipelines.targets import cached_arrays, compute_targets, setup_fusion
+from richkd_cache.errors import ConfigError
+from richkd_cache.files import atomic_path
+
+FORMATS = (".parquet", ".npz")
+
+
+def run_export(cfg: TrainConfig, out: str, with_features: bool, overwrite: bool) -> dict:
+    """Write the targets `cfg` describes (target, alpha, prompts, temperature, lam) to `out`."""
+    check_export_settings(cfg, with_features)
+    path = Path(out)
+    if path.suffix not in FORMATS:
+        raise ConfigError(f"--out must end in {' or '.join(FORMATS)}, not {path.name!r}")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} exists; pass --overwrite to replace it")
+    cache = open_cache(cfg.cache)
+    fusion = setup_fusion(cfg, cache)
+    with atomic_path(path) as tmp:
+        blocks = export_blocks(cfg, cache, fusion, with_features)
+        rows = write_parquet(tmp, blocks) if path.suffix == ".parquet" else write_npz(tmp, blocks)
+    return {"out": str(path), "rows": rows, "target": cfg.resolved_target, "alpha": cfg.alpha,
+            "temperature": cfg.temperature, "prompts": cfg.prompts or cache.prompt_sets()[0],
+            "features": with_features}
+
+
+def export_blocks(cfg: TrainConfig, cache, fusion, with_features: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Per write block: sample (R,) int64, view (R,) int32, params (R, 5), soft_labels (R, C) float32 and
+    optionally features (R, F) float32, one row per (sample, teacher view)."""
+    layout = cache.layout
+    for block in range(layout.num_blocks):
+        a, b = layout.block_range(block)
+        arrays = {k: cache.load_rows(k, a, b) for k in (*cached_arrays(cache), "views/params")}
+        targets = compute_targets(cfg, arrays, fusion, torch.device("cpu"), arrays["views/params"])
+        views = arrays["views/params"]  # (n, V, 5)
+        n, v = views.shape[:2]
+        part = {
+            "sample": np.repeat(np.arange(a, b, dtype=np.int64), v),
+            "view": np.tile(np.arange(v, dtype=np.int32), n),
+            "params": views.reshape(n * v, -1).astype(np.float32),
+            "soft_labels": torch.softmax(targets.logits / cfg.temperature, dim=1).numpy(),  # eq. 5's target side
+        }
+        if with_features:
+            part["features"] = torch.cat([targets.features[k] for k in ("teacher", "clip")], dim=1).numpy()
+        yield part
+
+
+def write_parquet(path: Path, blocks: Iterator[dict[str, np.ndarray]]) -> int:
+    """One row group per block; vectors as fixed-size lists, so any Parquet reader gets (R, C) back."""
+    writer, rows = None, 0
+    try:
+        for part in blocks:
+            table = pa.table({name: column(values) for name, values in part.items()})
+            writer = writer or pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
+def column(values: np.ndarray) -> pa.Array:
+    if values.ndim == 1:
+        return pa.array(values)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+def write_npz(path: Path, blocks: Iterator[dict[str, np.ndarray]]) -> int:
+    parts = list(blocks)
+    arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    with open(path, "wb") as f:  # a file object: np.savez would otherwise append .npz to the temporary name
+        np.savez(f, **arrays)
+    return len(arrays["sample"])
+
+
+def check_export_settings(cfg: TrainConfig, with_features: bool) -> None:
+    """Exported features are the fixed joint space's f_F: CRD's fusion is learned with the student."""
+    if cfg.resolved_target not in ("kd", "clip", "richkd"):
+        raise ConfigError(f"--target {cfg.resolved_target} has no soft labels to export; use kd, clip or richkd")
+    if with_features and cfg.resolved_target != "richkd":
+        raise ConfigError("--features exports the fused feature f_F (eq. 7): it needs --target richkd")
