@@ -28,6 +28,7 @@ from pipelines.config import (
     parse_method_params,
 )
 from pipelines.progress import Reporter
+from richkd_cache.distill.adaptive import parse_alpha
 from richkd_cache.errors import RichKDError
 
 app = typer.Typer(
@@ -168,7 +169,7 @@ def train(
     method: Annotated[Optional[str], typer.Option(help="Logit loss: kd, dkd, lskd, normkd, rld, each with its reference weights (a recipe's method settings are dropped when this changes its method).")] = None,
     method_param: Annotated[Optional[list[str]], typer.Option(help="A parameter of the logit method, NAME=VALUE, repeatable (e.g. DKD's beta=6); an unknown name lists the method's parameters.")] = None,
     feature_loss: Annotated[Optional[str], typer.Option(help="cosine, mse, crd or none.")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="Teacher weight in the fused logits (eq. 4).")] = None,
+    alpha: Annotated[Optional[str], typer.Option(help="Teacher weight in the fused logits (eq. 4), or an adaptive rule: auto, per-class, confidence.")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="The method's temperature (eq. 5; default its own: kd 3, dkd 4, lskd 2, rld 4; normkd uses t_norm).")] = None,
     lam: Annotated[Optional[float], typer.Option(help="Teacher weight in the fused features (eq. 7).")] = None,
     beta: Annotated[Optional[float], typer.Option(help="Weight of the logit loss (eq. 9; default the method's own: kd 3, lskd 9, normkd 0.9; dkd and rld weigh their terms with --method-param alpha=,beta=).")] = None,
@@ -205,7 +206,7 @@ def train(
 
     given = {
         "student": student, "cache": cache, "dataset": dataset, "data_root": data_root, "target": target,
-        "method": method, "alpha": alpha, "temperature": temperature, "lam": lam, "beta": beta,
+        "method": method, "alpha": None if alpha is None else parse_alpha(alpha), "temperature": temperature, "lam": lam, "beta": beta,
         "gamma": gamma, "prompts": prompts, "clip_tau": clip_tau, "clip_renormalize": clip_renormalize,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "fraction": fraction, "imbalance": imbalance, "optimizer": optimizer, "schedule": schedule,

@@ -55,7 +55,7 @@ class TrainConfig:
     target: str | None = None  # ce | kd | clip | richkd; None: richkd with a cache, ce without
     method: str | None = "kd"  # the logit loss applied to the target logits; None: no logit loss
     feature_loss: str | None = "cosine"
-    alpha: float = 0.7  # eq. 4
+    alpha: float | str = 0.7  # eq. 4: a weight in [0, 1], or an adaptive rule (auto, per-class, confidence)
     temperature: float | None = None  # the method's temperature (eq. 5 for KD); None: its reference value
     lam: float = 0.7  # eq. 7
     beta: float | None = None  # the method's loss weight (eq. 9; 3 for KD); None: its reference value

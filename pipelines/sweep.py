@@ -21,6 +21,7 @@ from pipelines.progress import Reporter
 from pipelines.run_folder import write_json
 from pipelines.summary import mean_std
 from pipelines.train import run_train
+from richkd_cache.distill.adaptive import parse_alpha
 from richkd_cache.errors import ConfigError
 from richkd_cache.files import atomic_path
 
@@ -53,7 +54,9 @@ def parse_axis(name: str, text: str) -> tuple[Any, ...]:
     for item in (v.strip() for v in text.split(",")):
         if not item:
             raise ConfigError(f"--{name.replace('_', '-')} {text!r} has an empty value")
-        if "float" in str(kind):
+        if name == "alpha":
+            values.append(parse_alpha(item))
+        elif "float" in str(kind):
             try:
                 values.append(float(item))
             except ValueError:

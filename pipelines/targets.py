@@ -19,6 +19,7 @@ from pipelines.config import TrainConfig
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.data import random_crop_flip, random_resized_crop_flip
 from richkd_cache.distill import JointSpace, build_targets, fit_joint_space
+from richkd_cache.distill.adaptive import error_sums, row_alphas
 from richkd_cache.errors import ConfigError
 from richkd_cache.views import CIFAR_PAD, CIFAR_SIZE, apply_views
 
@@ -49,7 +50,7 @@ class Targets:
 def cached_arrays(cache: CacheReader) -> tuple[str, ...]:
     """The per-row arrays targets are computed from (the teacher's logits may be stored as top-k)."""
     logits = ("teacher/topk_values", "teacher/topk_indices") if cache.layout.teacher_topk else ("teacher/logits",)
-    return (*logits, "teacher/features", "clip/image_embeds", "clip/features")
+    return (*logits, "teacher/features", "clip/image_embeds", "clip/features", "labels")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Fusion:
     text: torch.Tensor  # (M, C, D)
     tau: float
     space: JointSpace | None
+    alpha_sums: torch.Tensor | None = None  # (C, 6) error sums over every cached row, for --alpha auto / per-class
 
 
 def setup_fusion(cfg: TrainConfig, cache: CacheReader, arrays: dict[str, np.ndarray] | None = None) -> Fusion:
@@ -77,7 +79,46 @@ def setup_fusion(cfg: TrainConfig, cache: CacheReader, arrays: dict[str, np.ndar
                 stop = cache.layout.block_range(min(cfg.stream_window, cache.layout.num_blocks) - 1)[1]
             arrays = {k: cache.load_rows(k, 0, stop) for k in ("teacher/features", "clip/features")}
         space = fit_joint_space(arrays["teacher/features"], arrays["clip/features"], cfg.lam)
-    return Fusion(text, tau, space)
+    adaptive = cfg.resolved_target == "richkd" and cfg.alpha in ("auto", "per-class")
+    sums = alpha_statistics(cfg, cache, text, tau) if adaptive else None
+    return Fusion(text, tau, space, sums)
+
+
+def alpha_statistics(cfg: TrainConfig, cache: CacheReader, text: torch.Tensor, tau: float) -> torch.Tensor:
+    """The teacher's and CLIP's error sums over every cached (sample, teacher view) row, read block by
+    block (the logits only), from which --alpha auto and per-class take the supplement's alpha*."""
+    layout, names = cache.layout, [n for n in cached_arrays(cache) if n not in ("teacher/features", "clip/features")]
+    total = None
+    for block in range(layout.num_blocks):
+        arrays = {k: cache.load_rows(k, *layout.block_range(block)) for k in names}
+        t_logits, c_logits = fused_inputs(cfg, arrays, text, tau)
+        n, v, c = t_logits.shape
+        labels = torch.from_numpy(arrays["labels"].astype(np.int64)).repeat_interleave(v)
+        sums = error_sums(t_logits.reshape(-1, c), c_logits.expand(n, v, c).reshape(-1, c), labels)
+        total = sums if total is None else total + sums
+    return total
+
+
+def fused_inputs(cfg: TrainConfig, arrays: dict[str, np.ndarray], text: torch.Tensor,
+                 tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's logits (n, V, C) and CLIP's (n, Vc, C), eq. 2-3, of a set of cached rows."""
+    t_logits = teacher_logits(arrays, text.shape[1])
+    c_logits = clip_logits(float_rows(arrays["clip/image_embeds"]), text, tau, renormalize=cfg.clip_renormalize)
+    return t_logits, c_logits
+
+
+def fusion_alpha(cfg: TrainConfig, fusion: Fusion, t_logits: torch.Tensor, c_logits: torch.Tensor,
+                 labels: np.ndarray | None) -> float | torch.Tensor:
+    """eq. 4's alpha: the fixed number, or an adaptive rule's weight per (sample, view) row, (n, V, 1)."""
+    if not isinstance(cfg.alpha, str) or cfg.resolved_target != "richkd":
+        return cfg.alpha
+    if labels is None:
+        raise ConfigError(f"--alpha {cfg.alpha} weighs each row by its label's statistics; here only a fixed alpha works")
+    n, v, c = t_logits.shape
+    y = torch.from_numpy(labels.astype(np.int64)).repeat_interleave(v)
+    alphas = row_alphas(cfg.alpha, t_logits.reshape(-1, c), c_logits.expand(n, v, c).reshape(-1, c), y,
+                        fusion.alpha_sums)
+    return alphas.reshape(n, v, 1)
 
 
 def compute_targets(cfg: TrainConfig, arrays: dict[str, np.ndarray], fusion: Fusion, device: torch.device,
@@ -90,11 +131,11 @@ def compute_targets(cfg: TrainConfig, arrays: dict[str, np.ndarray], fusion: Fus
     in eq. 4, and its feature part keeps one row per sample (`clip_stride` = V). With Vc = V view v pairs
     with view v.
     """
-    t_feats, c_embeds, c_feats = (float_rows(arrays[k]) for k in ("teacher/features", "clip/image_embeds", "clip/features"))
-    t_logits = teacher_logits(arrays, fusion.text.shape[1])  # (n, V, C)
-    c_logits = clip_logits(c_embeds, fusion.text, fusion.tau, renormalize=cfg.clip_renormalize)  # eq. 2-3, (n, Vc, C)
+    t_feats, c_feats = (float_rows(arrays[k]) for k in ("teacher/features", "clip/features"))
+    t_logits, c_logits = fused_inputs(cfg, arrays, fusion.text, fusion.tau)  # (n, V, C), (n, Vc, C); eq. 2-3
+    alpha = fusion_alpha(cfg, fusion, t_logits, c_logits, arrays.get("labels"))
     built = build_targets(cfg.resolved_target, teacher_logits=t_logits, clip_logits=c_logits,
-                          teacher_feats=t_feats, clip_feats=c_feats, alpha=cfg.alpha, space=fusion.space)
+                          teacher_feats=t_feats, clip_feats=c_feats, alpha=alpha, space=fusion.space)
     num_views, clip_views = t_feats.shape[1], c_feats.shape[1]
     logits = None if built.get("logits") is None else per_view_rows(built["logits"], num_views)
     feats = {name: flatten_views(built[f"{name}_features"]) for name in ("teacher", "clip") if f"{name}_features" in built}

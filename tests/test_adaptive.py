@@ -72,3 +72,30 @@ def test_bad_alpha_is_refused(text: str) -> None:
     with pytest.raises(ConfigError):
         adaptive.parse_alpha(text)
     assert adaptive.parse_alpha("0.3") == 0.3 and adaptive.parse_alpha("per-class") == "per-class"
+
+
+def test_training_targets_use_each_rows_adaptive_alpha() -> None:
+    """compute_targets with --alpha per-class: every (sample, view) row is fused with its class's alpha*,
+    the clean CLIP row paired with each teacher view."""
+    from pipelines.config import TrainConfig
+    from pipelines.targets import Fusion, compute_targets
+
+    g = torch.Generator().manual_seed(1)
+    n, v, c, d = 40, 3, 4, 8
+    labels = (torch.arange(n) % c).numpy().astype(np.int32)
+    text = torch.nn.functional.normalize(torch.randn(2, c, d, generator=g), dim=-1)
+    arrays = {"teacher/logits": torch.randn(n, v, c, generator=g).numpy().astype(np.float16),
+              "teacher/features": torch.randn(n, v, 5, generator=g).numpy().astype(np.float16),
+              "clip/image_embeds": torch.nn.functional.normalize(torch.randn(n, 1, d, generator=g), dim=-1)
+              .numpy().astype(np.float16),
+              "clip/features": torch.randn(n, 1, 6, generator=g).numpy().astype(np.float16), "labels": labels}
+    z_t = torch.from_numpy(arrays["teacher/logits"].astype(np.float32))
+    z_c = 10.0 * torch.from_numpy(arrays["clip/image_embeds"].astype(np.float32)) @ text.mean(0).T  # eq. 3
+    y = torch.from_numpy(labels.astype(np.int64))
+    sums = adaptive.error_sums(z_t.reshape(-1, c), z_c.expand(n, v, c).reshape(-1, c), y.repeat_interleave(v))
+    cfg = TrainConfig(student="resnet8", out="-", cache="-", alpha="per-class", feature_loss=None)
+    targets = compute_targets(cfg, arrays, Fusion(text, 10.0, None, sums), torch.device("cpu"), None)
+    per_class = adaptive.class_alphas(sums)
+    expected = per_class[y][:, None, None] * z_t + (1 - per_class[y][:, None, None]) * z_c  # eq. 4 per row
+    assert torch.allclose(targets.logits, expected.reshape(n * v, c), atol=1e-5)
+    assert per_class.unique().numel() > 1  # the rule really varies by class

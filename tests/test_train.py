@@ -255,3 +255,17 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_resume_file(cac
     assert result.exit_code == 2 and "No space left" in result.output and "resume.pth" in result.output
     assert (run / "resume.pth").read_bytes() == saved
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("rule", ["auto", "per-class", "confidence"])
+def test_adaptive_alpha_rules_train_and_are_recorded(cache: Path, tmp_path: Path, rule: str) -> None:
+    run = tmp_path / rule
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--alpha", rule, "--out", run)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["alpha"] == rule
+
+
+@pytest.mark.parametrize("alpha", ["1.5", "sometimes"])
+def test_an_alpha_outside_0_1_or_no_rule_is_one_line(cache: Path, tmp_path: Path, alpha: str) -> None:
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--alpha", alpha, "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "alpha" in result.output and not (tmp_path / "r").exists()
