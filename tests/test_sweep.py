@@ -86,7 +86,7 @@ def test_a_sweep_folder_with_another_grid_is_refused(cache: Path, tmp_path: Path
     assert result.exit_code == 2 and "other settings" in result.output
 
 
-@pytest.mark.parametrize("flag, value, message", [("--alpha", "0.5,x", "numbers"), ("--alpha", "0.5,0.5", "twice"),
+@pytest.mark.parametrize("flag, value, message", [("--alpha", "0.5,x", "a number in [0, 1]"), ("--alpha", "0.5,0.5", "twice"),
                                                   ("--seeds", "a", "integers")])
 def test_bad_sweep_values_are_one_line(cache: Path, tmp_path: Path, flag: str, value: str, message: str) -> None:
     command = sweep_command(cache, tmp_path / "s")
