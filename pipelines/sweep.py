@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import TrainConfig
+from pipelines.config import TrainConfig, logit_params
 from pipelines.progress import Reporter
 from pipelines.run_folder import write_json
 from pipelines.summary import mean_std
@@ -76,6 +76,8 @@ def run_name(point: dict[str, Any]) -> str:
 def run_sweep(sweep: Sweep, reporter: Reporter) -> dict:
     """Train every (point, seed) not finished yet, then tabulate and plot. Returns the results."""
     root = Path(sweep.base.out)
+    for point in sweep.points():  # a setting one point's method does not use fails now, not runs later
+        logit_params(replace(sweep.base, **point))
     check_spec(root, sweep)
     runs = [(point, seed) for point in sweep.points() for seed in sweep.seeds]
     for i, (point, seed) in enumerate(runs, 1):

@@ -94,3 +94,11 @@ def test_bad_sweep_values_are_one_line(cache: Path, tmp_path: Path, flag: str, v
     result = invoke(*command)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_a_grid_point_whose_method_does_not_use_a_setting_fails_before_any_run(cache: Path, tmp_path: Path) -> None:
+    command = sweep_command(cache, tmp_path / "s")
+    command[command.index("--alpha"):command.index("--alpha") + 2] = ["--method", "kd,dkd", "--beta", "2"]
+    result = invoke(*command)
+    assert result.exit_code == 2 and "dkd" in result.output
+    assert not (tmp_path / "s").exists()  # nothing trained, nothing written
