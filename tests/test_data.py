@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -124,7 +126,7 @@ def test_image_folder_order_labels_and_ids(tmp_path: Path) -> None:
     assert ds.files == ["cat/x/0.png", "dog/a.png", "dog/b.png"]
     assert ds[1]["image"].shape == (3, 24, 24) and ds[1]["image"].dtype == torch.uint8
     assert ds[2]["label"] == 1 and ds[2]["index"] == 2
-    assert ds.sample_ids()[0] == f"cat/x/0.png:{(tmp_path / 'train/cat/x/0.png').stat().st_size}"
+    assert ds.sample_ids()[0] == f"cat/x/0.png:{hashlib.sha256((tmp_path / 'train/cat/x/0.png').read_bytes()).hexdigest()}"
     assert ds.mean == (0.485, 0.456, 0.406)
 
 
@@ -202,6 +204,47 @@ def test_image_folder_fingerprint_survives_a_move_but_not_an_edit(tmp_path: Path
     assert dataset_fingerprint(create_dataset("imagefolder", str(tmp_path / "b"), "train")) == base
     Image.new("RGB", (41, 30)).save(tmp_path / "b" / "train" / "dog" / "b.png")
     assert dataset_fingerprint(create_dataset("imagefolder", str(tmp_path / "b"), "train")) != base
+
+
+def test_image_folder_fingerprint_sees_other_content_of_the_same_size(tmp_path: Path) -> None:
+    # BMP files are uncompressed: another picture of the same dimensions has exactly the same size
+    path = tmp_path / "train" / "a" / "0.bmp"
+    path.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+    size, base = path.stat().st_size, dataset_fingerprint(create_dataset("imagefolder", str(tmp_path), "train"))
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(path)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the edit comes a second later
+    assert path.stat().st_size == size
+    assert dataset_fingerprint(create_dataset("imagefolder", str(tmp_path), "train")) != base
+
+
+def test_image_folder_digests_are_computed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from richkd_cache.data import fingerprint
+
+    write_image_folder(tmp_path)
+    base = dataset_fingerprint(create_dataset("imagefolder", str(tmp_path), "train"))
+    read = []
+    monkeypatch.setattr(fingerprint, "file_sha256", lambda path: read.append(path) or "x")
+    assert dataset_fingerprint(create_dataset("imagefolder", str(tmp_path), "train")) == base and read == []
+    edited = tmp_path / "train" / "dog" / "a.png"
+    Image.new("RGB", (21, 50)).save(edited)
+    dataset_fingerprint(create_dataset("imagefolder", str(tmp_path), "train"))
+    assert read == [edited]  # only the changed file is read again
+
+
+def test_image_folder_train_and_val_must_hold_the_same_classes(tmp_path: Path) -> None:
+    write_image_folder(tmp_path)
+    for cls in ("cat", "dog"):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "val" / cls / "v.png")
+    assert create_dataset("imagefolder", str(tmp_path), "val").classes == ["cat", "dog"]
+    shutil.rmtree(tmp_path / "val" / "cat")
+    (tmp_path / "val" / "cow").mkdir()
+    for split in ("train", "val"):
+        with pytest.raises(DataError, match=r"different class folders \(only in \w+/: \w+ \(1\); only in \w+/: \w+ \(1\)\)") as err:
+            create_dataset("imagefolder", str(tmp_path), split)
+        assert "cat" in str(err.value) and "cow" in str(err.value)
 
 
 def test_normalize_follows_the_images_device_and_formula() -> None:

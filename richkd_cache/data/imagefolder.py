@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 
 from richkd_cache.data._base import IMAGENET_MEAN, IMAGENET_STD, ImageDataset
+from richkd_cache.data.fingerprint import file_digests
 from richkd_cache.errors import DataError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -37,7 +38,8 @@ class ImageFolderDataset(ImageDataset):
         if not base.is_dir():
             raise DataError(f"image folder {base} not found: expected {root}/{split}/<class>/<image files>")
         self.name, self.split, self.root = "imagefolder", split, str(root)
-        self.classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+        self.classes = _class_folders(base)
+        _check_same_classes(Path(root), split, self.classes)
         files, labels = [], []
         for label, cls in enumerate(self.classes):
             found = sorted(_image_files(base, base / cls))
@@ -63,8 +65,29 @@ class ImageFolderDataset(ImageDataset):
         return {"image": image.contiguous(), "label": int(self.labels[i]), "index": int(i)}
 
     def sample_ids(self) -> list[str]:
-        """"relative/path:size_in_bytes": cheap to compute for a million files and moves with the tree."""
-        return [f"{f}:{os.path.getsize(self.base / f)}" for f in self.files]
+        """"relative/path:sha256 of the file": the content is the identity, so an image replaced by another
+        of the same size is a different sample; moves with the tree (the digests' cost: `file_digests`)."""
+        return [f"{f}:{d}" for f, d in zip(self.files, file_digests(self.base, self.files))]
+
+
+def _class_folders(base: Path) -> list[str]:
+    return sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _check_same_classes(root: Path, split: str, classes: list[str]) -> None:
+    """Labels index the sorted class folders, so a class missing from one split would shift the
+    other split's labels silently: train/ and val/ (where both exist) must hold the same folders."""
+    other = "val" if split == "train" else "train"
+    if not (root / other).is_dir():
+        return
+    other_classes = _class_folders(root / other)
+    if other_classes == classes:
+        return
+    only = {s: sorted(set(a) - set(b)) for s, a, b in ((split, classes, other_classes), (other, other_classes, classes))}
+    shown = "; ".join(f"only in {s}/: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} ({len(names)})"
+                      for s, names in only.items() if names)
+    raise DataError(f"{root}/train and {root}/val hold different class folders ({shown}): labels are indices of "
+                    "the sorted class folders, so both splits need the same ones")
 
 
 def _image_files(base: Path, folder: Path) -> list[str]:
