@@ -19,10 +19,11 @@ from rich.table import Table
 
 from cache_store import CacheReader, open_cache
 from pipelines.cached import clean_view
+from pipelines.config import check_range
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.distill import fuse_logits
 from richkd_cache.distill.adaptive import ALPHA_RULES, class_alphas, error_sums, fuse_adaptive, row_alphas
-from richkd_cache.errors import ConfigError, DataError
+from richkd_cache.errors import DataError
 from richkd_cache.metrics import (
     alpha_sweep,
     confidence_categories,
@@ -43,8 +44,7 @@ CATEGORIES = ("confident_correct", "confident_wrong", "uncertain_correct", "unce
 def run_analyze(url: str, prompts: str | None, alpha: float, out_dir: str | None) -> dict:
     """A JSON-ready analysis of one cache at fusion weight alpha (eq. 4); with out_dir, also the plots
     alpha_sweep.png, reliability.png and categories.png there (their paths under "plots")."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"alpha weighs the teacher against CLIP (eq. 4) and lies in [0, 1], got {alpha}")
+    check_range("alpha", alpha)
     reader = open_cache(url)
     if not (prompts or reader.prompt_sets()):
         raise DataError(f"cache {url} stores no prompt set; add one with `richkd-cache prompts add`")

@@ -8,9 +8,13 @@ identical to an uninterrupted one. Writes run on a background thread so they ove
 from __future__ import annotations
 
 import importlib.metadata
+import math
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +29,7 @@ from cache_store import (
     open_cache,
     open_for_write,
 )
+from cache_store._store import is_remote, local_path
 from pipelines.cached import clean_views
 from pipelines.config import BuildConfig, resolve_device
 from pipelines.distributed import (
@@ -37,7 +42,7 @@ from pipelines.distributed import (
     shutdown,
 )
 from pipelines.progress import Reporter
-from pipelines.summary import prompt_set_accuracy
+from pipelines.summary import human_bytes, prompt_set_accuracy
 from richkd_cache.clip import ClipTeacher, load_clip, resolve_clip
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.distill import topk_kl, topk_log_probs
@@ -45,6 +50,7 @@ from richkd_cache.errors import ConfigError, RichKDError
 from richkd_cache.files import file_sha256
 from richkd_cache.models import load_checkpoint
 from richkd_cache.views import (
+    CIFAR_SIZE,
     CLEAN,
     PARAM_NAMES,
     apply_views,
@@ -62,8 +68,9 @@ from richkd_cache.prompts import (
 )
 
 # Teacher views per forward call: CIFAR teachers are small and 32 px views cheap, so their calls are
-# larger than CLIP's; bounded so that 162 views x a batch of samples never needs the memory at once.
-TEACHER_VIEWS_PER_CALL = 4096
+# larger than CLIP's: the pixels of 4096 CIFAR images, or --batch-size views where that is more. Larger
+# images get --batch-size views per call, however many views a sample has.
+TEACHER_PIXELS_PER_CALL = 4096 * CIFAR_SIZE * CIFAR_SIZE
 
 
 @dataclass(frozen=True)
@@ -80,10 +87,11 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
     try:
         device = resolve_device(rank_device(cfg.device, ctx))
         dataset = create_dataset(cfg.dataset, cfg.data_root, cfg.split)
+        views = view_policies(cfg, image_size(dataset))
+        check_view_table(len(dataset), views["teacher"]["num_views"])
         teacher = setup_teacher(cfg.teacher, cfg.teacher_checkpoint, dataset, device)
         clip = load_clip(resolve_clip(cfg.clip, cfg.clip_pretrained, cfg.clip_checkpoint, cfg.clip_activation), device=device)
         prompt_sets = [resolve_prompt_set(p, cfg.dataset) for p in cfg.prompts]
-        views = view_policies(cfg, image_size(dataset))
         params = view_params(views["teacher"]["policy"], len(dataset), image_size(dataset), cfg.view_seed)  # (N, V, 5)
         layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip, cfg.block_rows,
                               params.shape[1], cfg.topk, views["clip"]["num_views"])
@@ -114,6 +122,7 @@ def open_cache_for_build(cfg: BuildConfig, layout: CacheLayout, manifest: dict, 
     error, pending = None, []
     if ctx.is_main:
         try:
+            check_space(cfg.out, layout_bytes(layout))
             writer = create_cache(cfg.out, layout, manifest, overwrite=cfg.overwrite)
             store_prompt_sets(writer, clip, prompt_sets, classes)
             pending = writer.pending_blocks()
@@ -153,13 +162,55 @@ def image_size(dataset: ImageDataset) -> int:
     return int(dataset[0]["image"].shape[-1])
 
 
+def check_view_policy(policy: str | int, size: int) -> None:
+    """Refuse `all` where it is not CIFAR's 162 views (9 x 9 offsets of a 32 px crop of the image
+    zero-padded by 4, with and without flip): at 224 px it would be 6,498 padded crops."""
+    if policy == "all" and size != CIFAR_SIZE:
+        raise ConfigError(
+            f"--teacher-views all means CIFAR's {num_views('all', CIFAR_SIZE)} crop+flip views of {CIFAR_SIZE} px images; "
+            f"these images are {size} px ({num_views('all', size)} views): use --teacher-views clean or a number of "
+            "random views"
+        )
+
+
+def check_view_table(num_samples: int, views: int) -> None:
+    """The view parameters of the split, (N, V, 5) float32, are built in memory before anything else."""
+    needed = num_samples * views * len(PARAM_NAMES) * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if memory and needed > memory:
+        raise ConfigError(f"{views} views of {num_samples} samples need a {human_bytes(needed)} table of view "
+                          f"parameters, more than this machine's {human_bytes(memory)} of memory: use fewer --teacher-views")
+
+
+def layout_bytes(layout: CacheLayout) -> int:
+    """Uncompressed bytes of every array: an upper bound of the disk use (fp16 rows barely compress)."""
+    return sum(math.prod(spec.shape) * np.dtype(spec.dtype).itemsize for spec in layout.arrays().values())
+
+
+def check_space(url: str, needed: int) -> None:
+    """Refuse a build whose arrays cannot fit on the local filesystem at `url` (object stores report no
+    free space, so they are not checked). A cache already there counts as room: a resumed build keeps
+    its rows, and --overwrite frees them."""
+    if is_remote(url):
+        return
+    path = Path(local_path(url)).absolute()
+    present = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free + present:
+        raise ConfigError(f"the cache needs {human_bytes(needed)} but the filesystem of {existing} has "
+                          f"{human_bytes(free)} free: free space, build elsewhere, or store fewer views or --topk logits")
+
+
 def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: ClipTeacher,
                  block_rows: int | None = None, num_views: int = 1, topk: int | None = None,
                  clip_views: int = 1) -> CacheLayout:
     """Chunks of whole write blocks, a few MB each (DESIGN.md section 3) unless block_rows is given.
     num_views: the teacher's views per sample; clip_views: CLIP's (1, or num_views)."""
-    if topk is not None and not 0 < topk < num_classes:
-        raise ConfigError(f"--topk must be between 1 and {num_classes - 1} (the dataset has {num_classes} classes)")
+    if topk is not None and not 0 < topk <= num_classes:
+        raise ConfigError(f"--topk must be between 1 and {num_classes} (the dataset has {num_classes} classes)")
     logit_width = 3 * topk if topk else num_classes  # top-k: fp16 values + int32 indices
     row_bytes = 2 * (num_views * (logit_width + teacher_dim) + clip_views * (clip.embed_dim + clip.feature_dim))
     block_rows = block_rows or choose_block_rows(row_bytes)
@@ -223,6 +274,7 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, cl
 def view_policies(cfg: BuildConfig, size: int) -> dict[str, dict]:
     """Each model's policy and views per sample, with its clean view's index (None: no clean view)."""
     teacher = teacher_policy(cfg.teacher_views, size)
+    check_view_policy(teacher, size)
     clip = clip_policy(cfg.clip_views, teacher)
     return {m: {"policy": p, "num_views": num_views(p, size), "clean_view": clean_view_index(p, size)}
             for m, p in (("teacher", teacher), ("clip", clip))}
@@ -274,7 +326,7 @@ def forward_blocks(
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
-    forward = make_forward(teacher, clip, dataset, device, params, topk, clip_views)
+    forward = make_forward(teacher, clip, dataset, device, params, topk, clip_views, batch_size)
     kl_sum, kl_rows = 0.0, 0
     total = sum(stop - start for start, stop in ranges)
     label = "build" if world_size == 1 else f"build (rank 0 of {world_size}; total ~{world_size}x this rate)"
@@ -296,13 +348,15 @@ def forward_blocks(
 
 def make_forward(
     teacher: Teacher, clip: ClipTeacher, dataset: ImageDataset, device: torch.device,
-    params: np.ndarray | None = None, topk: int | None = None, clip_views: int = 1,
+    params: np.ndarray | None = None, topk: int | None = None, clip_views: int = 1, batch_size: int = 256,
 ) -> Callable[[dict], dict[str, np.ndarray]]:
     """One batch of samples -> numpy rows for every sample-axis array: the teacher's V views of each
     sample, and CLIP's clean view (clip_views = 1) or the same V views (clip_views = V).
 
     params: (N, V, 5) view parameters of the whole split (None: the clean view only). Each view's pixels
     come from `apply_views`, the function stage two replays them with; the clean view is the image.
+    CLIP sees at most `batch_size` images per call, and the teacher `teacher_views_per_call` views, so a
+    call's memory does not grow with V (when V alone exceeds the batch, a sample's views are split).
     """
     @torch.no_grad()
     def forward(batch: dict) -> dict[str, np.ndarray]:
@@ -311,9 +365,10 @@ def make_forward(
         b = len(index)
         batch_params = params[index] if params is not None else np.broadcast_to(CLEAN, (b, 1, CLEAN.size)).copy()
         v = batch_params.shape[1]
-        t_logits, t_feats = run_teacher(teacher, dataset, images, batch_params, device)  # (B * V, C), (B * V, Ft)
-        clip_images = images if clip_views == 1 else views_of(images, batch_params, slice(None))
-        c_embeds, c_feats = run_clip(clip, clip_images, device)  # (B * Vc, D), (B * Vc, Fc)
+        per_call = teacher_views_per_call(batch_size, images.shape[-1])
+        t_logits, t_feats = run_teacher(teacher, dataset, images, batch_params, device, per_call)  # (B * V, C), (B * V, Ft)
+        c_embeds, c_feats = run_clip(clip, images, batch_params if clip_views > 1 else None, device,
+                                     batch_size)  # (B * Vc, D), (B * Vc, Fc)
 
         def rows(t: torch.Tensor, views: int) -> np.ndarray:  # (B * views, X) -> (B, views, X) float32
             return t.float().cpu().numpy().reshape(b, views, -1)
@@ -345,22 +400,34 @@ def views_of(images: torch.Tensor, params: np.ndarray, rows: slice) -> torch.Ten
     return apply_views(images[sample], flat)
 
 
+def teacher_views_per_call(batch_size: int, size: int) -> int:
+    return max(batch_size, TEACHER_PIXELS_PER_CALL // (size * size))
+
+
 def run_teacher(teacher: Teacher, dataset: ImageDataset, images: torch.Tensor, params: np.ndarray,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's logits and pooled features on all B x V views, a bounded number of views per call."""
+                device: torch.device, per_call: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's logits and pooled features on all B x V views, `per_call` views per call."""
     total = params.shape[0] * params.shape[1]
     parts = []
-    for start in range(0, total, TEACHER_VIEWS_PER_CALL):
-        views = views_of(images, params, slice(start, start + TEACHER_VIEWS_PER_CALL))
+    for start in range(0, total, per_call):
+        views = views_of(images, params, slice(start, start + per_call))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             parts.append(teacher.model(normalize(views, dataset.mean, dataset.std)))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def run_clip(clip: ClipTeacher, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP's normalised embeddings and features on a uint8 batch (its own preprocessing); bf16 on GPUs."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return clip.encode_images(images)
+def run_clip(clip: ClipTeacher, images: torch.Tensor, params: np.ndarray | None, device: torch.device,
+             per_call: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's normalised embeddings and features (its own preprocessing; bf16 on GPUs) on the images, or
+    with params (B, V, 5) on their B x V views, `per_call` images per call."""
+    total = len(images) if params is None else params.shape[0] * params.shape[1]
+    parts = []
+    for start in range(0, total, per_call):
+        rows = slice(start, start + per_call)
+        batch = images[rows] if params is None else views_of(images, params, rows)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            parts.append(clip.encode_images(batch))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def assemble_blocks(

@@ -23,13 +23,14 @@ from pipelines.config import (
     BuildConfig,
     TrainConfig,
     check_fields,
+    check_range,
     list_recipes,
     load_recipe,
     parse_method_params,
 )
 from pipelines.progress import Reporter
 from richkd_cache.distill.adaptive import parse_alpha
-from richkd_cache.errors import RichKDError
+from richkd_cache.errors import ConfigError, RichKDError
 
 app = typer.Typer(
     name="richkd-cache",
@@ -92,6 +93,23 @@ def split_list(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def parse_numbers(flag: str, value: str, kind: type[int] | type[float]) -> tuple:
+    """A comma-separated list of ints or floats; an item that is not one is refused in one line."""
+    try:
+        return tuple(kind(v) for v in split_list(value))
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise ConfigError(f"{flag} takes comma-separated {what} (e.g. {'1,2,3' if kind is int else '0.1,0.5'}), "
+                          f"got {value!r}") from None
+
+
+def parse_seeds(value: str) -> tuple[int, ...]:
+    seeds = parse_numbers("--seeds", value, int)
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"--seeds takes one or more distinct seeds (e.g. 0,1,2), got {value!r}")
+    return seeds
+
+
 @app.command()
 @user_errors
 def build(
@@ -106,15 +124,15 @@ def build(
     clip_checkpoint: Annotated[Optional[str], typer.Option(help="Local CLIP weights file instead of a download.")] = None,
     clip_activation: Annotated[Optional[str], typer.Option(help="quickgelu (OpenAI's weights) or gelu: required for a --clip-checkpoint under an open_clip name.")] = None,
     prompts: Annotated[str, typer.Option(help="Prompt sets to store: names (single,multi,complex) or .toml/.json files.")] = "single,multi,complex",
-    batch_size: Annotated[int, typer.Option(min=1)] = 256,
-    workers: Annotated[int, typer.Option(min=0)] = 4,
+    batch_size: int = 256,
+    workers: int = 4,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace a cache built with other settings.")] = False,
-    block_rows: Annotated[Optional[int], typer.Option(min=1, help="Rows per write block and chunk (default: ~4 MB chunks).")] = None,
+    block_rows: Annotated[Optional[int], typer.Option(help="Rows per write block and chunk (default: ~4 MB chunks).")] = None,
     teacher_views: Annotated[str, typer.Option(help="Teacher views: all (CIFAR's 162 crop+flip views, what the student draws), clean, K random views, or auto (all for 32 px images, else clean).")] = "auto",
     clip_views: Annotated[str, typer.Option(help="CLIP views: clean (the paper's setting) or same (the teacher's views).")] = "clean",
     view_seed: Annotated[int, typer.Option(help="Seed of the random views (with --teacher-views K).")] = 0,
-    topk: Annotated[Optional[int], typer.Option(min=1, help="Store only the teacher's top-k log-probabilities (large class counts).")] = None,
+    topk: Annotated[Optional[int], typer.Option(help="Store only the teacher's top-k log-probabilities (large class counts).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Stage one: run the teacher and CLIP once over a split and write the cache."""
@@ -151,7 +169,7 @@ def train_settings(recipe: str | None, given: dict[str, Any], command: str, new_
     if "milestones" in settings:
         settings["milestones"] = tuple(settings["milestones"])
     if "student" not in settings:
-        raise typer.BadParameter("--student is required (or a --recipe that names one)")
+        raise ConfigError("--student is required (or a --recipe that names one)")
     check_fields(TrainConfig, settings, command)
     return settings
 
@@ -179,20 +197,20 @@ def train(
     clip_renormalize: Annotated[Optional[bool], typer.Option(help="Re-normalise the mean text embedding (CLIP notebook).")] = None,
     fraction: Annotated[Optional[float], typer.Option(help="Train on this share of every class (no rebuild).")] = None,
     imbalance: Annotated[Optional[float], typer.Option(help="Long-tailed subset: rarest/most common class size.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    epochs: Optional[int] = None,
+    batch_size: Optional[int] = None,
     lr: Annotated[Optional[float], typer.Option(help="Default 0.05 (0.01 for MobileNet/ShuffleNet).")] = None,
     milestones: Annotated[Optional[str], typer.Option(help="Epochs where lr x0.1, e.g. 150,180,210.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option()] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="sgd (default) or adamw (the ViT recipes).")] = None,
     schedule: Annotated[Optional[str], typer.Option(help="step (lr x0.1 at the milestones) or cosine.")] = None,
-    warmup_epochs: Annotated[Optional[int], typer.Option(min=0, help="cosine: linear warm-up epochs.")] = None,
+    warmup_epochs: Annotated[Optional[int], typer.Option(help="cosine: linear warm-up epochs.")] = None,
     min_lr: Annotated[Optional[float], typer.Option(help="cosine: the lr it ends at.")] = None,
     seeds: Annotated[str, typer.Option(help="One seed, or several (0,1,2): runs each, reports mean +- std.")] = "0",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     cache_device: Annotated[Optional[str], typer.Option(help="Where cached targets live (default: the training device; cpu keeps GPU memory free).")] = None,
-    stream_window: Annotated[Optional[int], typer.Option(min=1, help="For caches larger than memory: read this many chunks at a time, shuffling within them.")] = None,
-    workers: Annotated[int, typer.Option(min=0)] = 4,
+    stream_window: Annotated[Optional[int], typer.Option(help="For caches larger than memory: read this many chunks at a time, shuffling within them.")] = None,
+    workers: int = 4,
     online: Annotated[bool, typer.Option(help="Reference mode: run the cache's teacher and CLIP on every batch instead of reading the cache (slow).")] = False,
     teacher_checkpoint: Annotated[Optional[str], typer.Option(help="--online: the teacher's file here (default: the path the cache records).")] = None,
     clip_checkpoint: Annotated[Optional[str], typer.Option(help="--online: CLIP's weights file here, when the cache was built from one.")] = None,
@@ -211,14 +229,14 @@ def train(
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "fraction": fraction, "imbalance": imbalance, "optimizer": optimizer, "schedule": schedule,
         "warmup_epochs": warmup_epochs, "min_lr": min_lr, "compile": compile_step,
-        "milestones": tuple(int(m) for m in split_list(milestones)) if milestones else None,
+        "milestones": parse_numbers("--milestones", milestones, int) if milestones else None,
     }
     params = parse_method_params(method_param) if method_param else None
     settings = train_settings(recipe, {**given, "feature_loss": feature_loss, "method_params": params}, "train")
     base = TrainConfig(out=out, device=device, cache_device=cache_device, stream_window=stream_window,
                        workers=workers, resume=resume, overwrite=overwrite, quiet=quiet, online=online,
                        teacher_checkpoint=teacher_checkpoint, clip_checkpoint=clip_checkpoint, **settings)
-    seed_list = [int(s) for s in split_list(seeds)]
+    seed_list = parse_seeds(seeds)
     reporter = Reporter(err_console, quiet=quiet)
     if len(seed_list) == 1:
         summary = run_train(replace(base, seed=seed_list[0]), reporter)
@@ -251,6 +269,7 @@ def info(
     """Manifest summary, arrays and sizes, completeness, and accuracy per prompt set."""
     from pipelines.summary import cache_summary, render_summary
 
+    check_range("alpha", alpha)
     show(cache_summary(cache, alpha), as_json, render_summary)
 
 
@@ -363,7 +382,7 @@ def evaluate(
 
     result = run_evaluate(checkpoints[0], dataset, data_root, split=split, attacks=attacks, batch_size=batch_size,
                           device=str(resolve_device(device)),
-                          epsilons=tuple(float(e) for e in split_list(epsilons)), corruptions=corruptions,
+                          epsilons=parse_numbers("--epsilons", epsilons, float), corruptions=corruptions,
                           teacher=teacher, plots=plots, gradcam=gradcam, beside=tuple(checkpoints[1:]))
     show(result, as_json, render_evaluation)
 
@@ -421,10 +440,7 @@ def sweep(
              "batch_size": batch_size, "lr": lr}
     settings = train_settings(recipe, {**fixed, **{k: v[0] for k, v in values.items() if len(v) == 1}}, "sweep",
                               new_method="method" in axes)
-    try:
-        seed_list = tuple(int(s) for s in split_list(seeds))
-    except ValueError:
-        raise typer.BadParameter(f"--seeds takes integers, e.g. 0,1,2, not {seeds!r}") from None
+    seed_list = parse_seeds(seeds)
     base = TrainConfig(out=out, device=device, workers=workers, quiet=True, **settings)
     result = run_sweep(Sweep(base, axes, seed_list), Reporter(err_console, quiet=quiet))
     table = Table(title=f"sweep over {', '.join(axes)} ({len(seed_list)} seed(s) each)")

@@ -6,6 +6,8 @@ Below the pipelines, functions take plain arguments; only `run_build(cfg)` and `
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -14,7 +16,9 @@ from typing import Any
 import torch
 
 from richkd_cache.distill import DEFAULTS, describe_params, get_logit_loss, method_params
+from richkd_cache.distill.adaptive import ALPHA_RULES
 from richkd_cache.errors import ConfigError
+from richkd_cache.views import parse_policy
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,20 @@ class BuildConfig:
     clip_views: str = "clean"  # clean | same (the teacher's views)
     topk: int | None = None  # store only the teacher's top-k log-probabilities (large class counts)
     view_seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Flags and scripts are checked alike, before anything is loaded or written."""
+        check_settings(self)
+        check_device_name("--device", self.device)
+        if self.teacher_views != "auto":
+            parse_policy(self.teacher_views)
+        # every target but kd needs CLIP's logits (eq. 2-3), hence a prompt set; one costs a single
+        # text-tower pass, and the manifest's zero-shot accuracy is measured with it
+        if not self.prompts:
+            raise ConfigError("--prompts names no prompt set: a cache needs at least one (e.g. --prompts single)")
+        repeated = sorted({p for p in self.prompts if self.prompts.count(p) > 1})
+        if repeated:
+            raise ConfigError(f"--prompts names {', '.join(repeated)} more than once")
 
 
 @dataclass(frozen=True)
@@ -92,6 +110,13 @@ class TrainConfig:
     overwrite: bool = False  # replace an existing run folder's own files
     quiet: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Flags and recipes are checked alike, before the run folder is touched."""
+        check_settings(self)
+        check_device_name("--device", self.device)
+        if self.cache_device is not None:
+            check_device_name("--cache-device", self.cache_device)
 
     @property
     def resolved_target(self) -> str:
@@ -155,6 +180,82 @@ def parse_method_params(values: list[str]) -> dict[str, float]:
     return parsed
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take; `meaning` says why, in the refusal."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    integer: bool = False
+    meaning: str = ""
+
+    def __str__(self) -> str:
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        left = "(" if self.open_low or self.low is None else "["
+        right = ")" if self.open_high or self.high is None else "]"
+        return f"{left}{low}, {high}{right}"
+
+    def holds(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return above and below
+
+
+# Every numeric setting a flag, a recipe or another command can give, with its interval.
+RANGES: dict[str, Range] = {
+    "alpha": Range(0, 1, meaning="the teacher's weight in the fused logits, eq. 4"),
+    "lam": Range(0, 1, meaning="the teacher's weight in the fused features, eq. 7"),
+    "temperature": Range(0, None, open_low=True, meaning="eq. 5 divides the logits by it"),
+    "beta": Range(0, None, meaning="a loss weight, eq. 9"),
+    "gamma": Range(0, None, meaning="a loss weight, eq. 9"),
+    "clip_tau": Range(0, None, open_low=True, meaning="CLIP's logit scale, eq. 2"),
+    "fraction": Range(0, 1, open_low=True, meaning="the share of every class trained on"),
+    "imbalance": Range(0, 1, open_low=True, meaning="the rarest class's size over the most common's"),
+    "epochs": Range(1, None, integer=True),
+    "batch_size": Range(1, None, integer=True),
+    "lr": Range(0, None, open_low=True),
+    "momentum": Range(0, 1, open_high=True),
+    "weight_decay": Range(0, None),
+    "lr_decay": Range(0, 1, open_low=True, meaning="the factor the learning rate is multiplied by at each milestone"),
+    "milestones": Range(1, None, integer=True, meaning="epochs"),
+    "warmup_epochs": Range(0, None, integer=True),
+    "min_lr": Range(0, None),
+    "seed": Range(0, None, integer=True),
+    "view_seed": Range(0, None, integer=True),
+    "workers": Range(0, None, integer=True),
+    "stream_window": Range(1, None, integer=True),
+    "block_rows": Range(1, None, integer=True),
+    "topk": Range(1, None, integer=True),
+}
+
+
+def check_range(name: str, value: object) -> None:
+    """Refuse a setting outside its interval, or of the wrong type (a string in a recipe), in one line."""
+    allowed = RANGES[name]
+    if not allowed.holds(value):
+        kind = "an integer" if allowed.integer else "a number"
+        why = f" ({allowed.meaning})" if allowed.meaning else ""
+        raise ConfigError(f"--{name.replace('_', '-')}{why} must be {kind} in {allowed}, got {value!r}")
+
+
+def check_settings(config: object) -> None:
+    """Range-check every field of a config that has a range (None means "the default" and passes)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "alpha" and value in ALPHA_RULES:  # an adaptive rule instead of a fixed weight
+            continue
+        if f.name in RANGES and value is not None:
+            for item in value if isinstance(value, tuple) else (value,):
+                check_range(f.name, item)
+
+
 def load_recipe(name: str) -> dict[str, Any]:
     """A recipe is a TOML table of TrainConfig fields shipped in pipelines/recipes/NAME.toml."""
     available = list_recipes()
@@ -179,10 +280,28 @@ def check_fields(cls: type, table: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}")
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks the GPU when there is one; asking for CUDA without one is an error, not a fallback."""
+DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device_name(flag: str, name: str) -> None:
+    """The device kinds this tool runs on; anything else (tpu, a typo) is refused in one line."""
+    if not isinstance(name, str) or not DEVICE_NAME.fullmatch(name):
+        raise ConfigError(f"{flag} takes auto, cpu, cuda, cuda:N or mps, not {name!r}")
+
+
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
+    """`auto` picks the GPU when there is one; asking for a device that is not there is an error, not a fallback."""
+    check_device_name(flag, name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but no CUDA device is available; use --device cpu")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{flag} {name} was asked for but no CUDA device is available; use {flag} cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            raise ConfigError(f"{flag} {name} was asked for but this machine has {count} CUDA device(s), "
+                              f"cuda:0..cuda:{count - 1}")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{flag} mps was asked for but no MPS device is available; use {flag} cpu")
     return torch.device(name)

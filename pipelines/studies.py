@@ -46,10 +46,12 @@ def corruption_accuracy(model: torch.nn.Module, folder: str, data: ImageDataset,
     labels_file = root / "labels.npy"
     if not labels_file.is_file():
         raise DataError(f"{folder} is not a CIFAR-C folder: expected labels.npy beside the <corruption>.npy files")
-    labels = torch.from_numpy(np.load(labels_file).astype(np.int64))
+    labels = load_corruption_labels(labels_file, data.num_classes)
     rows = []
     for file in sorted(p for p in root.glob("*.npy") if p.name != "labels.npy"):
-        images = np.load(file, mmap_mode="r")
+        images = load_npy(file)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise DataError(f"{file} holds {images.dtype} {images.shape}, not CIFAR-C's uint8 images (5 N, H, W, 3)")
         if len(images) != len(labels) or len(images) % SEVERITIES:
             raise DataError(f"{file}: {len(images)} images for {len(labels)} labels (expected 5 severities of equal size)")
         n = len(images) // SEVERITIES
@@ -60,6 +62,24 @@ def corruption_accuracy(model: torch.nn.Module, folder: str, data: ImageDataset,
     if not rows:
         raise DataError(f"no <corruption>.npy files in {folder}")
     return rows
+
+
+def load_npy(file: Path) -> np.ndarray:
+    """A .npy array, memory-mapped; never pickled objects (allow_pickle stays off), damage in one line."""
+    try:
+        return np.load(file, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{file} is not a readable .npy array ({e})") from None
+
+
+def load_corruption_labels(file: Path, num_classes: int) -> torch.Tensor:
+    """labels.npy: (5 N,) integer classes of the dataset, 0..C-1."""
+    labels = load_npy(file)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataError(f"{file} holds {labels.dtype} {labels.shape}, not CIFAR-C's integer labels (5 N,)")
+    if len(labels) and not 0 <= labels.min() <= labels.max() < num_classes:
+        raise DataError(f"{file} holds labels outside 0..{num_classes - 1}, the classes of the evaluated dataset")
+    return torch.from_numpy(np.array(labels, dtype=np.int64))  # a copy: the memory map is read-only
 
 
 def accuracy_by_teacher_category(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,

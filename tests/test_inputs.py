@@ -1,0 +1,201 @@
+"""Bad input gets one line and exit code 2 before anything is written; settings are range-checked alike
+from flags and from code; a build refuses what cannot fit and bounds each forward by --batch-size."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines import build
+from pipelines.cli import app
+from pipelines.config import BuildConfig, TrainConfig
+from pipelines.studies import corruption_accuracy
+from richkd_cache.data import create_dataset
+from richkd_cache.errors import ConfigError, DataError
+from richkd_cache.models import create_model, save_checkpoint
+from richkd_cache.views import view_params
+
+runner = CliRunner()
+TRAIN = ["train", "--dataset", "digits", "--student", "resnet8", "--epochs", "1", "--device", "cpu",
+         "--workers", "0", "--quiet"]
+BUILD = ["build", "--dataset", "digits", "--split", "val", "--clip", "richkd-tiny", "--clip-pretrained", "random",
+         "--prompts", "single", "--device", "cpu", "--workers", "0", "--quiet"]
+
+
+def invoke(*args) -> object:
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def refused(result, *words: str) -> None:
+    """Exit 2 with one line naming the problem, never a traceback."""
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "resnet8.pth"
+    save_checkpoint(str(path), create_model("resnet8", 10), arch="resnet8", num_classes=10)
+    return path
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--device", "tpu"], ["--device", "'tpu'"]),
+    (["--cache-device", "tpu"], ["--cache-device", "'tpu'"]),
+    (["--lr", "-1"], ["--lr", "(0, inf)", "-1"]),
+    (["--milestones", "a,b"], ["--milestones", "'a,b'"]),
+    (["--seeds", "a"], ["--seeds", "'a'"]),
+    (["--seeds", "1,1"], ["--seeds", "distinct"]),
+    (["--alpha", "5"], ["alpha", "eq. 4", "[0, 1]"]),
+    (["--lam", "7"], ["--lam", "eq. 7", "[0, 1]"]),
+    (["--temperature", "-2"], ["--temperature", "(0, inf)"]),
+    (["--temperature", "0"], ["--temperature", "(0, inf)"]),
+    (["--beta", "-1"], ["--beta", "[0, inf)"]),
+    (["--fraction", "0"], ["--fraction", "(0, 1]"]),
+    (["--imbalance", "1.5"], ["--imbalance", "(0, 1]"]),
+    (["--batch-size", "0"], ["--batch-size", "[1, inf)"]),
+    (["--epochs", "0"], ["--epochs", "[1, inf)"]),
+    (["--weight-decay", "-0.1"], ["--weight-decay"]),
+    (["--clip-tau", "0"], ["--clip-tau"]),
+    (["--milestones", "0,10"], ["--milestones", "[1, inf)"]),
+    (["--seeds", "-1"], ["--seed", "[0, inf)"]),
+])
+def test_bad_training_flags_are_one_line_and_write_nothing(tmp_path: Path, flags: list[str], words: list[str]) -> None:
+    refused(invoke(*TRAIN, *flags, "--out", tmp_path / "run"), *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_settings_from_code_or_recipes_are_checked_like_flags() -> None:
+    with pytest.raises(ConfigError, match="--alpha .* must be a number in \\[0, 1\\], got '0.7'"):
+        TrainConfig(student="resnet8", out="x", alpha="0.7")  # a quoted number in a TOML recipe
+    with pytest.raises(ConfigError, match="--epochs must be an integer"):
+        TrainConfig(student="resnet8", out="x", epochs=2.5)
+    with pytest.raises(ConfigError, match="--teacher-views"):
+        BuildConfig("digits", None, "train", None, "t.pth", "richkd-tiny", None, None, ("single",), "o",
+                    teacher_views="-3")
+
+
+def test_info_and_analyze_share_the_alpha_check(tmp_path: Path) -> None:
+    for command in ("info", "analyze"):
+        refused(invoke(command, tmp_path / "nowhere.zarr", "--alpha", "1.5"), "--alpha", "[0, 1]", "1.5")
+
+
+def test_evaluate_epsilons_must_be_numbers(tmp_path: Path) -> None:
+    refused(invoke("evaluate", tmp_path / "last.pth", "--epsilons", "a,b"), "--epsilons", "'a,b'")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--device", "tpu"], ["--device", "'tpu'"]),
+    (["--teacher-views", "99999999999"], ["99999999999 views", "TiB", "memory"]),
+    (["--prompts", ""], ["--prompts", "at least one"]),
+    (["--prompts", "single,single"], ["--prompts", "single", "more than once"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+    (["--topk", "11"], ["--topk", "between 1 and 10"]),
+])
+def test_bad_build_flags_are_one_line_and_write_nothing(tmp_path: Path, teacher: Path, flags: list[str],
+                                                        words: list[str]) -> None:
+    refused(invoke(*BUILD, *flags, "--teacher-checkpoint", teacher, "--out", tmp_path / "c.zarr"), *words)
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_build_refuses_arrays_that_do_not_fit_on_the_disk(tmp_path: Path, teacher: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**4, 10**4))
+    out = tmp_path / "sub" / "c.zarr"
+    result = invoke(*BUILD, "--teacher-checkpoint", teacher, "--out", out)
+    refused(result, "the cache needs", "9.8 KiB free")
+    # at least the teacher's fp16 logits (10) and features (64) and the view (5 float32) of 355 samples
+    assert float(result.output.split("needs ")[1].split(" KiB")[0]) * 1024 > 355 * (2 * (10 + 64) + 4 * 5)
+    assert not (tmp_path / "sub").exists()
+
+
+def test_views_all_is_refused_where_it_is_not_cifars_162(tmp_path: Path) -> None:
+    for cls in ("a", "b"):
+        (tmp_path / "data" / "train" / cls).mkdir(parents=True)
+        Image.new("RGB", (40, 40)).save(tmp_path / "data" / "train" / cls / "0.png")
+    result = invoke("build", "--dataset", "imagefolder", "--data-root", tmp_path / "data", "--teacher-views", "all",
+                    "--teacher-checkpoint", tmp_path / "no-teacher-needed.pth", "--out", tmp_path / "c.zarr")
+    refused(result, "--teacher-views all", "162", "224 px", "6498 views")
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_topk_may_equal_the_class_count(tmp_path: Path, teacher: Path) -> None:
+    result = invoke(*BUILD, "--teacher-checkpoint", teacher, "--topk", "10", "--out", tmp_path / "c.zarr")
+    assert result.exit_code == 0, result.output
+    assert zarr.open_group(str(tmp_path / "c.zarr"), mode="r")["teacher/topk_indices"].shape == (355, 1, 10)
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for both teachers: outputs that depend on each view's pixels, and the batch sizes seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen.append(len(x))
+        x = x.float()
+        return x.mean((2, 3)), x[:, :, :2, :2].flatten(1)  # (B, 3), (B, 12)
+
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(images)
+
+
+def test_forward_never_runs_more_than_batch_size_views_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = create_dataset("digits", None, "val")
+    params = view_params(7, len(data), 32, seed=0)  # (N, 7, 5)
+    batch = {k: torch.stack([torch.as_tensor(data[i][k]) for i in range(3)]) for k in ("image", "label", "index")}
+    outputs = {}
+    for batch_size in (10**6, 4):
+        model = _Recorder()
+        teacher = build.Teacher(model=model, arch="recorder", manifest={})
+        outputs[batch_size] = build.make_forward(teacher, model, data, torch.device("cpu"), params, clip_views=7,
+                                                 batch_size=batch_size)(batch)
+        monkeypatch.setattr(build, "TEACHER_PIXELS_PER_CALL", 0)  # images as large as a CIFAR teacher's budget
+        seen = model.seen
+    assert max(seen) <= 4 and sum(seen) == 2 * 3 * 7  # each view once through each model, 4 at a time
+    assert outputs[4]["teacher/logits"].shape == (3, 7, 3) and outputs[4]["clip/features"].shape == (3, 7, 12)
+    for name, value in outputs[10**6].items():
+        np.testing.assert_array_equal(outputs[4][name], value, err_msg=name)
+
+
+def _cifar_c(folder: Path, images: np.ndarray | None = None, labels: np.ndarray | None = None) -> Path:
+    folder.mkdir()
+    np.save(folder / "labels.npy", np.zeros(10, np.int64) if labels is None else labels)
+    np.save(folder / "fog.npy", np.zeros((10, 32, 32, 3), np.uint8) if images is None else images)
+    return folder
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda f: (f / "fog.npy").write_bytes(b"not an array"), ["fog.npy", "not a readable .npy"]),
+    (lambda f: (f / "fog.npy").write_bytes((f / "fog.npy").read_bytes()[:200]), ["fog.npy", "not a readable .npy"]),
+    (lambda f: np.save(f / "fog.npy", np.zeros((10, 32, 32, 3), np.float32)), ["fog.npy", "float32", "uint8"]),
+    (lambda f: np.save(f / "fog.npy", np.zeros((10, 3072), np.uint8)), ["fog.npy", "(10, 3072)"]),
+    (lambda f: np.save(f / "labels.npy", np.array([0.5] * 10)), ["labels.npy", "integer labels"]),
+    (lambda f: np.save(f / "labels.npy", np.full(10, 10)), ["labels.npy", "outside 0..9"]),
+    (lambda f: np.save(f / "labels.npy", np.array([None] * 10), allow_pickle=True), ["labels.npy", "not a readable .npy"]),
+])
+def test_malformed_corruption_files_are_one_line(tmp_path: Path, damage, words: list[str]) -> None:
+    folder = _cifar_c(tmp_path / "c")
+    damage(folder)
+    data = create_dataset("digits", None, "val")
+    with pytest.raises(DataError) as err:
+        corruption_accuracy(create_model("resnet8", 10), str(folder), data, torch.device("cpu"))
+    assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_malformed_corruption_file_through_evaluate(tmp_path: Path, teacher: Path) -> None:
+    folder = _cifar_c(tmp_path / "c")
+    (folder / "fog.npy").write_bytes(b"\x93NUMPY garbage")
+    result = invoke("evaluate", teacher, "--dataset", "digits", "--no-attacks", "--device", "cpu",
+                    "--corruptions", folder)
+    refused(result, "fog.npy")
