@@ -58,18 +58,24 @@ class Fusion:
     """What turns cached rows into targets: the prompt set's text embeddings, tau, and for cosine/MSE
     with the richkd target the fixed joint feature space (eq. 7, docs/fusion.md)."""
 
-    text: torch.Tensor  # (M, C, D)
+    text: torch.Tensor | None  # (M, C, D); None: the target uses no CLIP logits (kd) and none was asked for
     tau: float
     space: JointSpace | None
+    num_classes: int
     alpha_sums: torch.Tensor | None = None  # (C, 6) error sums over every cached row, for --alpha auto / per-class
 
 
 def setup_fusion(cfg: TrainConfig, cache: CacheReader, arrays: dict[str, np.ndarray] | None = None) -> Fusion:
     """The joint space is fitted on `arrays` (every row), or with --stream-window on the first window's
-    blocks; the fp16 rows are read in float32 chunks, never copied whole."""
-    if not cache.prompt_sets():
-        raise ConfigError(f"cache {cache.url} stores no prompt set: add one with `richkd-cache prompts add`")
-    text = torch.from_numpy(cache.text_embeddings(cfg.prompts or cache.prompt_sets()[0]))
+    blocks; the fp16 rows are read in float32 chunks, never copied whole. Only targets with CLIP's logits
+    (eq. 2-3) need a prompt set; a named one is checked for any target."""
+    uses_clip = cfg.resolved_target in ("clip", "richkd")
+    if uses_clip and not cache.prompt_sets():
+        raise ConfigError(f"target {cfg.resolved_target} needs CLIP's logits but cache {cache.url} stores no prompt "
+                          "set: add one with `richkd-cache prompts add`")
+    text = None
+    if uses_clip or cfg.prompts:
+        text = torch.from_numpy(cache.text_embeddings(cfg.prompts or cache.prompt_sets()[0]))
     tau = cfg.clip_tau if cfg.clip_tau is not None else cache.manifest["clip"]["tau"]
     space = None
     if cfg.resolved_target == "richkd" and cfg.feature_loss in ("cosine", "mse"):
@@ -81,7 +87,7 @@ def setup_fusion(cfg: TrainConfig, cache: CacheReader, arrays: dict[str, np.ndar
         space = fit_joint_space(arrays["teacher/features"], arrays["clip/features"], cfg.lam)
     adaptive = cfg.resolved_target == "richkd" and cfg.alpha in ("auto", "per-class")
     sums = alpha_statistics(cfg, cache, text, tau) if adaptive else None
-    return Fusion(text, tau, space, sums)
+    return Fusion(text, tau, space, cache.layout.num_classes, sums)
 
 
 def alpha_statistics(cfg: TrainConfig, cache: CacheReader, text: torch.Tensor, tau: float) -> torch.Tensor:
@@ -91,7 +97,7 @@ def alpha_statistics(cfg: TrainConfig, cache: CacheReader, text: torch.Tensor, t
     total = None
     for block in range(layout.num_blocks):
         arrays = {k: cache.load_rows(k, *layout.block_range(block)) for k in names}
-        t_logits, c_logits = fused_inputs(cfg, arrays, text, tau)
+        t_logits, c_logits = fused_inputs(cfg, arrays, text, tau, layout.num_classes)
         n, v, c = t_logits.shape
         labels = torch.from_numpy(arrays["labels"].astype(np.int64)).repeat_interleave(v)
         sums = error_sums(t_logits.reshape(-1, c), c_logits.expand(n, v, c).reshape(-1, c), labels)
@@ -99,11 +105,13 @@ def alpha_statistics(cfg: TrainConfig, cache: CacheReader, text: torch.Tensor, t
     return total
 
 
-def fused_inputs(cfg: TrainConfig, arrays: dict[str, np.ndarray], text: torch.Tensor,
-                 tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's logits (n, V, C) and CLIP's (n, Vc, C), eq. 2-3, of a set of cached rows."""
-    t_logits = teacher_logits(arrays, text.shape[1])
-    c_logits = clip_logits(float_rows(arrays["clip/image_embeds"]), text, tau, renormalize=cfg.clip_renormalize)
+def fused_inputs(cfg: TrainConfig, arrays: dict[str, np.ndarray], text: torch.Tensor | None, tau: float,
+                 num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's logits (n, V, C) and CLIP's (n, Vc, C), eq. 2-3, of a set of cached rows (None
+    without a prompt set: a teacher-only target)."""
+    t_logits = teacher_logits(arrays, num_classes)
+    c_logits = (None if text is None
+                else clip_logits(float_rows(arrays["clip/image_embeds"]), text, tau, renormalize=cfg.clip_renormalize))
     return t_logits, c_logits
 
 
@@ -132,7 +140,8 @@ def compute_targets(cfg: TrainConfig, arrays: dict[str, np.ndarray], fusion: Fus
     with view v.
     """
     t_feats, c_feats = (float_rows(arrays[k]) for k in ("teacher/features", "clip/features"))
-    t_logits, c_logits = fused_inputs(cfg, arrays, fusion.text, fusion.tau)  # (n, V, C), (n, Vc, C); eq. 2-3
+    t_logits, c_logits = fused_inputs(cfg, arrays, fusion.text, fusion.tau,
+                                     fusion.num_classes)  # (n, V, C), (n, Vc, C); eq. 2-3
     alpha = fusion_alpha(cfg, fusion, t_logits, c_logits, arrays.get("labels"))
     built = build_targets(cfg.resolved_target, teacher_logits=t_logits, clip_logits=c_logits,
                           teacher_feats=t_feats, clip_feats=c_feats, alpha=alpha, space=fusion.space)

@@ -54,7 +54,7 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     cache = open_cache(cfg.cache) if cfg.cache else None
     train_set, val_set = setup_data(cfg, cache)
     pool = setup_pool(cfg, train_set, reporter)
-    cache_device = resolve_device(cfg.cache_device) if cfg.cache_device else device
+    cache_device = resolve_device(cfg.cache_device, "--cache-device") if cfg.cache_device else device
     student = create_model(cfg.student, train_set.num_classes).to(device)  # its weights: from the seed alone
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)

@@ -3,6 +3,7 @@ from flags and from code; a build refuses what cannot fit and bounds each forwar
 
 from __future__ import annotations
 
+import shutil
 from collections import namedtuple
 from pathlib import Path
 
@@ -128,10 +129,31 @@ def test_views_all_is_refused_where_it_is_not_cifars_162(tmp_path: Path) -> None
     assert not (tmp_path / "c.zarr").exists()
 
 
-def test_topk_may_equal_the_class_count(tmp_path: Path, teacher: Path) -> None:
-    result = invoke(*BUILD, "--teacher-checkpoint", teacher, "--topk", "10", "--out", tmp_path / "c.zarr")
+@pytest.fixture(scope="module")
+def topk_cache(tmp_path_factory, teacher: Path) -> Path:
+    """The train split (1442 digits) with --topk equal to the class count, as the format allows (1..C)."""
+    out = tmp_path_factory.mktemp("cache") / "c.zarr"
+    result = invoke(*BUILD, "--split", "train", "--teacher-checkpoint", teacher, "--topk", "10", "--out", out)
     assert result.exit_code == 0, result.output
-    assert zarr.open_group(str(tmp_path / "c.zarr"), mode="r")["teacher/topk_indices"].shape == (355, 1, 10)
+    return out
+
+
+def test_topk_may_equal_the_class_count(topk_cache: Path) -> None:
+    assert zarr.open_group(str(topk_cache), mode="r")["teacher/topk_indices"].shape == (1442, 1, 10)
+
+
+def test_teacher_target_needs_no_prompt_set(topk_cache: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "no-prompts.zarr"  # as older versions built with --prompts ""
+    shutil.copytree(topk_cache, cache)
+    group = zarr.open_group(str(cache), mode="r+", use_consolidated=False)
+    del group["clip/text"]
+    zarr.consolidate_metadata(str(cache))
+    train = ["train", "--cache", cache, "--student", "resnet8", "--epochs", "1", "--device", "cpu", "--workers", "0",
+             "--quiet"]
+    result = invoke(*train, "--target", "kd", "--out", tmp_path / "kd")
+    assert result.exit_code == 0, result.output
+    refused(invoke(*train, "--target", "richkd", "--out", tmp_path / "richkd"), "target richkd", "no prompt set")
+    assert not (tmp_path / "richkd").exists()
 
 
 class _Recorder(torch.nn.Module):
