@@ -38,7 +38,7 @@ def parse_policy(text: str, flag: str = "--teacher-views") -> str | int:
     """`clean`, `all`, or a positive number of random views."""
     if text in ("clean", "all"):
         return text
-    if text.isdigit() and int(text) > 0:
+    if text.isascii() and text.isdigit() and int(text) > 0:  # isdigit alone accepts "²", which int() refuses
         return int(text)
     raise ConfigError(f"{flag} takes clean, all or a number of random views, not {text!r}")
 
@@ -56,7 +56,7 @@ def clip_policy(text: str, teacher: str | int) -> str | int:
     (`same`, or the teacher's policy spelled out), so that CLIP row v is the teacher's view v."""
     if text == "clean":
         return "clean"
-    if text == "same" or (text.isdigit() and int(text) == teacher) or text == teacher:
+    if text == "same" or (text.isascii() and text.isdigit() and int(text) == teacher) or text == teacher:
         return teacher
     raise ConfigError(f"--clip-views takes clean or same (the teacher's views, here {teacher}), not {text!r}")
 

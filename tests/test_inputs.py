@@ -96,6 +96,8 @@ def test_evaluate_epsilons_must_be_numbers(tmp_path: Path) -> None:
 @pytest.mark.parametrize("flags, words", [
     (["--device", "tpu"], ["--device", "'tpu'"]),
     (["--teacher-views", "99999999999"], ["99999999999 views", "TiB", "memory"]),
+    (["--teacher-views", "\u00b2"], ["--teacher-views", "clean, all or a number"]),
+    (["--clip-views", "\u00b2"], ["--clip-views", "clean or same"]),
     (["--prompts", ""], ["--prompts", "at least one"]),
     (["--prompts", "single,single"], ["--prompts", "single", "more than once"]),
     (["--batch-size", "0"], ["--batch-size"]),
