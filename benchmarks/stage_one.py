@@ -102,8 +102,8 @@ def time_build(args, dataset, teacher: Teacher, clip, device: torch.device, para
     try:
         cfg = BuildConfig(dataset=args.dataset, data_root=args.data_root, split=args.split, teacher=args.teacher,
                           teacher_checkpoint="", clip=args.clip, clip_pretrained="random", clip_checkpoint=None,
-                          prompts=("single",), out=f"{folder}/bench.zarr", batch_size=args.batch_size, workers=args.workers,
-                          teacher_views=args.teacher_views)
+                          prompts=("single",), out=f"{folder}/bench.zarr", batch_size=args.batch_size,
+                          workers=args.workers, teacher_views=args.teacher_views)
         layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip,
                               num_views=params.shape[1])
         writer = create_cache(cfg.out, layout, build_manifest(cfg, dataset, teacher, clip))

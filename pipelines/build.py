@@ -167,7 +167,8 @@ def check_view_policy(policy: str | int, size: int) -> None:
     zero-padded by 4, with and without flip): at 224 px it would be 6,498 padded crops."""
     if policy == "all" and size != CIFAR_SIZE:
         raise ConfigError(
-            f"--teacher-views all means CIFAR's {num_views('all', CIFAR_SIZE)} crop+flip views of {CIFAR_SIZE} px images; "
+            f"--teacher-views all means CIFAR's {num_views('all', CIFAR_SIZE)} crop+flip views of {CIFAR_SIZE} px "
+            "images; "
             f"these images are {size} px ({num_views('all', size)} views): use --teacher-views clean or a number of "
             "random views"
         )
@@ -179,7 +180,8 @@ def check_view_table(num_samples: int, views: int) -> None:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     if memory and needed > memory:
         raise ConfigError(f"{views} views of {num_samples} samples need a {human_bytes(needed)} table of view "
-                          f"parameters, more than this machine's {human_bytes(memory)} of memory: use fewer --teacher-views")
+                          f"parameters, more than this machine's {human_bytes(memory)} of memory: "
+                          "use fewer --teacher-views")
 
 
 def layout_bytes(layout: CacheLayout) -> int:
@@ -201,7 +203,8 @@ def check_space(url: str, needed: int) -> None:
     free = shutil.disk_usage(existing).free
     if needed > free + present:
         raise ConfigError(f"the cache needs {human_bytes(needed)} but the filesystem of {existing} has "
-                          f"{human_bytes(free)} free: free space, build elsewhere, or store fewer views or --topk logits")
+                          f"{human_bytes(free)} free: free space, build elsewhere, or store fewer views or "
+                          "--topk logits")
 
 
 def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: ClipTeacher,
@@ -366,7 +369,8 @@ def make_forward(
         batch_params = params[index] if params is not None else np.broadcast_to(CLEAN, (b, 1, CLEAN.size)).copy()
         v = batch_params.shape[1]
         per_call = teacher_views_per_call(batch_size, images.shape[-1])
-        t_logits, t_feats = run_teacher(teacher, dataset, images, batch_params, device, per_call)  # (B * V, C), (B * V, Ft)
+        # (B * V, C), (B * V, Ft)
+        t_logits, t_feats = run_teacher(teacher, dataset, images, batch_params, device, per_call)
         c_embeds, c_feats = run_clip(clip, images, batch_params if clip_views > 1 else None, device,
                                      batch_size)  # (B * Vc, D), (B * Vc, Fc)
 

@@ -27,7 +27,7 @@ runner = CliRunner()
 TRAIN = ["train", "--dataset", "digits", "--student", "resnet8", "--epochs", "1", "--device", "cpu",
          "--workers", "0", "--quiet"]
 BUILD = ["build", "--dataset", "digits", "--split", "val", "--clip", "richkd-tiny", "--clip-pretrained", "random",
-         "--prompts", "single", "--device", "cpu", "--workers", "0", "--quiet"]
+         "--prompts", "single", "--teacher-views", "clean", "--device", "cpu", "--workers", "0", "--quiet"]
 
 
 def invoke(*args) -> object:

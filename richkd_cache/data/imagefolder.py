@@ -83,7 +83,7 @@ def _check_same_classes(root: Path, split: str, classes: list[str]) -> None:
     other_classes = _class_folders(root / other)
     if other_classes == classes:
         return
-    only = {s: sorted(set(a) - set(b)) for s, a, b in ((split, classes, other_classes), (other, other_classes, classes))}
+    only = {split: sorted(set(classes) - set(other_classes)), other: sorted(set(other_classes) - set(classes))}
     shown = "; ".join(f"only in {s}/: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} ({len(names)})"
                       for s, names in only.items() if names)
     raise DataError(f"{root}/train and {root}/val hold different class folders ({shown}): labels are indices of "
