@@ -252,7 +252,7 @@ def check_settings(config: object) -> None:
         if f.name == "alpha" and value in ALPHA_RULES:  # an adaptive rule instead of a fixed weight
             continue
         if f.name in RANGES and value is not None:
-            for item in value if isinstance(value, tuple) else (value,):
+            for item in value if isinstance(value, (tuple, list)) else (value,):
                 check_range(f.name, item)
 
 
