@@ -144,7 +144,7 @@ def make_online_step(student_name, c, teacher, clip, text, cached, n, device, ba
     feats = cached["features"]
     cfg = TrainConfig(student=student_name, out="-", cache="-", feature_loss="cosine")
     online = OnlineTargets(
-        logits=None, features=None, cfg=cfg, fusion=Fusion(text.cpu(), clip.tau, cached["space"]),
+        logits=None, features=None, cfg=cfg, fusion=Fusion(text.cpu(), clip.tau, cached["space"], c),
         teacher=Teacher(teacher, "teacher", {}), clip=clip,
         dataset=SimpleNamespace(mean=CIFAR_MEAN, std=CIFAR_STD),
     )
