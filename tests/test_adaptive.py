@@ -69,8 +69,10 @@ def test_confidence_alpha_weighs_the_teacher_that_is_more_right(cached_rows) -> 
 
 @pytest.mark.parametrize("text", ["1.5", "-0.1", "sometimes"])
 def test_bad_alpha_is_refused(text: str) -> None:
-    with pytest.raises(ConfigError):
-        adaptive.parse_alpha(text)
+    from pipelines.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="alpha"):
+        TrainConfig(student="resnet8", out="-", alpha=adaptive.parse_alpha(text))
     assert adaptive.parse_alpha("0.3") == 0.3 and adaptive.parse_alpha("per-class") == "per-class"
 
 
