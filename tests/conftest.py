@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,3 +22,24 @@ def _deterministic_cpu() -> None:
 def _private_user_cache(tmp_path_factory) -> None:
     """Per-user memos (image folders' file digests) go to a temporary folder, not the tester's home."""
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory) -> Path:
+    """One complete cache of the bundled digits that tests only read: an untrained resnet8 teacher, the tiny
+    random CLIP, prompt sets single and multi, the clean view, and three write blocks of 512 rows."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from richkd_cache.models import create_model, save_checkpoint
+
+    root = tmp_path_factory.mktemp("digits-cache")
+    teacher = root / "teacher.pth"
+    save_checkpoint(str(teacher), create_model("resnet8", 10), arch="resnet8", num_classes=10)
+    out = root / "digits.zarr"
+    args = ["build", "--dataset", "digits", "--teacher-checkpoint", str(teacher), "--clip", "richkd-tiny",
+            "--clip-pretrained", "random", "--prompts", "single,multi", "--teacher-views", "clean",
+            "--block-rows", "512", "--device", "cpu", "--workers", "0", "--quiet", "--out", str(out)]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out

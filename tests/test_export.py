@@ -12,7 +12,6 @@ import zarr
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from richkd_cache.models import create_model, save_checkpoint
 
 runner = CliRunner()
 
@@ -21,17 +20,9 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("export")
-    teacher = root / "teacher.pth"
-    save_checkpoint(str(teacher), create_model("resnet8", 10), arch="resnet8", num_classes=10)
-    out = root / "digits.zarr"
-    result = invoke("build", "--dataset", "digits", "--teacher-checkpoint", teacher, "--clip", "richkd-tiny",
-                    "--clip-pretrained", "random", "--prompts", "single,multi", "--device", "cpu", "--workers", "0",
-                    "--block-rows", "512", "--teacher-views", "clean", "--quiet", "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
+@pytest.fixture
+def cache(digits_cache: Path) -> Path:
+    return digits_cache
 
 
 def soft_labels_from_zarr(cache: Path, alpha: float, temperature: float, prompt_set: str) -> np.ndarray:

@@ -22,17 +22,9 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    teacher = root / "teacher.pth"
-    save_checkpoint(str(teacher), create_model("resnet8", 10), arch="resnet8", num_classes=10)
-    out = root / "digits.zarr"
-    result = invoke("build", "--dataset", "digits", "--teacher-checkpoint", teacher, "--clip", "richkd-tiny",
-                    "--clip-pretrained", "random", "--prompts", "single", "--teacher-views", "clean", "--device", "cpu",
-                    "--workers", "0", "--quiet", "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
+@pytest.fixture
+def cache(digits_cache: Path) -> Path:
+    return digits_cache
 
 
 def losses(run: Path) -> list[float]:
