@@ -3,7 +3,6 @@ static batch shape (the epoch's last, partial batch runs eagerly) and every samp
 
 from __future__ import annotations
 
-import copy
 import shutil
 
 import numpy as np
