@@ -79,8 +79,8 @@ def _read(path: str, map_location: str) -> dict:
         objects = _unsafe_objects(path, allowed) if "Weights only load failed" in str(e) else []
         if objects:
             raise ModelError(f"{path} stores Python objects besides weights ({', '.join(objects[:3])}), which are "
-                             f"not loaded for safety: if you trust the file, re-save just its weights with "
-                             f"torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')") from None
+                             f"never unpickled (that could run code): save only model.state_dict() from the "
+                             f"program that trained it") from None
         raise ModelError(f"{path} is not a PyTorch checkpoint (not written by torch.save)") from None
     except (ValueError, IndexError, KeyError):  # what torch's unpickler raises on arbitrary bytes
         raise ModelError(f"{path} is not a PyTorch checkpoint (not written by torch.save)") from None
