@@ -408,30 +408,41 @@ def teacher_views_per_call(batch_size: int, size: int) -> int:
     return max(batch_size, TEACHER_PIXELS_PER_CALL // (size * size))
 
 
+def teacher_forward(teacher: Teacher, dataset: ImageDataset, pixels: torch.Tensor,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher on uint8 pixels (B, 3, H, W) with the dataset's normalisation, bf16 on GPUs:
+    logits (B, C) and pooled features (B, Ft). Stage one and `train --online` both run it this way."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return teacher.model(normalize(pixels, dataset.mean, dataset.std))
+
+
+def clip_forward(clip: ClipTeacher, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP on uint8 images with its own preprocessing, bf16 on GPUs: normalised embeddings and features."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return clip.encode_images(images)
+
+
+def in_calls(total: int, per_call: int,
+             forward: Callable[[slice], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward` over rows 0..total in slices of `per_call`, its two outputs concatenated."""
+    parts = [forward(slice(start, start + per_call)) for start in range(0, total, per_call)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def run_teacher(teacher: Teacher, dataset: ImageDataset, images: torch.Tensor, params: np.ndarray,
                 device: torch.device, per_call: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's logits and pooled features on all B x V views, `per_call` views per call."""
-    total = params.shape[0] * params.shape[1]
-    parts = []
-    for start in range(0, total, per_call):
-        views = views_of(images, params, slice(start, start + per_call))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            parts.append(teacher.model(normalize(views, dataset.mean, dataset.std)))
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return in_calls(params.shape[0] * params.shape[1], per_call,
+                    lambda rows: teacher_forward(teacher, dataset, views_of(images, params, rows), device))
 
 
 def run_clip(clip: ClipTeacher, images: torch.Tensor, params: np.ndarray | None, device: torch.device,
              per_call: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP's normalised embeddings and features (its own preprocessing; bf16 on GPUs) on the images, or
-    with params (B, V, 5) on their B x V views, `per_call` images per call."""
+    """CLIP's normalised embeddings and features on the images, or with params (B, V, 5) on their B x V
+    views, `per_call` images per call."""
     total = len(images) if params is None else params.shape[0] * params.shape[1]
-    parts = []
-    for start in range(0, total, per_call):
-        rows = slice(start, start + per_call)
-        batch = images[rows] if params is None else views_of(images, params, rows)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            parts.append(clip.encode_images(batch))
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return in_calls(total, per_call, lambda rows: clip_forward(
+        clip, images[rows] if params is None else views_of(images, params, rows), device))
 
 
 def assemble_blocks(

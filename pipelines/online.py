@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from cache_store import CacheReader
-from pipelines.build import Teacher, setup_teacher
+from pipelines.build import Teacher, clip_forward, setup_teacher, teacher_forward
 from pipelines.config import TrainConfig
 from pipelines.targets import Fusion, Targets, Window, compute_targets, setup_fusion
 from richkd_cache.clip import ClipTeacher, load_clip, recorded_activation, resolve_clip
-from richkd_cache.data import ImageDataset, normalize
+from richkd_cache.data import ImageDataset
 from richkd_cache.errors import ConfigError
 from richkd_cache.files import file_sha256
 
@@ -45,9 +45,8 @@ class OnlineTargets(Targets):
     def lookup(self, rows: torch.Tensor, device: torch.device, clean: torch.Tensor,
                pixels: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Teacher on `pixels`, CLIP on `clean` (or on `pixels`), then eq. 2-4 and 7 on those rows."""
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            z_t, f_t = self.teacher.model(normalize(pixels, self.dataset.mean, self.dataset.std))
-            embeds, f_c = self.clip.encode_images(pixels if self.clip_per_view else clean)
+        z_t, f_t = teacher_forward(self.teacher, self.dataset, pixels, device)
+        embeds, f_c = clip_forward(self.clip, pixels if self.clip_per_view else clean, device)
         arrays = {name: t.float().cpu().numpy()[:, None]  # (B, 1, X): one view per row, as a cache stores it
                   for name, t in (("teacher/logits", z_t), ("teacher/features", f_t),
                                   ("clip/image_embeds", embeds), ("clip/features", f_c))}
