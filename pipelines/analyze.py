@@ -22,7 +22,7 @@ from pipelines.cached import clean_view
 from pipelines.config import check_range
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.distill import fuse_logits
-from richkd_cache.distill.adaptive import ALPHA_RULES, class_alphas, error_sums, fuse_adaptive, row_alphas
+from richkd_cache.distill.adaptive import ALPHA_RULES, class_alphas, error_sums, row_alphas
 from richkd_cache.errors import DataError
 from richkd_cache.metrics import (
     alpha_sweep,
@@ -52,6 +52,7 @@ def run_analyze(url: str, prompts: str | None, alpha: float, out_dir: str | None
     labels, logits = clean_logits(reader, prompt_set, alpha)
     sweep = [{"alpha": a, "top1": top1} for a, top1 in alpha_sweep(logits["teacher"], logits["clip"], labels, SWEEP)]
     errors = error_statistics(logits["teacher"], logits["clip"], labels)
+    sums = error_sums(logits["teacher"], logits["clip"], labels)  # (C, 6): alpha* per class and overall
     calibration = {}
     for name, z in logits.items():
         ece, bins = expected_calibration_error(z.softmax(dim=1), labels, ECE_BINS)
@@ -70,8 +71,8 @@ def run_analyze(url: str, prompts: str | None, alpha: float, out_dir: str | None
         "categories": {name: confidence_categories(z, labels, CONFIDENT) for name, z in logits.items()},
         "outcome_changes": outcome_changes(logits["teacher"], logits["fusion"], labels),
         "calibration": calibration,
-        "class_alpha": class_alpha_rows(reader, logits, labels),
-        "adaptive": adaptive_rules(logits, labels),
+        "class_alpha": class_alpha_rows(reader, logits, labels, sums),
+        "adaptive": adaptive_rules(logits, labels, sums, calibration["fusion"]["ece"]),
         "plots": [],
     }
     if out_dir is not None:
@@ -87,10 +88,11 @@ def clean_logits(reader: CacheReader, prompt_set: str, alpha: float) -> tuple[to
     return labels, {"teacher": z_t, "clip": z_c, "fusion": fuse_logits(z_t, z_c, alpha)}
 
 
-def class_alpha_rows(reader: CacheReader, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> list[dict]:
+def class_alpha_rows(reader: CacheReader, logits: dict[str, torch.Tensor], labels: torch.Tensor,
+                     sums: torch.Tensor) -> list[dict]:
     """alpha* of each class from its own rows (what `--alpha per-class` trains with), with the class's
     teacher and CLIP top-1."""
-    alphas = class_alphas(error_sums(logits["teacher"], logits["clip"], labels))
+    alphas = class_alphas(sums)
     names = reader.manifest["dataset"].get("classes") or [str(k) for k in range(len(alphas))]
     rows = []
     for k, name in enumerate(names):
@@ -101,13 +103,13 @@ def class_alpha_rows(reader: CacheReader, logits: dict[str, torch.Tensor], label
     return rows
 
 
-def adaptive_rules(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> list[dict]:
+def adaptive_rules(logits: dict[str, torch.Tensor], labels: torch.Tensor, sums: torch.Tensor,
+                   fixed_ece: float) -> list[dict]:
     """Fused top-1 and ECE under each adaptive rule, beside the fixed alpha's fusion."""
-    ece, _ = expected_calibration_error(logits["fusion"].softmax(dim=1), labels, ECE_BINS)
-    rows = [{"rule": "fixed", "mean_alpha": None, "top1": topk_accuracy(logits["fusion"], labels, 1), "ece": ece}]
+    rows = [{"rule": "fixed", "mean_alpha": None, "top1": topk_accuracy(logits["fusion"], labels, 1), "ece": fixed_ece}]
     for rule in ALPHA_RULES:
-        alphas = row_alphas(rule, logits["teacher"], logits["clip"], labels)
-        fused = fuse_adaptive(logits["teacher"], logits["clip"], alphas)
+        alphas = row_alphas(rule, logits["teacher"], logits["clip"], labels, sums)
+        fused = fuse_logits(logits["teacher"], logits["clip"], alphas[:, None])  # eq. 4, one alpha per row
         ece, _ = expected_calibration_error(fused.softmax(dim=1), labels, ECE_BINS)
         rows.append({"rule": rule, "mean_alpha": float(alphas.mean()), "top1": topk_accuracy(fused, labels, 1), "ece": ece})
     return rows

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import richkd_cache.distill.adaptive as adaptive
+from richkd_cache.distill import fuse_logits
 from richkd_cache.errors import ConfigError
 
 
@@ -61,7 +62,7 @@ def test_confidence_alpha_weighs_the_teacher_that_is_more_right(cached_rows) -> 
     q_t = z_t.softmax(1)[torch.arange(600), y]
     q_c = z_c.softmax(1)[torch.arange(600), y]
     assert torch.allclose(alphas, q_t / (q_t + q_c))
-    fused = adaptive.fuse_adaptive(z_t, z_c, alphas)
+    fused = fuse_logits(z_t, z_c, alphas[:, None])  # eq. 4, one alpha per row
     assert torch.allclose(fused[5], alphas[5] * z_t[5] + (1 - alphas[5]) * z_c[5])
     fused_acc = (fused.argmax(1) == y).float().mean()
     assert fused_acc > max((z_t.argmax(1) == y).float().mean(), (z_c.argmax(1) == y).float().mean())

@@ -99,10 +99,3 @@ def row_alphas(rule: str, teacher_logits: torch.Tensor, clip_logits: torch.Tenso
     if rule == "auto":
         return torch.full((len(labels),), alpha_from_sums(sums.sum(0)), dtype=torch.float32)
     return class_alphas(sums)[labels.long().cpu()]
-
-
-def fuse_adaptive(teacher_logits: torch.Tensor, clip_logits: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """eq. 4 with one alpha per row: z_F = alpha_i z_T + (1 - alpha_i) z_C, (N, C)."""
-    a = alphas.to(teacher_logits.device, torch.float32)[:, None]
-    return a * teacher_logits + (1.0 - a) * clip_logits
-
