@@ -86,20 +86,23 @@ def setup_fusion(cfg: TrainConfig, cache: CacheReader, arrays: dict[str, np.ndar
             arrays = {k: cache.load_rows(k, 0, stop) for k in ("teacher/features", "clip/features")}
         space = fit_joint_space(arrays["teacher/features"], arrays["clip/features"], cfg.lam)
     adaptive = cfg.resolved_target == "richkd" and cfg.alpha in ("auto", "per-class")
-    sums = alpha_statistics(cfg, cache, text, tau) if adaptive else None
+    sums = alpha_statistics(cfg, cache, text, tau, arrays) if adaptive else None
     return Fusion(text, tau, space, cache.layout.num_classes, sums)
 
 
-def alpha_statistics(cfg: TrainConfig, cache: CacheReader, text: torch.Tensor, tau: float) -> torch.Tensor:
-    """The teacher's and CLIP's error sums over every cached (sample, teacher view) row, read block by
-    block (the logits only), from which --alpha auto and per-class take the supplement's alpha*."""
+def alpha_statistics(cfg: TrainConfig, cache: CacheReader, text: torch.Tensor, tau: float,
+                     arrays: dict[str, np.ndarray] | None = None) -> torch.Tensor:
+    """The teacher's and CLIP's error sums over every cached (sample, teacher view) row, from which
+    --alpha auto and per-class take the supplement's alpha*: from `arrays` when every row is already
+    read, else read block by block (the logits only)."""
     layout, names = cache.layout, [n for n in cached_arrays(cache) if n not in ("teacher/features", "clip/features")]
+    blocks = [arrays] if arrays is not None else (
+        {k: cache.load_rows(k, *layout.block_range(b)) for k in names} for b in range(layout.num_blocks))
     total = None
-    for block in range(layout.num_blocks):
-        arrays = {k: cache.load_rows(k, *layout.block_range(block)) for k in names}
-        t_logits, c_logits = fused_inputs(cfg, arrays, text, tau, layout.num_classes)
+    for part in blocks:
+        t_logits, c_logits = fused_inputs(cfg, part, text, tau, layout.num_classes)
         n, v, c = t_logits.shape
-        labels = torch.from_numpy(arrays["labels"].astype(np.int64)).repeat_interleave(v)
+        labels = torch.from_numpy(part["labels"].astype(np.int64)).repeat_interleave(v)
         sums = error_sums(t_logits.reshape(-1, c), c_logits.expand(n, v, c).reshape(-1, c), labels)
         total = sums if total is None else total + sums
     return total
