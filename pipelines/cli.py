@@ -420,11 +420,11 @@ def sweep(
     seeds: Annotated[str, typer.Option(help="Seeds of every setting, e.g. 0,1,2.")] = "0",
     dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the cache records).")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Dataset folder on this machine.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
-    lr: Annotated[Optional[float], typer.Option()] = None,
+    epochs: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    lr: Optional[float] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    workers: Annotated[int, typer.Option(min=0)] = 4,
+    workers: int = 4,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """A grid of training runs from one cache; re-running the same command resumes it run by run.

@@ -35,9 +35,9 @@ def make_optimizer(kind: str, modules: Iterable[torch.nn.Module], lr: float, mom
     multi = {"foreach": not cuda, "fused": cuda}
     if kind == "sgd":
         return torch.optim.SGD([p for _, p in named], lr=lr, momentum=momentum, weight_decay=weight_decay, **multi)
-    decay = [p for name, p in named if p.ndim >= 2 and not any(k in name for k in NO_DECAY_NAMES)]
-    rest = [p for name, p in named if not (p.ndim >= 2 and not any(k in name for k in NO_DECAY_NAMES))]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    decays = {id(p): p.ndim >= 2 and not any(k in name for k in NO_DECAY_NAMES) for name, p in named}
+    groups = [{"params": [p for _, p in named if decays[id(p)]], "weight_decay": weight_decay},
+              {"params": [p for _, p in named if not decays[id(p)]], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), **multi)
 
 

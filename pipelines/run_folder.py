@@ -108,13 +108,14 @@ def _writing(path: Path) -> Iterator[None]:
 def save_run(out: Path, cfg: TrainConfig, student, objective, optimizer, scheduler, state: RunState,
              num_classes: int, top1: float) -> None:
     """last.pth and best.pth in mdistiller's layout; resume.pth with everything else; metrics.parquet."""
-    meta = {"config": run_identity(cfg), "target": cfg.resolved_target, "cache": cfg.cache}
+    identity = run_identity(cfg)
+    meta = {"config": identity, "target": cfg.resolved_target, "cache": cfg.cache}
     for name in ("last.pth", "best.pth") if top1 >= state.best_top1 else ("last.pth",):
         with _writing(out / name):
             save_checkpoint(str(out / name), student, arch=cfg.student, num_classes=num_classes,
                             epoch=state.epoch, best_acc=state.best_top1, extra=meta)
     resume = {
-        "identity": run_identity(cfg),
+        "identity": identity,
         "student": student.state_dict(),
         "objective": objective.state_dict(),
         "optimizer": optimizer.state_dict(),
