@@ -19,6 +19,7 @@ from richkd_cache.distill.logit_losses import (
     get_logit_loss,
     list_logit_losses,
     method_params,
+    uses_strong_view,
 )
 from richkd_cache.distill.objective import DistillObjective, create_objective
 
@@ -44,4 +45,5 @@ __all__ = [
     "method_params",
     "topk_kl",
     "topk_log_probs",
+    "uses_strong_view",
 ]

@@ -2,13 +2,14 @@
 each method is trained with.
 
 The target is the teacher's logits or the fused ones (eq. 4): every method here works with either,
-which is how RichKD plugs into DKD, LSKD, NormKD and RLD (the paper's Table 4: the fused logits replace
+which is how RichKD plugs into DKD, MLKD, LSKD, NormKD and RLD (the paper's Table 4: the fused logits replace
 the teacher's inside each method, and each method keeps its own weights). Targets are detached inside,
 so gradients reach only the student.
 
 A method's parameters (DEFAULTS) are its loss's keyword arguments plus `ce_weight` (the weight of the
 cross-entropy term) and, for methods whose reference scales the whole loss by one number, `weight`
 (RichKD's beta, eq. 9, for KD). DKD and RLD weigh their two terms with `alpha` and `beta` instead.
+A loss returns one tensor, or (MLKD) a dict of named terms that `weight` multiplies each of.
 """
 
 from __future__ import annotations
@@ -64,9 +65,23 @@ DEFAULTS: dict[str, dict[str, float]] = {
         "alpha_temperature": 4.0,  # --same-t: ALPHA_T = T (tools/train.py; cfg.py alone would give 1.0)
         "warmup": 20.0,  # CFG.RLD.WARMUP = 20 (epochs)
     },
+    # Jin-Ying/Multi-Level-Logit-Distillation: mdistiller/distillers/KD_ours.py reads CFG.KD from
+    # mdistiller/engine/cfg.py; configs/cifar100/ours/*.yaml override none of them
+    "mlkd": {
+        "ce_weight": 0.1,  # CFG.KD.LOSS.CE_WEIGHT = 0.1, on the weak and the strong view's CE
+        "weight": 0.9,  # CFG.KD.LOSS.KD_WEIGHT = 0.9, multiplying every instance, class and batch term
+        "temperature": 4.0,  # CFG.KD.TEMPERATURE = 4, the first of the five levels (MLKD_TEMPERATURES)
+        "percentile": 50.0,  # np.percentile(confidence, 50): the confidence masks' threshold
+    },
 }
+# MLKD's other prediction levels, written into KD_ours.py next to CFG.KD.TEMPERATURE: 3, 5, 2, 6
+MLKD_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)
+# Losses that also train on a strong view of each image: the batch then carries the student's logits and
+# the targets on that view (`student_strong`, `target_strong`), drawn from the strong views a cache stores
+STRONG_VIEW_LOSSES = frozenset({"mlkd"})
 # parameters that divide or ramp (> 0); every other one is a weight (>= 0)
 _POSITIVE = ("temperature", "alpha_temperature", "t_norm", "warmup")
+_AT_MOST = {"percentile": 100.0}  # parameters with an upper bound
 # applied by the objective (eq. 9), not passed to the loss function
 OBJECTIVE_WEIGHTS = ("ce_weight", "weight")
 
@@ -142,12 +157,67 @@ def rld_loss(student: Tensor, target: Tensor, labels: Tensor, *, temperature: fl
     return min(epoch / warmup, 1.0) * (alpha * scd + beta * mcd)
 
 
-LOGIT_LOSSES: dict[str, Callable[..., Tensor]] = {
+def mlkd_loss(student: Tensor, target: Tensor, labels: Tensor, *, student_strong: Tensor, target_strong: Tensor,
+              temperature: float, percentile: float, epoch: int = 1) -> dict[str, Tensor]:
+    """Multi-level logit distillation (Jin et al., CVPR 2023) on a weak view (student, target: (B, C)) and a
+    strong view (student_strong, target_strong: (B, C)) of the same images, as its reference trainer
+    computes it (mdistiller/distillers/KD_ours.py), summed over the five temperatures (temperature, 3, 5, 2, 6):
+
+    - "kd", instance level: T^2 KL on the weak view scaled by the confidence share, plus T^2 KL on the strong
+      view at the first three temperatures and, as loss_kd_strong there has it, on the weak view at 2 and 6;
+    - "cc", class level: the squared difference of the class-correlation matrices P^T P (C, C), over C,
+      scaled by the class-confidence share (weak view);
+    - "bc", batch level: the same for the input-correlation matrices P P^T (B, B), over B, scaled by the
+      confidence share (weak view).
+
+    The confidence shares: KD_ours.py multiplies each batch-mean loss (its kd_loss/cc_loss/bc_loss reduce
+    first; the per-sample `reduce=False` is commented out) by a 0/1 mask and takes the mean, so a mask acts as
+    the share of samples (classes) whose target confidence max_c p (summed probability sum_b p) on the weak
+    view, at T = 1, is at or below its `percentile`-th percentile. Its strong-view cc and bc terms are computed
+    but left out of its loss dict, and are left out here.
+    """
+    weak_t, strong_t = target.detach(), target_strong.detach()
+    probs = F.softmax(weak_t, dim=1)  # (B, C) at T = 1, as KD_ours.py
+    sample_share = _share_at_or_below(probs.max(dim=1).values, percentile)
+    class_share = _share_at_or_below(probs.sum(dim=0), percentile)
+    levels = (temperature, *MLKD_TEMPERATURES)
+    kd = sum(kd_loss(student, weak_t, labels, temperature=t) * sample_share for t in levels)
+    kd = kd + sum(kd_loss(student_strong, strong_t, labels, temperature=t) for t in levels[:3])
+    kd = kd + sum(kd_loss(student, weak_t, labels, temperature=t) for t in levels[3:])
+    cc = sum(_correlation_gap(student, weak_t, t, dim=0) for t in levels) * class_share
+    bc = sum(_correlation_gap(student, weak_t, t, dim=1) for t in levels) * sample_share
+    return {"kd": kd, "cc": cc, "bc": bc}
+
+
+def _share_at_or_below(values: Tensor, percentile: float) -> Tensor:
+    """The share of `values` at or below their percentile (linear interpolation, as np.percentile)."""
+    threshold = torch.quantile(values.double(), percentile / 100.0).to(values.dtype)
+    return (values <= threshold).to(values.dtype).mean()
+
+
+def _correlation_gap(student: Tensor, target: Tensor, temperature: float, dim: int) -> Tensor:
+    """sum of (G_t - G_s)^2 / n for the Gram matrices of the softened predictions: dim 0 correlates
+    classes (P^T P, n = C: MLKD's cc_loss), dim 1 samples (P P^T, n = B: its bc_loss)."""
+    p_s, p_t = F.softmax(student / temperature, dim=1), F.softmax(target / temperature, dim=1)
+    if dim == 0:
+        gram_s, gram_t = p_s.T @ p_s, p_t.T @ p_t
+    else:
+        gram_s, gram_t = p_s @ p_s.T, p_t @ p_t.T
+    return ((gram_t - gram_s) ** 2).sum() / student.shape[1 - dim]
+
+
+def uses_strong_view(name: str | None) -> bool:
+    """Whether the method also trains on a strong view of each image (its targets must be cached)."""
+    return name in STRONG_VIEW_LOSSES
+
+
+LOGIT_LOSSES: dict[str, Callable[..., Tensor | dict[str, Tensor]]] = {
     "kd": kd_loss,
     "dkd": dkd_loss,
     "lskd": lskd_loss,
     "normkd": normkd_loss,
     "rld": rld_loss,
+    "mlkd": mlkd_loss,
 }
 
 
@@ -184,6 +254,8 @@ def method_params(name: str, given: Mapping[str, float] | None = None) -> dict[s
     for key, value in params.items():
         if not math.isfinite(value) or value < 0 or (key in _POSITIVE and value == 0):
             raise ConfigError(f"logit loss {name}: {key} must be {'> 0' if key in _POSITIVE else '>= 0'}, got {value:g}")
+        if value > _AT_MOST.get(key, math.inf):
+            raise ConfigError(f"logit loss {name}: {key} must be <= {_AT_MOST[key]:g}, got {value:g}")
     return params
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from richkd_cache.distill.feature_losses import create_feature_loss
 from richkd_cache.distill.fusion import FEATURE_PARTS, TARGETS
-from richkd_cache.distill.logit_losses import OBJECTIVE_WEIGHTS, get_logit_loss, method_params
+from richkd_cache.distill.logit_losses import OBJECTIVE_WEIGHTS, get_logit_loss, method_params, uses_strong_view
 from richkd_cache.errors import ConfigError
 
 
@@ -30,22 +30,37 @@ class DistillObjective(nn.Module):
         self.feature_loss = feature_loss
         self.gamma = gamma
         self.logit_params = dict(logit_params or {})  # resolved: every parameter of the method
+        # the batch must carry a strong view of each image, the student's logits and the targets on it (MLKD)
+        self.strong_view = self.logit_loss is not None and uses_strong_view(logit_loss)
 
     def forward(self, student_logits: torch.Tensor, student_feats: torch.Tensor, labels: torch.Tensor, *,
                 target_logits: torch.Tensor | None = None, target_feats: dict[str, torch.Tensor] | None = None,
-                index: torch.Tensor | None = None, epoch: int = 0) -> dict[str, torch.Tensor]:
+                index: torch.Tensor | None = None, epoch: int = 0, strong_logits: torch.Tensor | None = None,
+                strong_target_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """epoch counts from 0; warm-ups (DKD, RLD) see it from 1, as in their reference trainers.
 
         target_feats: the target's feature parts, {"teacher": (B, Ft), "clip": (B, Fc)} (FEATURE_PARTS).
+        strong_logits, strong_target_logits: the student's logits and the targets (B, C) on the strong view,
+        given when `strong_view` is set; the cross-entropy then covers both views (MLKD's loss_ce, KD_ours.py).
         """
         params = self.logit_params
-        terms = {"ce": params.get("ce_weight", 1.0) * F.cross_entropy(student_logits, labels)}  # eq. 9
+        views = [student_logits] if strong_logits is None else [student_logits, strong_logits]
+        terms = {"ce": params.get("ce_weight", 1.0) * sum(F.cross_entropy(z, labels) for z in views)}  # eq. 9
         if self.logit_loss is not None:
             if target_logits is None:
                 raise ConfigError(f"logit loss {self.logit_loss_name} needs target logits")
             own = {k: v for k, v in params.items() if k not in OBJECTIVE_WEIGHTS}
+            if self.strong_view:
+                if strong_logits is None or strong_target_logits is None:
+                    raise ConfigError(f"logit loss {self.logit_loss_name} also trains on a strong view of each image, "
+                                      "which this batch lacks")
+                own.update(student_strong=strong_logits, target_strong=strong_target_logits)
             loss = self.logit_loss(student_logits, target_logits, labels, epoch=epoch + 1, **own)
-            terms["logit"] = params.get("weight", 1.0) * loss  # eq. 9: beta for KD
+            weight = params.get("weight", 1.0)  # eq. 9: beta for KD
+            if isinstance(loss, dict):  # named terms (MLKD's instance, class and batch levels), each weighted
+                terms.update({f"logit_{name}": weight * value for name, value in loss.items()})
+            else:
+                terms["logit"] = weight * loss
         if self.feature_loss is not None:
             if not target_feats:
                 raise ConfigError("the feature loss needs target features")
