@@ -86,7 +86,7 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
     ctx = init_distributed(cfg.device)
     try:
         device = resolve_device(rank_device(cfg.device, ctx))
-        dataset = create_dataset(cfg.dataset, cfg.data_root, cfg.split)
+        dataset = create_dataset(cfg.dataset, cfg.data_root, cfg.split, image_size=cfg.image_size, resize=cfg.resize)
         views = view_policies(cfg, image_size(dataset))
         check_view_table(len(dataset), views["teacher"]["num_views"])
         teacher = setup_teacher(cfg.teacher, cfg.teacher_checkpoint, dataset, device)
@@ -243,6 +243,7 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, cl
         "num_classes": dataset.num_classes,
         "classes": list(dataset.classes),
         "fingerprint": fingerprint,
+        "options": dataset.options,  # what stage two, verify and evaluate reopen the images with
     }
     size = image_size(dataset)
     per_model = view_policies(cfg, size)
@@ -254,6 +255,7 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, cl
     build_key = {
         "dataset_fingerprint": fingerprint,
         "split": dataset.split,
+        **({"dataset_options": dataset.options} if dataset.options else {}),  # imagefolder's image size
         "teacher_arch": teacher.arch,
         "teacher_checkpoint_sha256": teacher.manifest["checkpoint_sha256"],
         "clip": {k: clip_manifest.get(k) for k in ("arch", "pretrained", "checkpoint_sha256")},

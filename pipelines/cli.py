@@ -133,6 +133,8 @@ def build(
     clip_views: Annotated[str, typer.Option(help="CLIP views: clean (the paper's setting) or same (the teacher's views).")] = "clean",
     view_seed: Annotated[int, typer.Option(help="Seed of the random views (with --teacher-views K).")] = 0,
     topk: Annotated[Optional[int], typer.Option(help="Store only the teacher's top-k log-probabilities (large class counts).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="imagefolder: side of the centre crop every view is cut from (default 224).")] = None,
+    resize: Annotated[Optional[int], typer.Option(help="imagefolder: shorter side before the centre crop (default 256).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Stage one: run the teacher and CLIP once over a split and write the cache."""
@@ -144,6 +146,7 @@ def build(
         clip_checkpoint=clip_checkpoint, clip_activation=clip_activation, prompts=split_list(prompts), out=out,
         batch_size=batch_size, workers=workers, device=device, overwrite=overwrite, block_rows=block_rows,
         teacher_views=teacher_views, clip_views=clip_views, view_seed=view_seed, topk=topk,
+        image_size=image_size, resize=resize,
     )
     url = run_build(cfg, Reporter(err_console, quiet=quiet))
     out_console.print(f"cache complete: {url}")
@@ -182,6 +185,8 @@ def train(
     cache: Annotated[Optional[str], typer.Option(help="Cache from `build`; omit to train with cross-entropy only.")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the cache records).")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Dataset folder on this machine.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="imagefolder: centre-crop side (default: the cache's, else 224).")] = None,
+    resize: Annotated[Optional[int], typer.Option(help="imagefolder: shorter side before the crop (default: the cache's, else 256).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="A shipped recipe; other flags override it.")] = None,
     target: Annotated[Optional[str], typer.Option(help="ce, kd (teacher), clip or richkd (fused).")] = None,
     method: Annotated[Optional[str], typer.Option(help="Logit loss: kd, dkd, lskd, normkd, rld, each with its reference weights (a recipe's method settings are dropped when this changes its method).")] = None,
@@ -223,7 +228,8 @@ def train(
     from pipelines.train import run_train
 
     given = {
-        "student": student, "cache": cache, "dataset": dataset, "data_root": data_root, "target": target,
+        "student": student, "cache": cache, "dataset": dataset, "data_root": data_root, "image_size": image_size,
+        "resize": resize, "target": target,
         "method": method, "alpha": None if alpha is None else parse_alpha(alpha), "temperature": temperature, "lam": lam, "beta": beta,
         "gamma": gamma, "prompts": prompts, "clip_tau": clip_tau, "clip_renormalize": clip_renormalize,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,

@@ -45,6 +45,8 @@ class BuildConfig:
     clip_views: str = "clean"  # clean | same (the teacher's views)
     topk: int | None = None  # store only the teacher's top-k log-probabilities (large class counts)
     view_seed: int = 0
+    image_size: int | None = None  # imagefolder: the clean view's side; None: its default (224)
+    resize: int | None = None  # imagefolder: the shorter side before the centre crop; None: its default (256)
 
     def __post_init__(self) -> None:
         """Flags and scripts are checked alike, before anything is loaded or written."""
@@ -82,6 +84,8 @@ class TrainConfig:
     prompts: str | None = None  # None: the first prompt set stored in the cache
     clip_renormalize: bool = False
     clip_tau: float | None = None
+    image_size: int | None = None  # imagefolder: None takes the cache's (or the dataset's default)
+    resize: int | None = None
     fraction: float = 1.0  # train on this share of every class (few-shot study)
     imbalance: float = 1.0  # long-tailed: rarest / most common class size (supplement's protocol)
     epochs: int = 240
@@ -233,6 +237,8 @@ RANGES: dict[str, Range] = {
     "stream_window": Range(1, None, integer=True),
     "block_rows": Range(1, None, integer=True),
     "topk": Range(1, None, integer=True),
+    "image_size": Range(1, None, integer=True, meaning="pixels"),
+    "resize": Range(1, None, integer=True, meaning="pixels"),
 }
 
 

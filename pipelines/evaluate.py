@@ -60,8 +60,8 @@ def run_evaluate(
         raise ConfigError("--gradcam N writes gradcam.png into the --plots DIR folder: pass --plots DIR")
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, map_location=str(dev))
-    name, root = resolve_dataset(checkpoint, meta, dataset, data_root)
-    data = create_dataset(name, root, split)
+    name, root, options = resolve_dataset(checkpoint, meta, dataset, data_root)
+    data = create_dataset(name, root, split, **options)
     if data.num_classes != meta["num_classes"]:
         raise DataError(f"{checkpoint} predicts {meta['num_classes']} classes but {name} has {data.num_classes}")
     if gradcam > len(data):
@@ -123,24 +123,29 @@ def column_titles(checkpoints: list[str]) -> list[str]:
     return titles
 
 
-def resolve_dataset(checkpoint: str, meta: dict, dataset: str | None, data_root: str | None) -> tuple[str, str | None]:
+def resolve_dataset(checkpoint: str, meta: dict, dataset: str | None,
+                    data_root: str | None) -> tuple[str, str | None, dict]:
     """The dataset named by the user, else the one the run recorded: the config.json beside the
-    checkpoint, or the manifest of the cache it was trained from (whose root is then a default)."""
-    if dataset:
-        return dataset, data_root
+    checkpoint, or the manifest of the cache it was trained from (whose root is then a default). The
+    run's dataset opens with the run's options (imagefolder's image size): a student is evaluated on
+    images of the size it was trained on."""
     config_path = Path(checkpoint).with_name("config.json")
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    if config.get("dataset"):
-        return config["dataset"], data_root or config.get("data_root")
+    given = {k: config[k] for k in ("image_size", "resize") if config.get(k) is not None}
+    recorded = {"name": config["dataset"], "root": config.get("data_root")} if config.get("dataset") else None
     cache = meta.get("cache") or config.get("cache")
-    if not cache:
+    if recorded is None and cache:
+        try:
+            recorded = open_cache(cache, require_complete=False).manifest["dataset"]
+        except CacheError as e:
+            if not dataset:
+                raise ConfigError(f"{checkpoint} was trained from cache {cache}, which cannot be read ({e}); "
+                                  "pass --dataset NAME (and --data-root DIR)") from None
+    if dataset and (recorded is None or dataset != recorded["name"]):
+        return dataset, data_root, {}
+    if recorded is None:
         raise ConfigError(f"{checkpoint} does not record its dataset: pass --dataset NAME (and --data-root DIR)")
-    try:
-        recorded = open_cache(cache, require_complete=False).manifest["dataset"]
-    except CacheError as e:
-        raise ConfigError(f"{checkpoint} was trained from cache {cache}, which cannot be read ({e}); "
-                          "pass --dataset NAME (and --data-root DIR)") from None
-    return recorded["name"], data_root or recorded.get("root")
+    return recorded["name"], data_root or recorded.get("root"), {**(recorded.get("options") or {}), **given}
 
 
 def model_forward(model: torch.nn.Module, data: ImageDataset) -> Forward:

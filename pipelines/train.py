@@ -76,7 +76,7 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
         scheduler.step()
         state.epoch = epoch + 1
         if ctx.is_main:
-            top1, top5 = evaluate(student, val_images, val_set, cfg.batch_size)
+            top1, top5 = evaluate(student, val_images, val_set, cfg.batch_size, cfg.workers)
             stats = {"lr": lr, **stats, "val_top1": top1, "val_top5": top5, "epoch_s": time.perf_counter() - t0}
             run.end_epoch(state, stats, student, objective, optimizer, scheduler, train_set.num_classes, reporter)
         barrier(ctx)
@@ -124,14 +124,17 @@ def data_parallel(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
 
 
 def setup_data(cfg: TrainConfig, cache: CacheReader | None) -> tuple[ImageDataset, ImageDataset]:
-    """The dataset named on the command line, else the one the cache records (its root is a default)."""
+    """The dataset named on the command line, else the one the cache records (its root is a default), opened
+    with the options the cache records (imagefolder's image size) unless others are given."""
     recorded = cache.manifest["dataset"] if cache else {}
     name = cfg.dataset or recorded.get("name")
     if name is None:
         raise ConfigError("no dataset: pass --dataset NAME (and --data-root DIR) or --cache CACHE")
     root = cfg.data_root or recorded.get("root")
-    train_set = create_dataset(name, root, "train")
-    val_set = create_dataset(name, root, "val")
+    given = {"image_size": cfg.image_size, "resize": cfg.resize}
+    options = {**(recorded.get("options") or {}), **{k: v for k, v in given.items() if v is not None}}
+    train_set = create_dataset(name, root, "train", **options)
+    val_set = create_dataset(name, root, "val", **options)
     if cache:
         check_cache_matches(cache, train_set, name)
     return train_set, val_set
@@ -149,6 +152,9 @@ def check_cache_matches(cache: CacheReader, dataset: ImageDataset, name: str) ->
         )
     elif list(recorded.get("classes", [])) != list(dataset.classes):
         differences.append("class names")
+    options = recorded.get("options")  # caches built before options were recorded used the defaults
+    if options is not None and options != dataset.options:
+        differences.append(f"image options ({options} in the cache, {dataset.options} here)")
     if recorded.get("num_samples") != len(dataset):
         differences.append(f"sample count ({recorded.get('num_samples')} in the cache, {len(dataset)} here)")
     elif recorded.get("fingerprint") != dataset_fingerprint(dataset):
@@ -343,7 +349,7 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(
-    student: torch.nn.Module, images: torch.Tensor | None, dataset: ImageDataset, batch_size: int
+    student: torch.nn.Module, images: torch.Tensor | None, dataset: ImageDataset, batch_size: int, workers: int = 0
 ) -> tuple[float, float]:
     """Top-1 and top-5 (%) on the clean validation images, in batches of at least 1024 (no weights change,
     so a batch is as large as memory allows), counted on the device and read once."""
@@ -352,7 +358,7 @@ def evaluate(
     order = torch.arange(len(dataset))
     correct1 = correct5 = torch.zeros((), dtype=torch.long, device=device)
     k = min(5, dataset.num_classes)
-    for _, x, y in batches(images, dataset, max(batch_size, 1024), order):
+    for _, x, y in batches(images, dataset, max(batch_size, 1024), order, workers):  # files: decoded in workers
         x, y = normalize(x.to(device), dataset.mean, dataset.std), y.to(device)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)

@@ -35,7 +35,8 @@ def list_datasets() -> list[str]:
 
 
 def create_dataset(name: str, root: str | None, split: str = "train", **kwargs) -> ImageDataset:
-    """Open one split of a named dataset; kwargs are the dataset's own options (imagefolder: image_size, resize)."""
+    """Open one split of a named dataset; kwargs are the dataset's own options (imagefolder: image_size, resize),
+    None meaning the dataset's default."""
     if name not in _DATASETS:
         close = difflib.get_close_matches(name, _DATASETS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -45,6 +46,7 @@ def create_dataset(name: str, root: str | None, split: str = "train", **kwargs) 
         valid = [*_SPLITS, *_SPLIT_ALIASES.get(name, {})]
         raise DataError(f"unknown split {split!r} for {name}; valid: {', '.join(valid)}")
     loader = _DATASETS[name]
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}  # defaults live in the dataset alone
     options = [p for p in inspect.signature(loader).parameters if p not in ("root", "split")]
     unknown = sorted(set(kwargs) - set(options))
     if unknown:

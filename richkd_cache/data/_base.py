@@ -31,6 +31,12 @@ class ImageDataset(Dataset, abc.ABC):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def options(self) -> dict:
+        """The options it was opened with that change its pixels (imagefolder: image_size, resize); stage one
+        records them so stage two, `verify` and `evaluate` reopen the same images."""
+        return {}
+
     def __len__(self) -> int:
         return len(self.labels)
 

@@ -53,6 +53,10 @@ class ImageFolderDataset(ImageDataset):
         self.image_size, self.resize = image_size, resize
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
 
+    @property
+    def options(self) -> dict:
+        return {"image_size": self.image_size, "resize": self.resize}
+
     def __getitem__(self, i: int) -> dict:
         path = self.base / self.files[i]
         try:

@@ -1,0 +1,115 @@
+"""The ImageNet workflow on an ImageNet-layout folder of small JPEGs: a torchvision teacher from its own
+weights file, K random-resized-crop views with top-k logits, a streamed stage two decoding in workers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchvision
+import zarr
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.evaluate import resolve_dataset
+from richkd_cache.data.imagefolder import ImageFolderDataset
+
+runner = CliRunner()
+CLASSES = ("n01440764", "n01443537", "n01484850")  # ImageNet's synset folder names
+TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 2
+VIEWS, TOPK = 2, 2
+# the clean view (and every stored view) is 32 px: the resnets run at CIFAR cost
+SIZE = ("--image-size", "32", "--resize", "36")
+
+
+def invoke(*args) -> object:
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory) -> Path:
+    """root/{train,val}/<synset>/<name>.JPEG, 80x64 noise images; teacher.pth is a torchvision resnet18's
+    bare state_dict (torchvision's own file format) for these classes."""
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        for synset in CLASSES:
+            folder = root / "data" / split / synset
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{synset}_{i}.JPEG", quality=85)
+    torch.save(torchvision.models.resnet18(num_classes=len(CLASSES)).state_dict(), root / "teacher.pth")
+    return root
+
+
+@pytest.fixture(scope="module")
+def imagenet_cache(imagenet: Path) -> Path:
+    out = imagenet / "cache.zarr"
+    result = invoke("build", "--dataset", "imagefolder", "--data-root", imagenet / "data", *SIZE,
+                    "--teacher", "tv:resnet18", "--teacher-checkpoint", imagenet / "teacher.pth",
+                    "--teacher-views", VIEWS, "--topk", TOPK, "--clip", "richkd-tiny", "--clip-pretrained", "random",
+                    "--prompts", "single", "--block-rows", "6", "--device", "cpu", "--workers", "1", "--quiet",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_image_folder_builds_streams_trains_and_verifies(imagenet: Path, imagenet_cache: Path) -> None:
+    n = TRAIN_PER_CLASS * len(CLASSES)
+    group = zarr.open_group(str(imagenet_cache), mode="r")
+    assert group["teacher/topk_indices"].shape == (n, VIEWS, TOPK)
+    assert group["clip/image_embeds"].shape[:2] == (n, 1)  # CLIP on the centre view only
+    manifest = group.attrs["richkd_cache"]
+    assert manifest["dataset"]["options"] == {"image_size": 32, "resize": 36}
+    assert manifest["views"]["teacher"]["policy"] == str(VIEWS)
+    # stage two takes the image size from the cache; 3 write blocks streamed one at a time; JPEGs decoded
+    # in a worker process
+    out = imagenet / "run"
+    result = invoke("train", "--cache", imagenet_cache, "--student", "tv:resnet18", "--epochs", "2",
+                    "--batch-size", "4", "--stream-window", "1", "--workers", "1", "--device", "cpu", "--quiet",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [m["epoch"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
+    assert json.loads((out / "config.json").read_text())["stream_window"] == 1
+    result = invoke("verify", imagenet_cache, "--recompute", "4", "--device", "cpu")
+    assert result.exit_code == 0 and result.output.strip().endswith("ok"), result.output
+    # evaluate reopens the run's images at the size it trained on
+    name, root, options = resolve_dataset(str(out / "last.pth"), {"cache": str(imagenet_cache)}, None, None)
+    assert (name, root, options) == ("imagefolder", str(imagenet / "data"), {"image_size": 32, "resize": 36})
+
+
+def test_stage_two_decodes_each_image_once_per_draw(imagenet: Path, imagenet_cache: Path,
+                                                    monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No image is decoded twice, nor the split decoded into memory: one decode per training draw and
+    one per validation image each epoch (workers 0, so the decodes are counted in this process)."""
+    decoded: list[tuple[str, int]] = []
+    original = ImageFolderDataset.__getitem__
+
+    def counted(self: ImageFolderDataset, i: int) -> dict:
+        decoded.append((self.split, i))
+        return original(self, i)
+
+    monkeypatch.setattr(ImageFolderDataset, "__getitem__", counted)
+    result = invoke("train", "--cache", imagenet_cache, "--student", "tv:resnet18", "--epochs", "1",
+                    "--batch-size", "6", "--stream-window", "2", "--workers", "0", "--device", "cpu", "--quiet",
+                    "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    train = sorted(i for split, i in decoded if split == "train")
+    val = sorted(i for split, i in decoded if split == "val")
+    assert train == list(range(TRAIN_PER_CLASS * len(CLASSES))) and val == list(range(VAL_PER_CLASS * len(CLASSES)))
+
+
+def test_a_cache_refuses_other_image_options(imagenet_cache: Path, tmp_path: Path) -> None:
+    result = invoke("train", "--cache", imagenet_cache, "--student", "tv:resnet18", "--image-size", "28",
+                    "--epochs", "1", "--device", "cpu", "--workers", "0", "--quiet", "--out", tmp_path / "run")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "image options" in lines[0] and "'image_size': 32" in lines[0] and "'image_size': 28" in lines[0]
+    assert not (tmp_path / "run" / "last.pth").exists()
