@@ -431,6 +431,7 @@ def sweep(
     lr: Optional[float] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     workers: int = 4,
+    jobs: Annotated[int, typer.Option(help="Runs trained at once, each in its own process (several fit on one GPU).")] = 1,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """A grid of training runs from one cache; re-running the same command resumes it run by run.
@@ -448,7 +449,7 @@ def sweep(
                               new_method="method" in axes)
     seed_list = parse_seeds(seeds)
     base = TrainConfig(out=out, device=device, workers=workers, quiet=True, **settings)
-    result = run_sweep(Sweep(base, axes, seed_list), Reporter(err_console, quiet=quiet))
+    result = run_sweep(Sweep(base, axes, seed_list), Reporter(err_console, quiet=quiet), jobs)
     table = Table(title=f"sweep over {', '.join(axes)} ({len(seed_list)} seed(s) each)")
     for col in (*axes, "best top-1", "last top-1"):
         table.add_column(col.replace("_", " "), justify="right")

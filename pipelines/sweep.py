@@ -5,6 +5,10 @@ set, T, lambda, the loss weights, the method) costs one plain training run to tr
 of those settings times the seeds; each point trains into OUT/<setting=value,...>/seed<S>, a finished run
 is never trained again, and an interrupted one continues from its resume.pth. It ends with the table of
 `compare` (mean +- std over seeds) and a plot of top-1 against each swept value.
+
+`jobs` > 1 trains that many runs at once, each in its own process (its own CUDA context, its own copy of
+the cached targets): on a GPU that one small student leaves mostly idle, several runs share it. Each run
+is the same whatever the number of jobs (its seed, its folder), so a sweep may be resumed with another.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import multiprocessing
+import os
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -73,26 +80,60 @@ def run_name(point: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items()) or "base"
 
 
-def run_sweep(sweep: Sweep, reporter: Reporter) -> dict:
-    """Train every (point, seed) not finished yet, then tabulate and plot. Returns the results."""
+def run_sweep(sweep: Sweep, reporter: Reporter, jobs: int = 1) -> dict:
+    """Train every (point, seed) not finished yet, `jobs` at a time, then tabulate and plot. Returns the results."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     root = Path(sweep.base.out)
     for point in sweep.points():  # a setting one point's method does not use fails now, not runs later
         logit_params(replace(sweep.base, **point))
     check_spec(root, sweep)
     runs = [(point, seed) for point in sweep.points() for seed in sweep.seeds]
-    for i, (point, seed) in enumerate(runs, 1):
-        folder = root / run_name(point) / f"seed{seed}"
-        if finished(folder, sweep.base.epochs):
-            continue
-        reporter.info(f"sweep run {i}/{len(runs)}: {run_name(point)} seed {seed}")
-        # resume=True: a run interrupted by a kill continues from its resume.pth (same settings or refused)
-        run_train(replace(sweep.base, **point, seed=seed, out=str(folder), resume=True), reporter)
+    # resume=True: a run interrupted by a kill continues from its resume.pth (same settings or refused)
+    todo = [(f"{i}/{len(runs)}: {run_name(point)} seed {seed}",
+             replace(sweep.base, **point, seed=seed, out=str(root / run_name(point) / f"seed{seed}"), resume=True))
+            for i, (point, seed) in enumerate(runs, 1)]
+    todo = [(label, cfg) for label, cfg in todo if not finished(Path(cfg.out), sweep.base.epochs)]
+    if jobs == 1 or len(todo) <= 1:
+        for label, cfg in todo:
+            reporter.info(f"sweep run {label}")
+            run_train(cfg, reporter)
+    else:
+        train_at_once(todo, jobs, reporter)
     results = collect(root, sweep)
     write_json(root / "sweep.json", {**sweep.spec(), "results": results})
     plot = root / "sweep.png" if sweep.axes else None  # seeds alone: a table, nothing to plot against
     if plot:
         plot_sweep(results, sweep, plot)
     return {"out": str(root), "results": results, "plot": str(plot) if plot else None}
+
+
+def train_at_once(todo: list[tuple[str, TrainConfig]], jobs: int, reporter: Reporter) -> None:
+    """Train the runs in `jobs` processes. The first failure stops the sweep: runs not started are
+    dropped, runs under way finish, and the failure is raised here with its own message. A kill stops
+    every process; each unfinished run resumes from its resume.pth."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)  # CPU runs split the cores instead of oversubscribing them
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds CUDA or torch threads
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
+        futures: dict[Future, str] = {pool.submit(train_quietly, cfg, threads): label for label, cfg in todo}
+        reporter.info(f"sweep: {len(todo)} runs, {min(jobs, len(todo))} at a time")
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                if future.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise future.exception()
+                reporter.info(f"sweep run {futures[future]} done")
+
+
+def train_quietly(cfg: TrainConfig, threads: int) -> None:
+    """One run in a worker process (its progress bars off: several would interleave)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    run_train(cfg, Reporter(quiet=True))
 
 
 def check_spec(root: Path, sweep: Sweep) -> None:

@@ -93,3 +93,28 @@ def test_a_grid_point_whose_method_does_not_use_a_setting_fails_before_any_run(c
     result = invoke(*command)
     assert result.exit_code == 2 and "dkd" in result.output
     assert not (tmp_path / "s").exists()  # nothing trained, nothing written
+
+
+def test_runs_trained_at_once_match_runs_trained_one_by_one(cache: Path, tmp_path: Path) -> None:
+    def grid(out: Path, *extra: str) -> list:
+        command = sweep_command(cache, out)
+        command[command.index("--prompts"):command.index("--prompts") + 2] = []
+        command[command.index("--seeds") + 1] = "0"
+        command[command.index("--epochs") + 1] = "1"
+        return [*command, *extra]
+
+    assert invoke(*grid(tmp_path / "one")).exit_code == 0
+    result = invoke(*grid(tmp_path / "two", "--jobs", "2"))
+    assert result.exit_code == 0, result.output
+    for run in ("alpha=0.5", "alpha=0.7"):
+        one, two = (pq.read_table(tmp_path / s / run / "seed0" / "metrics.parquet").to_pylist()[0] for s in ("one", "two"))
+        for key in ("train_ce", "train_logit", "train_feat", "val_top1"):  # the same run; only thread counts differ
+            assert two[key] == pytest.approx(one[key], rel=1e-4), key
+    assert (tmp_path / "two" / "sweep.png").exists()
+
+
+def test_a_failing_run_among_several_at_once_is_one_line(cache: Path, tmp_path: Path) -> None:
+    command = sweep_command(cache, tmp_path / "s")
+    command[command.index("--student") + 1] = "no-such-student"
+    result = invoke(*command, "--jobs", "2")
+    assert result.exit_code == 2 and "no-such-student" in result.output and "Traceback" not in result.output
