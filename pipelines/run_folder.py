@@ -42,8 +42,13 @@ class RunState:
     history: list[dict]
 
 
-def run_identity(cfg: TrainConfig) -> str:
-    fields = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IDENTITY}
+def run_identity(settings: dict) -> str:
+    """A hash of the settings a run resolved (those config.json records: a method's reference values
+    filled in), so `--temperature 4` names the same run as a default of 4. The number of epochs may
+    grow on resume, except under a cosine schedule, whose every epoch's lr depends on it."""
+    fields = {k: v for k, v in settings.items() if k not in _NOT_IDENTITY}
+    if settings.get("schedule") == "cosine":
+        fields["epochs"] = settings.get("epochs")
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -54,6 +59,7 @@ class RunFolder:
 
     def __init__(self, cfg: TrainConfig, is_main: bool = True) -> None:
         self.cfg, self.out, self.is_main = cfg, Path(cfg.out), is_main
+        self.identity = ""  # set by `start`, from the settings the run resolved
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"--out {self.out} is a file, not a run folder")
         existing = [name for name in RUN_FILES if (self.out / name).exists()]
@@ -66,7 +72,8 @@ class RunFolder:
     def start(self, student, objective, optimizer, scheduler, settings: dict) -> RunState:
         """Restore the saved state (--resume) or begin afresh; then write config.json with the settings
         actually used. With --overwrite the previous run's own files go first, and only those."""
-        state = restore(self.out / "resume.pth", self.cfg, student, objective, optimizer, scheduler) \
+        self.identity = run_identity(settings)
+        state = restore(self.out / "resume.pth", self.identity, student, objective, optimizer, scheduler) \
             if self.cfg.resume else None
         if self.is_main:
             if state is None and self.cfg.overwrite:
@@ -86,7 +93,7 @@ class RunFolder:
             f"epoch {state.epoch}/{self.cfg.epochs}  loss {stats['loss']:.3f}  top1 {top1:.2f}  "
             f"top5 {stats['val_top5']:.2f}  best {state.best_top1:.2f}  ({stats['epoch_s']:.1f}s)"
         )
-        save_run(self.out, self.cfg, student, objective, optimizer, scheduler, state, num_classes, top1)
+        save_run(self.out, self.cfg, self.identity, student, objective, optimizer, scheduler, state, num_classes, top1)
 
     def finish(self, state: RunState) -> dict:
         summary = summarize(self.cfg, state)
@@ -105,10 +112,9 @@ def _writing(path: Path) -> Iterator[None]:
         raise ConfigError(f"could not write {path}: {e.strerror or e}; the previous {path.name} is intact") from e
 
 
-def save_run(out: Path, cfg: TrainConfig, student, objective, optimizer, scheduler, state: RunState,
+def save_run(out: Path, cfg: TrainConfig, identity: str, student, objective, optimizer, scheduler, state: RunState,
              num_classes: int, top1: float) -> None:
     """last.pth and best.pth in mdistiller's layout; resume.pth with everything else; metrics.parquet."""
-    identity = run_identity(cfg)
     meta = {"config": identity, "target": cfg.resolved_target, "cache": cfg.cache}
     for name in ("last.pth", "best.pth") if top1 >= state.best_top1 else ("last.pth",):
         with _writing(out / name):
@@ -130,7 +136,7 @@ def save_run(out: Path, cfg: TrainConfig, student, objective, optimizer, schedul
 _RESUME_TYPES = [collections.Counter]
 
 
-def restore(path: Path, cfg: TrainConfig, student, objective, optimizer, scheduler) -> RunState | None:
+def restore(path: Path, identity: str, student, objective, optimizer, scheduler) -> RunState | None:
     """Continue from resume.pth; a file from a run with other settings is refused.
 
     The file is untrusted: torch's weights-only unpickler builds tensors, numbers, strings and
@@ -145,7 +151,7 @@ def restore(path: Path, cfg: TrainConfig, student, objective, optimizer, schedul
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path} is damaged or not a resume file ({first}); "
                           "use --overwrite to start the run again") from e
-    if not isinstance(saved, dict) or saved.get("identity") != run_identity(cfg):
+    if not isinstance(saved, dict) or saved.get("identity") != identity:
         raise ConfigError(
             f"{path} belongs to a run with other settings; resume with the same settings or use another --out"
         )

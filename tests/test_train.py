@@ -62,6 +62,26 @@ def test_resume_from_another_run_is_refused(cache: Path, tmp_path: Path) -> None
     assert result.exit_code == 2 and "other settings" in result.output
 
 
+def test_resume_compares_the_settings_used_not_the_flags_given(cache: Path, tmp_path: Path) -> None:
+    """A run that took KD's reference temperature resumes with that temperature spelled out."""
+    run = tmp_path / "run"
+    assert invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--out", run).exit_code == 0
+    used = json.loads((run / "config.json").read_text())["temperature"]
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "2", "--temperature", used, "--resume", "--out", run)
+    assert result.exit_code == 0, result.output
+    assert len(losses(run)) == 2
+
+
+def test_a_cosine_run_resumed_with_another_length_is_refused(cache: Path, tmp_path: Path) -> None:
+    """Every epoch's lr under a cosine schedule depends on --epochs, so a longer run is another run (a step
+    schedule's milestones do not move, so there a run may be extended)."""
+    run = tmp_path / "run"
+    cosine = ["--schedule", "cosine"]
+    assert invoke("train", "--cache", cache, *FAST, *cosine, "--epochs", "1", "--out", run).exit_code == 0
+    result = invoke("train", "--cache", cache, *FAST, *cosine, "--epochs", "3", "--resume", "--out", run)
+    assert result.exit_code == 2 and "other settings" in result.output
+
+
 def test_several_seeds_report_mean_and_std(cache: Path, tmp_path: Path) -> None:
     result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--seeds", "0,1", "--out", tmp_path / "s")
     assert result.exit_code == 0, result.output
