@@ -31,6 +31,7 @@ from pipelines.train import run_train
 from richkd_cache.distill.adaptive import parse_alpha
 from richkd_cache.errors import ConfigError
 from richkd_cache.files import atomic_path
+from richkd_cache.models import create_model
 
 # Settings a sweep can vary: those that act after the cached forward passes.
 SWEEPABLE = ("alpha", "lam", "temperature", "beta", "gamma", "prompts", "method", "feature_loss", "fraction")
@@ -87,6 +88,7 @@ def run_sweep(sweep: Sweep, reporter: Reporter, jobs: int = 1) -> dict:
     root = Path(sweep.base.out)
     for point in sweep.points():  # a setting one point's method does not use fails now, not runs later
         logit_params(replace(sweep.base, **point))
+    create_model(sweep.base.student, num_classes=2)  # so does an unknown student (a throwaway build names it)
     check_spec(root, sweep)
     runs = [(point, seed) for point in sweep.points() for seed in sweep.seeds]
     # resume=True: a run interrupted by a kill continues from its resume.pth (same settings or refused)

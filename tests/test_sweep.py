@@ -113,8 +113,19 @@ def test_runs_trained_at_once_match_runs_trained_one_by_one(cache: Path, tmp_pat
     assert (tmp_path / "two" / "sweep.png").exists()
 
 
-def test_a_failing_run_among_several_at_once_is_one_line(cache: Path, tmp_path: Path) -> None:
+def test_an_unknown_student_fails_before_any_run(cache: Path, tmp_path: Path) -> None:
     command = sweep_command(cache, tmp_path / "s")
     command[command.index("--student") + 1] = "no-such-student"
     result = invoke(*command, "--jobs", "2")
     assert result.exit_code == 2 and "no-such-student" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "s").exists()  # refused before the sweep folder is written
+
+
+def test_a_run_failing_among_several_at_once_is_one_line(cache: Path, tmp_path: Path) -> None:
+    command = sweep_command(cache, tmp_path / "s")
+    command[command.index("--prompts") + 1] = "single,no-such-set"
+    for flag, value in (("--seeds", "0"), ("--alpha", "0.5"), ("--epochs", "1")):
+        command[command.index(flag) + 1] = value
+    result = invoke(*command, "--jobs", "2")
+    assert result.exit_code == 2 and "no-such-set" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "s" / "sweep.json").exists()
