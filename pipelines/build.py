@@ -48,7 +48,7 @@ from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint,
 from richkd_cache.distill import topk_kl, topk_log_probs
 from richkd_cache.errors import ConfigError, RichKDError
 from richkd_cache.files import file_sha256
-from richkd_cache.models import load_checkpoint
+from richkd_cache.models import load_checkpoint, resolve_checkpoint
 from richkd_cache.views import (
     CIFAR_SIZE,
     CLEAN,
@@ -134,8 +134,10 @@ def open_cache_for_build(cfg: BuildConfig, layout: CacheLayout, manifest: dict, 
     return (writer if ctx.is_main else open_for_write(cfg.out)), pending
 
 
-def setup_teacher(arch: str | None, checkpoint: str, dataset: ImageDataset, device: torch.device) -> Teacher:
-    """Load the teacher strictly; its class count must be the dataset's."""
+def setup_teacher(arch: str | None, weights: str, dataset: ImageDataset, device: torch.device) -> Teacher:
+    """Load the teacher strictly from a file or torchvision's published weights (`torchvision:TAG`); its
+    class count must be the dataset's."""
+    checkpoint = resolve_checkpoint(weights, arch)
     model, meta = load_checkpoint(checkpoint, arch=arch, num_classes=dataset.num_classes)
     model = model.to(device).eval()
     resolved_arch = meta["arch"]  # the registered name, also when an alias was given
@@ -143,11 +145,23 @@ def setup_teacher(arch: str | None, checkpoint: str, dataset: ImageDataset, devi
         "arch": resolved_arch,
         "checkpoint": checkpoint,
         "checkpoint_sha256": file_sha256(checkpoint),
+        "weights": weights,  # as asked: the file, or torchvision:TAG, which resolves on any machine
         "num_features": model.num_features,
         "mean": list(dataset.mean),
         "std": list(dataset.std),
     }
     return Teacher(model=model, arch=resolved_arch, manifest=manifest)
+
+
+def recorded_teacher(given: str | None, recorded: dict) -> str:
+    """The teacher's weights for a cache: `given` (a file or torchvision:TAG), else the recorded file, else
+    (that file is not on this machine) the recorded torchvision:TAG, which resolves here."""
+    if given:
+        return given
+    path, weights = recorded.get("checkpoint"), recorded.get("weights")
+    if path and not Path(path).is_file() and weights and weights != path:
+        return weights
+    return path
 
 
 def resolve_prompt_set(name_or_file: str, dataset: str) -> PromptSet:

@@ -114,7 +114,7 @@ def parse_seeds(value: str) -> tuple[int, ...]:
 @user_errors
 def build(
     out: Annotated[str, typer.Option(help="Cache location: a directory NAME.zarr or a URL (s3://bucket/NAME.zarr).")],
-    teacher_checkpoint: Annotated[str, typer.Option(help="Teacher weights (mdistiller layout or ours).")],
+    teacher_checkpoint: Annotated[str, typer.Option(help="Teacher weights: a file (mdistiller's, ours, or a torchvision state_dict such as resnet34-b627a593.pth), or torchvision:TAG for a tv: teacher (e.g. torchvision:IMAGENET1K_V1: torch.hub's cache, downloaded when missing).")],
     dataset: Annotated[str, typer.Option(help="cifar10, cifar100, imagefolder or digits.")] = "cifar100",
     data_root: Annotated[Optional[str], typer.Option(help="Folder holding the dataset files.")] = None,
     split: Annotated[str, typer.Option(help="Split to cache (train for distillation).")] = "train",

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from cache_store import CacheReader
-from pipelines.build import Teacher, clip_forward, setup_teacher, teacher_forward
+from pipelines.build import Teacher, clip_forward, recorded_teacher, setup_teacher, teacher_forward
 from pipelines.config import TrainConfig
 from pipelines.targets import Fusion, Targets, Window, compute_targets, setup_fusion
 from richkd_cache.clip import ClipTeacher, load_clip, recorded_activation, resolve_clip
 from richkd_cache.data import ImageDataset
 from richkd_cache.errors import ConfigError
 from richkd_cache.files import file_sha256
+from richkd_cache.models import resolve_checkpoint
 
 
 @dataclass
@@ -76,8 +77,9 @@ def online_windows(cfg: TrainConfig, cache: CacheReader, dataset: ImageDataset,
 
 def online_teacher(cfg: TrainConfig, recorded: dict, dataset: ImageDataset, device: torch.device) -> Teacher:
     """The teacher the cache was built with: its recorded checkpoint, or --teacher-checkpoint on this machine."""
-    path = checked_file(cfg.teacher_checkpoint or recorded.get("checkpoint"), recorded.get("checkpoint_sha256"),
-                        "teacher", "--teacher-checkpoint")
+    weights = recorded_teacher(cfg.teacher_checkpoint, recorded)
+    path = checked_file(resolve_checkpoint(weights, recorded["arch"]) if weights else None,
+                        recorded.get("checkpoint_sha256"), "teacher", "--teacher-checkpoint")
     return setup_teacher(recorded["arch"], path, dataset, device)
 
 

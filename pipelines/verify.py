@@ -10,12 +10,13 @@ import numpy as np
 import torch
 
 from cache_store import open_cache
-from pipelines.build import make_forward, setup_teacher
+from pipelines.build import make_forward, recorded_teacher, setup_teacher
 from pipelines.config import resolve_device
 from richkd_cache.clip import load_clip, recorded_activation, resolve_clip
 from richkd_cache.data import create_dataset, dataset_fingerprint
 from richkd_cache.errors import ConfigError, DataError
 from richkd_cache.files import file_sha256
+from richkd_cache.models import resolve_checkpoint
 
 def recompute_rows(url: str, k: int, data_root: str | None, teacher_checkpoint: str | None,
                    clip_checkpoint: str | None, device: str, seed: int = 0) -> list[str]:
@@ -27,7 +28,7 @@ def recompute_rows(url: str, k: int, data_root: str | None, teacher_checkpoint: 
                              **(recorded.get("options") or {}))
     if dataset_fingerprint(dataset) != recorded["fingerprint"]:
         raise DataError(f"the images under {dataset.root} are not the ones cache {url} was built from")
-    checkpoint = teacher_checkpoint or manifest["teacher"]["checkpoint"]
+    checkpoint = resolve_checkpoint(recorded_teacher(teacher_checkpoint, manifest["teacher"]), manifest["teacher"]["arch"])
     if file_sha256(checkpoint) != manifest["teacher"]["checkpoint_sha256"]:
         raise ConfigError(f"teacher checkpoint {checkpoint} is not the file the cache was built with (sha256 differs)")
     torch_device = resolve_device(device)

@@ -113,3 +113,47 @@ def test_a_cache_refuses_other_image_options(imagenet_cache: Path, tmp_path: Pat
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert "image options" in lines[0] and "'image_size': 32" in lines[0] and "'image_size': 28" in lines[0]
     assert not (tmp_path / "run" / "last.pth").exists()
+
+
+def test_torchvision_weights_tag_builds_and_verifies_on_another_machine(imagenet: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--teacher-checkpoint torchvision:IMAGENET1K_V1` takes torchvision's file from torch.hub's cache (here a
+    3-class stand-in put there by hand); the manifest keeps the tag, so `verify` finds the file again in another
+    machine's hub cache."""
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("no download expected"))
+    (hub / "checkpoints").mkdir(parents=True)
+    (hub / "checkpoints" / "resnet18-f37072fd.pth").write_bytes((imagenet / "teacher.pth").read_bytes())
+    out = tmp_path / "c.zarr"
+    result = invoke("build", "--dataset", "imagefolder", "--data-root", imagenet / "data", *SIZE,
+                    "--teacher", "tv:resnet18", "--teacher-checkpoint", "torchvision:IMAGENET1K_V1",
+                    "--teacher-views", "clean", "--clip", "richkd-tiny", "--clip-pretrained", "random",
+                    "--prompts", "single", "--device", "cpu", "--workers", "0", "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    teacher = zarr.open_group(str(out), mode="r").attrs["richkd_cache"]["teacher"]
+    assert teacher["weights"] == "torchvision:IMAGENET1K_V1"
+    assert teacher["checkpoint"] == str(hub / "checkpoints" / "resnet18-f37072fd.pth")
+    other = hub.rename(tmp_path / "other-hub")  # the recorded path is gone; the tag resolves in this hub cache
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(other))
+    result = invoke("verify", out, "--recompute", "3", "--device", "cpu")
+    assert result.exit_code == 0 and result.output.strip().endswith("ok"), result.output
+
+
+def test_torchvision_weights_offline_is_one_line_naming_the_file(imagenet: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs) -> None:
+        raise OSError("<urlopen error [Errno 101] Network is unreachable>")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    result = invoke("build", "--dataset", "imagefolder", "--data-root", imagenet / "data", *SIZE,
+                    "--teacher", "tv:resnet34", "--teacher-checkpoint", "torchvision:IMAGENET1K_V1",
+                    "--clip", "richkd-tiny", "--clip-pretrained", "random", "--device", "cpu", "--out",
+                    tmp_path / "c.zarr")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "https://download.pytorch.org/models/resnet34-b627a593.pth" in lines[0]
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet34-b627a593.pth") in lines[0]
+    assert not (tmp_path / "c.zarr").exists()

@@ -14,7 +14,8 @@ import torch
 import torchvision
 
 from richkd_cache.errors import ModelError
-from richkd_cache.models import create_model, list_models, load_checkpoint, save_checkpoint, uses_small_lr
+from richkd_cache.models import (create_model, list_models, load_checkpoint, resolve_checkpoint, save_checkpoint,
+                                 uses_small_lr)
 
 CIFAR_MODELS = list_models(include_torchvision=False, include_timm=False)
 # Key names and shapes of mdistiller's CIFAR-100 models (its models/cifar code, num_classes=100):
@@ -119,6 +120,53 @@ def test_torchvision_checkpoint_loads_strictly(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.allclose(loaded(x)[0], reference(x), atol=1e-5)
     assert meta["num_classes"] == 10
+
+
+def test_torchvision_legacy_weights_file_loads_strictly_and_weights_only(tmp_path: Path) -> None:
+    """torchvision's published files (resnet34-b627a593.pth) are bare state dicts in torch's legacy
+    (pre-zip) serialisation: they load strictly through the weights_only unpickler."""
+    reference = torchvision.models.resnet18(num_classes=7).eval()
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(reference.state_dict(), path, _use_new_zipfile_serialization=False)
+    loaded, meta = load_checkpoint(str(path), arch="tv:resnet18")
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], reference(x))
+    assert meta["num_classes"] == 7
+    torch.save({"model": reference.state_dict(), "builder": torchvision.models.resnet18}, path,
+               _use_new_zipfile_serialization=False)  # a pickled function: never unpickled
+    with pytest.raises(ModelError, match="not a PyTorch checkpoint"):
+        load_checkpoint(str(path), arch="tv:resnet18")
+
+
+def test_torchvision_weights_tag_resolves_through_the_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    downloads: list[tuple[str, str, str]] = []
+
+    def offline(url: str, dst: str, hash_prefix: str | None = None, progress: bool = True) -> None:
+        downloads.append((url, dst, hash_prefix))
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(ModelError) as refused:
+        resolve_checkpoint("torchvision:IMAGENET1K_V1", "tv:resnet18")
+    message = str(refused.value)
+    assert "\n" not in message and "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert f"put it at {expected}" in message and "Temporary failure" in message
+    assert downloads == [("https://download.pytorch.org/models/resnet18-f37072fd.pth", str(expected), "f37072fd")]
+    # the file put there by hand (here random weights) is used as it is, with no download
+    expected.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.resnet18().state_dict(), expected, _use_new_zipfile_serialization=False)
+    assert resolve_checkpoint("torchvision:IMAGENET1K_V1", "tv:resnet18") == str(expected)
+    assert resolve_checkpoint("torchvision:DEFAULT", "tv:resnet18") == str(expected)  # DEFAULT is V1 here
+    assert load_checkpoint(str(expected), arch="tv:resnet18")[1]["num_classes"] == 1000
+    assert len(downloads) == 1
+    assert resolve_checkpoint(str(tmp_path / "any.pth"), "resnet8") == str(tmp_path / "any.pth")  # files as given
+    with pytest.raises(ModelError, match="no weights 'IMAGENET1K_V9' for resnet18; it has torchvision:IMAGENET1K_V1"):
+        resolve_checkpoint("torchvision:IMAGENET1K_V9", "tv:resnet18")
+    with pytest.raises(ModelError, match="--teacher tv:<name>"):
+        resolve_checkpoint("torchvision:IMAGENET1K_V1", None)
 
 
 def test_torchvision_aux_heads_and_copies_keep_the_interface() -> None:

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from richkd_cache.errors import ModelError
 from richkd_cache.files import atomic_path
+from richkd_cache.models import torchvision_models
 from richkd_cache.models._registry import canonical_name, create_model
 
 FORMAT = 1
@@ -35,6 +36,17 @@ def save_checkpoint(path: str, model: nn.Module, *, arch: str, num_classes: int,
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def resolve_checkpoint(spec: str, arch: str | None) -> str:
+    """A weights file path as given, or `torchvision:TAG` (torchvision's published weights of a `tv:` arch)
+    as the path of its file in torch.hub's cache, downloaded when missing."""
+    if not spec.startswith(torchvision_models.WEIGHTS_PREFIX):
+        return spec
+    if not arch or not canonical_name(arch).startswith(torchvision_models.PREFIX):
+        raise ModelError(f"{spec} names torchvision's published weights: pass the architecture as --teacher "
+                         f"tv:<name> (e.g. --teacher tv:resnet34)")
+    return torchvision_models.weights_file(canonical_name(arch), spec[len(torchvision_models.WEIGHTS_PREFIX):])
 
 
 def load_checkpoint(path: str, arch: str | None = None, num_classes: int | None = None,

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -21,6 +24,7 @@ import torchvision
 from richkd_cache.errors import ModelError
 
 PREFIX = "tv:"
+WEIGHTS_PREFIX = "torchvision:"  # --teacher-checkpoint torchvision:IMAGENET1K_V1: torchvision's published weights
 LISTED = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
           "convnext_tiny", "vit_b_16")
 
@@ -56,14 +60,49 @@ def available() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def make(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """`tv:<arch>` randomly initialised; `kwargs` go to torchvision's builder (e.g. image_size for ViTs)."""
+def _arch(name: str) -> str:
+    """`tv:<arch>` -> <arch>, which torchvision must have."""
     arch = name[len(PREFIX):]
     if arch not in available():
         close = difflib.get_close_matches(arch, available(), n=3)
         hint = f"did you mean {', '.join(PREFIX + c for c in close)}? " if close else ""
         raise ModelError(f"torchvision has no classification model {arch!r}: {hint}"
                          f"see torchvision.models.list_models(module=torchvision.models)")
+    return arch
+
+
+def weights_file(name: str, tag: str) -> str:
+    """The local file of torchvision's published weights `tag` (IMAGENET1K_V1, DEFAULT...) of `tv:<arch>`.
+
+    It lives where torchvision keeps it, torch.hub's cache ($TORCH_HOME/hub/checkpoints/<file of the url>),
+    and is downloaded there when missing (its sha256 checked against the prefix in the file name, as
+    torchvision does). A file already there is used as it is, as torchvision uses it. It is then an
+    ordinary weights file: loaded weights_only, hashed into the manifest.
+    """
+    arch = _arch(name)
+    weights = torchvision.models.get_model_weights(arch)
+    if tag not in weights.__members__:
+        raise ModelError(f"torchvision has no weights {tag!r} for {arch}; it has "
+                         f"{', '.join(WEIGHTS_PREFIX + t for t in weights.__members__)}")
+    url = weights[tag].url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if path.is_file():
+        return str(path)
+    digest = re.search(torch.hub.HASH_REGEX, path.name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=digest.group(1) if digest else None,
+                                       progress=False)
+    except (OSError, RuntimeError, ValueError) as e:  # offline (URLError is an OSError), a bad hash
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot download {arch}'s weights {tag} ({reason}): download {url} on a machine that is "
+                         f"online and put it at {path}, or pass --teacher-checkpoint FILE") from None
+    return str(path)
+
+
+def make(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """`tv:<arch>` randomly initialised; `kwargs` go to torchvision's builder (e.g. image_size for ViTs)."""
+    arch = _arch(name)
     try:
         net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     except TypeError as e:
