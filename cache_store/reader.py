@@ -16,6 +16,7 @@ from cache_store.schema import (
     STATUS_COMPLETE,
     TEXT_GROUP,
     CacheLayout,
+    is_strong,
     model_of,
     validate_manifest,
 )
@@ -151,8 +152,9 @@ class CacheReader:
         specs = self.layout.sample_arrays()
         stored = {a["name"]: a["stored_bytes"] for a in self.array_info()}
         out = {}
-        for model in ("teacher", "clip"):
-            names = [n for n in specs if model_of(n) == model]
+        groups = {"teacher": "teacher", "clip": "clip", **({"strong": "teacher"} if self.layout.strong_views else {})}
+        for model, owner in groups.items():  # "strong": the teacher's rows on the strong views
+            names = [n for n in specs if model_of(n) == owner and is_strong(n) == (model == "strong")]
             rows = self.layout.num_samples * specs[names[0]].shape[1]
             raw = sum(np.dtype(specs[n].dtype).itemsize * specs[n].shape[2] for n in names)
             out[model] = {"rows": rows, "bytes_per_row": raw,

@@ -17,7 +17,7 @@ FORMAT_VERSION = 1
 MANIFEST_KEY = "richkd_cache"
 STATUS_BUILDING, STATUS_COMPLETE = "building", "complete"
 TEXT_GROUP = "clip/text"
-CLASS_INDEX_ARRAYS = ("labels", "teacher/topk_indices")  # values are class indices 0..C-1
+CLASS_INDEX_ARRAYS = ("labels", "teacher/topk_indices", "teacher/strong_topk_indices")  # class indices 0..C-1
 CHECKSUM_CODEC = "crc32c"  # zarr v3's core checksum codec, last in every array's codec chain
 # The top-level nodes a cache is made of: `build --overwrite` deletes, and `pack` copies, only keys under
 # these that are zarr metadata or chunk keys (every array of CacheLayout lives under one of them).
@@ -41,8 +41,12 @@ MANIFEST_FIELDS: dict = {
              "checkpoint_sha256?": (str, None), "zero_shot_accuracy?": dict},
     "build_key": dict,
 }
-OPTIONAL_LAYOUT_KEYS = ("teacher_topk", "clip_views")  # None when unused; absent in older manifests
+OPTIONAL_LAYOUT_KEYS = ("teacher_topk", "clip_views", "strong_views")  # None when unused; absent in older manifests
 MODELS = ("teacher", "clip")
+# A strong view's parameters: crop and flip, two (op, magnitude) pairs, the cutout square
+# (richkd_cache/strong_views.py STRONG_PARAM_NAMES; the manifest's views.strong lists them)
+STRONG_PARAM_DIM = 12
+STRONG_PREFIX = "strong_"  # views/strong_params, teacher/strong_logits (or strong_topk_*): the strong views' arrays
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,8 @@ class CacheLayout:
 
     `num_views` is the teacher's view count (and that of `views/params`); `clip_views` is CLIP's: 1 (the
     clean view) or `num_views` (the teacher's views). None, in caches written before the two had their
-    own policies, means `num_views`.
+    own policies, means `num_views`. `strong_views` is K, the strong (RandAugment) views per sample whose
+    parameters and teacher logits are stored for methods that train on a second view (MLKD); None: none.
     """
 
     num_samples: int
@@ -73,6 +78,7 @@ class CacheLayout:
     block_rows: int
     teacher_topk: int | None = None
     clip_views: int | None = None
+    strong_views: int | None = None
 
     def __post_init__(self) -> None:
         sizes = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in OPTIONAL_LAYOUT_KEYS}
@@ -82,6 +88,8 @@ class CacheLayout:
         if self.teacher_topk is not None and not (isinstance(self.teacher_topk, int)
                                                   and 1 <= self.teacher_topk <= self.num_classes):
             wrong.append(f"teacher_topk={self.teacher_topk!r} (must be 1..num_classes or None)")
+        if self.strong_views is not None and not (isinstance(self.strong_views, int) and self.strong_views >= 1):
+            wrong.append(f"strong_views={self.strong_views!r} (must be a positive integer or None)")
         if wrong:
             raise CacheError(f"invalid cache layout: {', '.join(wrong)} (sizes are positive integers)")
 
@@ -117,6 +125,11 @@ class CacheLayout:
                       per_view("teacher/topk_indices", "int32", self.teacher_topk, -1)]
         else:
             specs.append(per_view("teacher/logits", "float16", self.num_classes))
+        if self.strong_views:  # the teacher's logits on K strong views, stored like those on its own views
+            k = self.strong_views
+            specs.append(per_view(f"views/{STRONG_PREFIX}params", "float32", STRONG_PARAM_DIM, v=k))
+            specs += [per_view(spec.name.replace("/", f"/{STRONG_PREFIX}", 1), spec.dtype, spec.shape[2], spec.fill_value,
+                               v=k) for spec in specs if spec.name.startswith("teacher/") and "features" not in spec.name]
         return {s.name: s for s in specs}
 
     def arrays(self) -> dict[str, ArraySpec]:
@@ -130,6 +143,11 @@ def model_of(array: str) -> str | None:
     """The model whose outputs a sample-axis array holds (teacher/..., clip/...), else None."""
     head = array.split("/", 1)[0]
     return head if head in MODELS else None
+
+
+def is_strong(array: str) -> bool:
+    """Whether an array holds the strong views (their parameters or the teacher's outputs on them)."""
+    return array.rsplit("/", 1)[-1].startswith(STRONG_PREFIX)
 
 
 def model_views(manifest: dict) -> dict[str, dict]:

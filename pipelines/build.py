@@ -49,6 +49,15 @@ from richkd_cache.distill import topk_kl, topk_log_probs
 from richkd_cache.errors import ConfigError, RichKDError
 from richkd_cache.files import file_sha256
 from richkd_cache.models import load_checkpoint, resolve_checkpoint
+from richkd_cache.strong_views import (
+    CUTOUT_FILL,
+    CUTOUT_MAX,
+    OPS,
+    OPS_PER_VIEW,
+    STRONG_PARAM_NAMES,
+    apply_strong_views,
+    draw_strong_views,
+)
 from richkd_cache.views import (
     CIFAR_SIZE,
     CLEAN,
@@ -88,20 +97,22 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
         device = resolve_device(rank_device(cfg.device, ctx))
         dataset = create_dataset(cfg.dataset, cfg.data_root, cfg.split, image_size=cfg.image_size, resize=cfg.resize)
         views = view_policies(cfg, image_size(dataset))
-        check_view_table(len(dataset), views["teacher"]["num_views"])
+        check_view_table(len(dataset), views["teacher"]["num_views"], cfg.strong_views)
         teacher = setup_teacher(cfg.teacher, cfg.teacher_checkpoint, dataset, device)
         clip = load_clip(resolve_clip(cfg.clip, cfg.clip_pretrained, cfg.clip_checkpoint, cfg.clip_activation), device=device)
         prompt_sets = [resolve_prompt_set(p, cfg.dataset) for p in cfg.prompts]
         params = view_params(views["teacher"]["policy"], len(dataset), image_size(dataset), cfg.view_seed)  # (N, V, 5)
+        strong = (draw_strong_views(len(dataset), cfg.strong_views, image_size(dataset), cfg.view_seed)
+                  if cfg.strong_views else None)  # (N, K, 12): the views MLKD's second input is drawn from
         layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip, cfg.block_rows,
-                              params.shape[1], cfg.topk, views["clip"]["num_views"])
+                              params.shape[1], cfg.topk, views["clip"]["num_views"], cfg.strong_views or None)
         writer, pending = open_cache_for_build(cfg, layout, build_manifest(cfg, dataset, teacher, clip),
                                                clip, prompt_sets, dataset.classes, ctx)
         blocks = contiguous_share(pending, ctx)
         quiet = Reporter(reporter.console, quiet=True)
         topk_error = forward_blocks(writer, blocks, dataset, teacher, clip, device, cfg.batch_size, cfg.workers,
                                     reporter if ctx.is_main else quiet, ctx.world_size, params, cfg.topk,
-                                    layout.clip_num_views)
+                                    layout.clip_num_views, strong)
         barrier(ctx)
         if ctx.is_main:
             summary = accuracy_summary(cfg.out)
@@ -188,14 +199,16 @@ def check_view_policy(policy: str | int, size: int) -> None:
         )
 
 
-def check_view_table(num_samples: int, views: int) -> None:
-    """The view parameters of the split, (N, V, 5) float32, are built in memory before anything else."""
-    needed = num_samples * views * len(PARAM_NAMES) * 4
+def check_view_table(num_samples: int, views: int, strong_views: int = 0) -> None:
+    """The view parameters of the split, (N, V, 5) float32 and the strong views' (N, K, 12), are built in
+    memory before anything else."""
+    needed = num_samples * (views * len(PARAM_NAMES) + strong_views * len(STRONG_PARAM_NAMES)) * 4
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     if memory and needed > memory:
-        raise ConfigError(f"{views} views of {num_samples} samples need a {human_bytes(needed)} table of view "
+        strong = f" and {strong_views} strong views" if strong_views else ""
+        raise ConfigError(f"{views} views{strong} of {num_samples} samples need a {human_bytes(needed)} table of view "
                           f"parameters, more than this machine's {human_bytes(memory)} of memory: "
-                          "use fewer --teacher-views")
+                          f"use fewer --teacher-views{' or --strong-views' if strong_views else ''}")
 
 
 def layout_bytes(layout: CacheLayout) -> int:
@@ -223,13 +236,15 @@ def check_space(url: str, needed: int) -> None:
 
 def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: ClipTeacher,
                  block_rows: int | None = None, num_views: int = 1, topk: int | None = None,
-                 clip_views: int = 1) -> CacheLayout:
+                 clip_views: int = 1, strong_views: int | None = None) -> CacheLayout:
     """Chunks of whole write blocks, a few MB each (DESIGN.md section 3) unless block_rows is given.
-    num_views: the teacher's views per sample; clip_views: CLIP's (1, or num_views)."""
+    num_views: the teacher's views per sample; clip_views: CLIP's (1, or num_views); strong_views: K strong
+    views with the teacher's logits (None: none)."""
     if topk is not None and not 0 < topk <= num_classes:
         raise ConfigError(f"--topk must be between 1 and {num_classes} (the dataset has {num_classes} classes)")
     logit_width = 3 * topk if topk else num_classes  # top-k: fp16 values + int32 indices
-    row_bytes = 2 * (num_views * (logit_width + teacher_dim) + clip_views * (clip.embed_dim + clip.feature_dim))
+    row_bytes = 2 * (num_views * (logit_width + teacher_dim) + clip_views * (clip.embed_dim + clip.feature_dim)
+                     + (strong_views or 0) * logit_width)
     block_rows = block_rows or choose_block_rows(row_bytes)
     return CacheLayout(
         num_samples=num_samples,
@@ -242,6 +257,7 @@ def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: Cli
         block_rows=min(block_rows, max(num_samples, 1)),
         teacher_topk=topk,
         clip_views=clip_views,
+        strong_views=strong_views,
     )
 
 
@@ -266,6 +282,8 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, cl
     views = {"num_views": per_model["teacher"]["num_views"], "policy": str(policy),
              "param_names": list(PARAM_NAMES), "seed": cfg.view_seed if isinstance(policy, int) else None,
              "image_size": size, **{m: {**v, "policy": str(v["policy"])} for m, v in per_model.items()}}
+    if cfg.strong_views:
+        views["strong"] = strong_views_manifest(cfg.strong_views, cfg.view_seed)
     build_key = {
         "dataset_fingerprint": fingerprint,
         "split": dataset.split,
@@ -273,7 +291,7 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, cl
         "teacher_arch": teacher.arch,
         "teacher_checkpoint_sha256": teacher.manifest["checkpoint_sha256"],
         "clip": {k: clip_manifest.get(k) for k in ("arch", "pretrained", "checkpoint_sha256")},
-        "views": {k: views[k] for k in ("policy", "seed", "num_views", "clip")},
+        "views": {k: views[k] for k in ("policy", "seed", "num_views", "clip", "strong") if k in views},
         "teacher_topk": cfg.topk,
     }
     return {
@@ -288,6 +306,14 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, cl
         "clip": clip_manifest,
         "build_key": build_key,
     }
+
+
+def strong_views_manifest(k: int, seed: int) -> dict:
+    """How the strong views were drawn (richkd_cache/strong_views.py, after MLKD's CIFAR strong augmentation)."""
+    return {"policy": "randaugment", "num_views": k, "seed": seed, "param_names": list(STRONG_PARAM_NAMES),
+            "ops": [list(op) for op in OPS], "ops_per_view": OPS_PER_VIEW, "cutout_max": CUTOUT_MAX,
+            "cutout_fill": list(CUTOUT_FILL),
+            "reference": "Jin-Ying/Multi-Level-Logit-Distillation mdistiller/dataset/cifar100.py"}
 
 
 def view_policies(cfg: BuildConfig, size: int) -> dict[str, dict]:
@@ -322,10 +348,12 @@ def forward_blocks(
     params: np.ndarray | None = None,
     topk: int | None = None,
     clip_views: int = 1,
+    strong: np.ndarray | None = None,
 ) -> tuple[float, int]:
     """Run teacher and CLIP over the given blocks; a writer thread stores finished blocks.
 
-    params: the teacher's (N, V, 5) views (None: the clean view); clip_views: CLIP's views per sample,
+    params: the teacher's (N, V, 5) views (None: the clean view); strong: (N, K, 12) strong views the
+    teacher also sees (None: none); clip_views: CLIP's views per sample,
     1 (the clean view) or V (the teacher's). A batch holds batch_size CLIP images: batch_size // V
     samples when CLIP sees every view, batch_size samples when it sees the clean one.
     The bar shows this process's blocks; with several ranks its rate is scaled to the total.
@@ -345,7 +373,7 @@ def forward_blocks(
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
-    forward = make_forward(teacher, clip, dataset, device, params, topk, clip_views, batch_size)
+    forward = make_forward(teacher, clip, dataset, device, params, topk, clip_views, batch_size, strong)
     kl_sum, kl_rows = 0.0, 0
     total = sum(stop - start for start, stop in ranges)
     label = "build" if world_size == 1 else f"build (rank 0 of {world_size}; total ~{world_size}x this rate)"
@@ -368,12 +396,14 @@ def forward_blocks(
 def make_forward(
     teacher: Teacher, clip: ClipTeacher, dataset: ImageDataset, device: torch.device,
     params: np.ndarray | None = None, topk: int | None = None, clip_views: int = 1, batch_size: int = 256,
+    strong: np.ndarray | None = None,
 ) -> Callable[[dict], dict[str, np.ndarray]]:
     """One batch of samples -> numpy rows for every sample-axis array: the teacher's V views of each
     sample, and CLIP's clean view (clip_views = 1) or the same V views (clip_views = V).
 
     params: (N, V, 5) view parameters of the whole split (None: the clean view only). Each view's pixels
     come from `apply_views`, the function stage two replays them with; the clean view is the image.
+    strong: (N, K, 12) strong views (None: none): the teacher's logits on their `apply_strong_views` pixels.
     CLIP sees at most `batch_size` images per call, and the teacher `teacher_views_per_call` views, so a
     call's memory does not grow with V (when V alone exceeds the batch, a sample's views are split).
     """
@@ -401,23 +431,33 @@ def make_forward(
             "clip/image_embeds": rows(c_embeds, clip_views),
             "clip/features": rows(c_feats, clip_views),
         }
+        if strong is not None:  # (B, K, C): the teacher on the strong views (its features are not needed)
+            strong_params = strong[index]
+            s_logits, _ = run_teacher(teacher, dataset, images, strong_params, device, per_call, apply_strong_views)
+            out.update({"views/strong_params": strong_params, "teacher/strong_logits": rows(s_logits, strong.shape[1])})
         if topk:  # keep the k largest log-probabilities per view, and what dropping the rest costs
             logits = torch.from_numpy(out.pop("teacher/logits"))
             values, indices = topk_log_probs(logits, topk)
             out.update({"teacher/topk_values": values.numpy(), "teacher/topk_indices": indices.numpy().astype(np.int32),
                         "topk_kl": topk_kl(logits, topk).numpy()})  # (B, V)
+            if strong is not None:
+                values, indices = topk_log_probs(torch.from_numpy(out.pop("teacher/strong_logits")), topk)
+                out.update({"teacher/strong_topk_values": values.numpy(),
+                            "teacher/strong_topk_indices": indices.numpy().astype(np.int32)})
         return out
 
     return forward
 
 
-def views_of(images: torch.Tensor, params: np.ndarray, rows: slice) -> torch.Tensor:
+def views_of(images: torch.Tensor, params: np.ndarray, rows: slice,
+             apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = apply_views) -> torch.Tensor:
     """Pixels of views `rows` of the sample-major list of B x V views: flat row i * V + j is view j of
-    sample i. images: (B, 3, H, W) uint8, params: (B, V, 5) -> (len(rows), 3, H, W) uint8."""
+    sample i. images: (B, 3, H, W) uint8, params: (B, V, P) -> (len(rows), 3, H, W) uint8, made by `apply`
+    (crop+flip views, or apply_strong_views)."""
     b, v = params.shape[:2]
     flat = torch.from_numpy(np.ascontiguousarray(params.reshape(b * v, -1)[rows]))
     sample = torch.arange(b * v, device=images.device).div(v, rounding_mode="floor")[rows]
-    return apply_views(images[sample], flat)
+    return apply(images[sample], flat)
 
 
 def teacher_views_per_call(batch_size: int, size: int) -> int:
@@ -446,10 +486,11 @@ def in_calls(total: int, per_call: int,
 
 
 def run_teacher(teacher: Teacher, dataset: ImageDataset, images: torch.Tensor, params: np.ndarray,
-                device: torch.device, per_call: int) -> tuple[torch.Tensor, torch.Tensor]:
+                device: torch.device, per_call: int,
+                apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = apply_views) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's logits and pooled features on all B x V views, `per_call` views per call."""
     return in_calls(params.shape[0] * params.shape[1], per_call,
-                    lambda rows: teacher_forward(teacher, dataset, views_of(images, params, rows), device))
+                    lambda rows: teacher_forward(teacher, dataset, views_of(images, params, rows, apply), device))
 
 
 def run_clip(clip: ClipTeacher, images: torch.Tensor, params: np.ndarray | None, device: torch.device,

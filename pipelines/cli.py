@@ -131,10 +131,11 @@ def build(
     block_rows: Annotated[Optional[int], typer.Option(help="Rows per write block and chunk (default: ~4 MB chunks).")] = None,
     teacher_views: Annotated[str, typer.Option(help="Teacher views: all (CIFAR's 162 crop+flip views, what the student draws), clean, K random views, or auto (all for 32 px images, else clean).")] = "auto",
     clip_views: Annotated[str, typer.Option(help="CLIP views: clean (the paper's setting) or same (the teacher's views).")] = "clean",
-    view_seed: Annotated[int, typer.Option(help="Seed of the random views (with --teacher-views K).")] = 0,
+    view_seed: Annotated[int, typer.Option(help="Seed of the random views (with --teacher-views K) and of the strong views.")] = 0,
     topk: Annotated[Optional[int], typer.Option(help="Store only the teacher's top-k log-probabilities (large class counts).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="imagefolder: side of the centre crop every view is cut from (default 224).")] = None,
     resize: Annotated[Optional[int], typer.Option(help="imagefolder: shorter side before the centre crop (default 256).")] = None,
+    strong_views: Annotated[int, typer.Option(help="K strong (RandAugment) views per sample with the teacher's logits on them, for --method mlkd; 0 stores none.")] = 0,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Stage one: run the teacher and CLIP once over a split and write the cache."""
@@ -145,7 +146,7 @@ def build(
         teacher_checkpoint=teacher_checkpoint, clip=clip, clip_pretrained=clip_pretrained,
         clip_checkpoint=clip_checkpoint, clip_activation=clip_activation, prompts=split_list(prompts), out=out,
         batch_size=batch_size, workers=workers, device=device, overwrite=overwrite, block_rows=block_rows,
-        teacher_views=teacher_views, clip_views=clip_views, view_seed=view_seed, topk=topk,
+        teacher_views=teacher_views, clip_views=clip_views, view_seed=view_seed, topk=topk, strong_views=strong_views,
         image_size=image_size, resize=resize,
     )
     url = run_build(cfg, Reporter(err_console, quiet=quiet))

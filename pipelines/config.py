@@ -47,6 +47,7 @@ class BuildConfig:
     view_seed: int = 0
     image_size: int | None = None  # imagefolder: the clean view's side; None: its default (224)
     resize: int | None = None  # imagefolder: the shorter side before the centre crop; None: its default (256)
+    strong_views: int = 0  # K strong (RandAugment) views per sample with the teacher's logits, for MLKD; 0: none
 
     def __post_init__(self) -> None:
         """Flags and scripts are checked alike, before anything is loaded or written."""
@@ -239,6 +240,7 @@ RANGES: dict[str, Range] = {
     "topk": Range(1, None, integer=True),
     "image_size": Range(1, None, integer=True, meaning="pixels"),
     "resize": Range(1, None, integer=True, meaning="pixels"),
+    "strong_views": Range(0, None, integer=True, meaning="strong views per sample; 0 stores none"),
 }
 
 

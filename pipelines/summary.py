@@ -32,7 +32,7 @@ def cache_summary(url: str, alpha: float) -> dict:
         "blocks_written": int(written.sum()),
         "blocks_total": int(written.size),
         "dataset": {k: manifest["dataset"].get(k) for k in ("name", "split", "num_samples", "num_classes", "fingerprint")},
-        "views": model_views(manifest),
+        "views": {**model_views(manifest), **strong_views(manifest)},
         "teacher": {k: manifest["teacher"].get(k)
                     for k in ("arch", "checkpoint_sha256", "accuracy", "topk_kl_mean", "topk_kl_rows")},
         "teacher_topk": reader.layout.teacher_topk,
@@ -48,6 +48,12 @@ def cache_summary(url: str, alpha: float) -> dict:
     if manifest.get("status") == "complete" and None not in clean_views(reader).values():
         summary["prompt_sets"] = prompt_set_accuracy(reader, alpha)
     return summary
+
+
+def strong_views(manifest: dict) -> dict[str, dict]:
+    """{"strong": its policy, K and seed} for a cache storing strong views (the teacher's rows on them), else {}."""
+    strong = (manifest.get("views") or {}).get("strong")
+    return {"strong": {k: strong.get(k) for k in ("policy", "num_views", "seed")}} if strong else {}
 
 
 def prompt_set_accuracy(reader, alpha: float) -> list[dict]:

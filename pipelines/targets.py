@@ -14,14 +14,33 @@ import numpy as np
 import torch
 
 from cache_store import CacheReader
-from pipelines.cached import flatten_views, float_rows, per_view_rows, teacher_logits
+from pipelines.cached import clean_views, flatten_views, float_rows, per_view_rows, teacher_logits
 from pipelines.config import TrainConfig
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.data import random_crop_flip, random_resized_crop_flip
-from richkd_cache.distill import JointSpace, build_targets, fit_joint_space
+from richkd_cache.distill import JointSpace, build_targets, fit_joint_space, uses_strong_view
 from richkd_cache.distill.adaptive import error_sums, row_alphas
 from richkd_cache.errors import ConfigError
+from richkd_cache.strong_views import apply_strong_views
 from richkd_cache.views import CIFAR_PAD, CIFAR_SIZE, apply_views
+
+
+@dataclass
+class StrongViews:
+    """The second view of a two-view method (MLKD): targets for every cached (sample, strong view) row
+    n * K + k, and the stored parameters that replay each view's pixels."""
+
+    logits: torch.Tensor  # (N * K, C) float32: the teacher's, or fused with CLIP's clean view (eq. 4)
+    params: torch.Tensor  # (N, K, 12) float32 (richkd_cache/strong_views.py)
+
+    def draw(self, images: torch.Tensor, index: torch.Tensor, generator: torch.Generator,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One stored strong view per image, drawn uniformly: its pixels (B, 3, H, W) uint8, replayed
+        exactly as the teacher saw them, and its target logits (B, C) on `device`."""
+        k = self.params.shape[1]
+        v = torch.randint(0, k, (len(index),), generator=generator, device=generator.device).to(index.device)
+        params = self.params[index.to(self.params.device), v.to(self.params.device)]
+        return apply_strong_views(images, params), gather(self.logits, index * k + v, device)
 
 
 @dataclass
@@ -36,6 +55,7 @@ class Targets:
     # teacher rows per CLIP row of the "clip" feature part: V when CLIP is cached on the clean view only
     # (its (N, Fc) rows are not copied per view), 1 when it has a row per teacher view
     clip_stride: int = 1
+    strong: StrongViews | None = None  # the strong views, for a method that trains on a second view
 
     def lookup(self, rows: torch.Tensor, device: torch.device, clean: torch.Tensor,
                pixels: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
@@ -47,10 +67,22 @@ class Targets:
         return gather(self.logits, rows, device), parts
 
 
-def cached_arrays(cache: CacheReader) -> tuple[str, ...]:
-    """The per-row arrays targets are computed from (the teacher's logits may be stored as top-k)."""
+def cached_arrays(cache: CacheReader, strong: bool = False) -> tuple[str, ...]:
+    """The per-row arrays targets are computed from (the teacher's logits may be stored as top-k), with the
+    strong views' parameters and teacher logits when `strong`."""
     logits = ("teacher/topk_values", "teacher/topk_indices") if cache.layout.teacher_topk else ("teacher/logits",)
-    return (*logits, "teacher/features", "clip/image_embeds", "clip/features", "labels")
+    extra = ("views/strong_params", *(n.replace("/", "/strong_") for n in logits)) if strong else ()
+    return (*logits, "teacher/features", "clip/image_embeds", "clip/features", "labels", *extra)
+
+
+def strong_views_needed(cfg: TrainConfig, cache: CacheReader | None) -> bool:
+    """Whether the method trains on a second, strong view (MLKD); refuses a cache that stores none."""
+    if cache is None or cfg.resolved_target == "ce" or not uses_strong_view(cfg.method):
+        return False
+    if not cache.layout.strong_views:
+        raise ConfigError(f"method {cfg.method} also trains on strong views, which cache {cache.url} does not store: "
+                          "build the cache with `richkd-cache build ... --strong-views K`")
+    return True
 
 
 @dataclass(frozen=True)
@@ -63,6 +95,7 @@ class Fusion:
     space: JointSpace | None
     num_classes: int
     alpha_sums: torch.Tensor | None = None  # (C, 6) error sums over every cached row, for --alpha auto / per-class
+    clip_clean_view: int | None = 0  # CLIP's row of the clean view, which the strong views' targets pair with
 
 
 def setup_fusion(cfg: TrainConfig, cache: CacheReader, arrays: dict[str, np.ndarray] | None = None) -> Fusion:
@@ -87,7 +120,7 @@ def setup_fusion(cfg: TrainConfig, cache: CacheReader, arrays: dict[str, np.ndar
         space = fit_joint_space(arrays["teacher/features"], arrays["clip/features"], cfg.lam)
     adaptive = cfg.resolved_target == "richkd" and cfg.alpha in ("auto", "per-class")
     sums = alpha_statistics(cfg, cache, text, tau, arrays) if adaptive else None
-    return Fusion(text, tau, space, cache.layout.num_classes, sums)
+    return Fusion(text, tau, space, cache.layout.num_classes, sums, clean_views(cache)["clip"])
 
 
 def alpha_statistics(cfg: TrainConfig, cache: CacheReader, text: torch.Tensor, tau: float,
@@ -162,7 +195,25 @@ def compute_targets(cfg: TrainConfig, arrays: dict[str, np.ndarray], fusion: Fus
         features={name: place(t) for name, t in feats.items()} if cfg.feature_loss and feats else None,
         views=None if views is None or views.shape[1] == 1 else torch.from_numpy(views).to(device),
         clip_stride=num_views // clip_views,
+        strong=strong_targets(cfg, arrays, fusion, c_logits, place) if "views/strong_params" in arrays else None,
     )
+
+
+def strong_targets(cfg: TrainConfig, arrays: dict[str, np.ndarray], fusion: Fusion, c_logits: torch.Tensor | None,
+                   place: Callable[[torch.Tensor], torch.Tensor]) -> StrongViews:
+    """The targets on the (n, K) strong views: the teacher's logits on them, with the richkd target fused
+    (eq. 4) with CLIP's logits on the clean view, as for the teacher's own views."""
+    stored = {name.replace("strong_", ""): arrays[name] for name in arrays if name.startswith("teacher/strong_")}
+    t_strong = teacher_logits(stored, fusion.num_classes)  # (n, K, C)
+    c_clean = None
+    if c_logits is not None:
+        if fusion.clip_clean_view is None:
+            raise ConfigError("the strong views' targets pair with CLIP's clean view, which this cache does not store")
+        c_clean = c_logits[:, fusion.clip_clean_view : fusion.clip_clean_view + 1]  # (n, 1, C)
+    alpha = fusion_alpha(cfg, fusion, t_strong, c_clean, arrays.get("labels"))
+    logits = build_targets(cfg.resolved_target, teacher_logits=t_strong, clip_logits=c_clean, alpha=alpha)["logits"]
+    params = torch.from_numpy(arrays["views/strong_params"])  # (n, K, 12)
+    return StrongViews(logits=place(per_view_rows(logits, params.shape[1])), params=place(params))
 
 
 Window = tuple[torch.Tensor, Targets, "torch.Tensor | None"]
@@ -173,7 +224,7 @@ def whole_cache(cfg: TrainConfig, cache: CacheReader | None, device: torch.devic
     if cache is None or cfg.resolved_target == "ce":
         targets = Targets(None, None)
     else:
-        arrays = cache.load_many(list(cached_arrays(cache)))
+        arrays = cache.load_many(list(cached_arrays(cache, strong_views_needed(cfg, cache))))
         targets = compute_targets(cfg, arrays, setup_fusion(cfg, cache, arrays), device, cache.load("views/params"))
 
     def windows(generator: torch.Generator, pool: torch.Tensor) -> Iterator[Window]:
@@ -186,6 +237,7 @@ def streamed_cache(cfg: TrainConfig, cache: CacheReader, device: torch.device) -
     """For caches larger than memory: each epoch visits the write blocks (whole chunks) in a random order,
     `stream_window` blocks at a time, and shuffles the samples within each window."""
     fusion, layout = setup_fusion(cfg, cache), cache.layout
+    names = (*cached_arrays(cache, strong_views_needed(cfg, cache)), "views/params")
 
     def windows(generator: torch.Generator, pool: torch.Tensor) -> Iterator[Window]:
         in_pool = torch.zeros(layout.num_samples, dtype=torch.bool)
@@ -194,7 +246,7 @@ def streamed_cache(cfg: TrainConfig, cache: CacheReader, device: torch.device) -
         for w in range(0, len(blocks), cfg.stream_window):
             ranges = [layout.block_range(b) for b in sorted(blocks[w : w + cfg.stream_window])]
             arrays = {k: np.concatenate([cache.load_rows(k, a, b) for a, b in ranges])
-                      for k in (*cached_arrays(cache), "views/params")}
+                      for k in names}
             targets = compute_targets(cfg, arrays, fusion, device, arrays["views/params"])
             samples = torch.cat([torch.arange(a, b) for a, b in ranges])
             local = torch.full((layout.num_samples,), -1, dtype=torch.long)

@@ -22,7 +22,7 @@ from pipelines.distributed import DistContext, barrier, init_distributed, rank_d
 from pipelines.optim import make_optimizer, make_schedule
 from pipelines.progress import Reporter
 from pipelines.run_folder import RunFolder
-from pipelines.targets import Window, augment, streamed_cache, whole_cache
+from pipelines.targets import Window, augment, streamed_cache, strong_views_needed, whole_cache
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.distill import DistillObjective, create_objective
 from richkd_cache.errors import ConfigError, DataError
@@ -91,6 +91,8 @@ def setup_windows(cfg: TrainConfig, cache: CacheReader | None, train_set: ImageD
     if cfg.online:
         if not distilled:
             raise ConfigError("--online computes distillation targets: it needs --cache and a target other than ce")
+        if strong_views_needed(cfg, cache):
+            raise ConfigError(f"--online runs no teacher on strong views: train {cfg.method} from the cache")
         from pipelines.online import online_windows  # builds models: imported only when asked for
 
         return online_windows(cfg, cache, train_set, device)
@@ -265,15 +267,18 @@ def train_epoch(
                 rows_of = index if rows_in is None else rows_in[index]  # this window's rows
                 pixels, rows = augment(x, rows_of, targets, generator)  # (B, 3, H, W) uint8: the drawn views
                 target_logits, target_feats = targets.lookup(rows, device, clean=x, pixels=pixels)
-                x = normalize(pixels, dataset.mean, dataset.std)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
+                # a two-view method's (MLKD) second input: a stored strong view's pixels and its targets
+                strong = None if targets.strong is None else targets.strong.draw(x, rows_of, generator, device)
+                x = model_input(pixels, dataset)
+                if strong is not None:
+                    strong = (model_input(strong[0], dataset), strong[1])
                 # The compiled step sees one static batch shape. The epoch's last, partial batch runs eagerly
                 # on the same weights and optimiser instead of being padded: padded rows would enter
                 # BatchNorm's batch statistics and CRD's memory banks, and every loss would need row
                 # weights. One eager step per epoch (CIFAR: 50,000 = 781 x 64 + 16) costs nothing.
                 step = compiled if compiled is not None and len(y) == cfg.batch_size else train_step
-                terms, logits = step(student, objective, optimizer, x, y, index, target_logits, target_feats, epoch)
+                terms, logits = step(student, objective, optimizer, x, y, index, target_logits, target_feats, epoch,
+                                     strong)
                 for name, value in terms.items():  # summed on the device: no sync per step
                     sums[name] = sums.get(name, 0.0) + value * len(y)
                 correct = correct + (logits.argmax(1) == y).sum()
@@ -284,6 +289,12 @@ def train_epoch(
         raise ConfigError(f"the loss became {stats['loss']} in epoch {epoch + 1}; lower --lr or the loss weights")
     stats["train_top1"] = 100.0 * float(correct) / seen
     return stats
+
+
+def model_input(pixels: torch.Tensor, dataset: ImageDataset) -> torch.Tensor:
+    """uint8 pixels (B, 3, H, W) -> the normalised float batch the student takes (channels-last on CUDA)."""
+    x = normalize(pixels, dataset.mean, dataset.std)
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
 
 
 @functools.cache
@@ -319,9 +330,11 @@ def train_step(
     target_logits: torch.Tensor | None,
     target_feats: dict[str, torch.Tensor],
     epoch: int,
+    strong: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimisation step on a normalised batch x (B, 3, H, W) towards the batch's target logits (B, C)
-    and feature parts {name: (B, F)}; CRD's memory is keyed by `index` (sample indices).
+    and feature parts {name: (B, F)}; CRD's memory is keyed by `index` (sample indices). `strong`: a second
+    view's normalised batch and its target logits (B, C), for a two-view method (MLKD).
 
     Returns the loss terms (eq. 9, each already weighted) and their sum as "loss", detached and left on
     the device (reading them would wait for the GPU every step), and the student's logits (B, C).
@@ -329,6 +342,8 @@ def train_step(
     device = x.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits, feats = student(x)
+        # a forward of its own, as MLKD's KD_ours.py runs the student on each view (BatchNorm statistics per view)
+        strong_logits = None if strong is None else student(strong[0])[0].float()
     terms = objective(
         logits.float(),
         feats.float(),
@@ -337,6 +352,8 @@ def train_step(
         target_feats=target_feats,
         index=index,
         epoch=epoch,
+        strong_logits=strong_logits,
+        strong_target_logits=None if strong is None else strong[1],
     )
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
@@ -359,9 +376,7 @@ def evaluate(
     correct1 = correct5 = torch.zeros((), dtype=torch.long, device=device)
     k = min(5, dataset.num_classes)
     for _, x, y in batches(images, dataset, max(batch_size, 1024), order, workers):  # files: decoded in workers
-        x, y = normalize(x.to(device), dataset.mean, dataset.std), y.to(device)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = model_input(x.to(device), dataset), y.to(device)
         logits, _ = student(x)
         top = logits.topk(k, dim=1).indices
         correct1 = correct1 + (top[:, 0] == y).sum()

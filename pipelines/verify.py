@@ -38,8 +38,9 @@ def recompute_rows(url: str, k: int, data_root: str | None, teacher_checkpoint: 
                                   recorded_activation(clip_record)), device=torch_device)
     rows = np.sort(np.random.default_rng(seed).choice(len(dataset), size=min(k, len(dataset)), replace=False))
     params = cache.load("views/params")
+    strong = cache.load("views/strong_params") if cache.layout.strong_views else None  # replayed, as stage two does
     forward = make_forward(teacher, clip, dataset, torch_device, params, cache.layout.teacher_topk,
-                           cache.layout.clip_num_views)
+                           cache.layout.clip_num_views, strong=strong)
     batch = torch.utils.data.default_collate([dataset[int(i)] for i in rows])
     fresh = forward(batch)
     compared = [n for n, spec in cache.layout.sample_arrays().items()

@@ -1,0 +1,246 @@
+"""Strong views: MLKD's RandAugment-style augmentation, drawn once per (sample, view) from a seeded generator,
+stored as parameters, and replayed so that stage two sees exactly the pixels the teacher saw in stage one.
+
+The policy follows Jin-Ying/Multi-Level-Logit-Distillation, mdistiller/dataset/cifar100.py
+(get_cifar100_train_transform_strong): RandomCrop(32, padding=4) and RandomHorizontalFlip, then
+RandAugment(2, 10) (two ops drawn with replacement from its augment_list, each with a magnitude uniform in
+the op's range; the 10 is unused there), then Cutout of a square whose side is uniform in [0, 0.5] of the
+image, filled with (125, 123, 114).
+
+The ops and their magnitude ranges are that file's; the pixel arithmetic is ours and exact: blends in
+1/256 steps on integers, lookup tables from integer histograms, and geometry as nearest-neighbour index
+maps computed in float64 on the host. A replay of the same parameters gives the same bytes, on any device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from richkd_cache.views import PARAM_NAMES, apply_views, pad_for
+
+# One strong view: the crop and flip (views.PARAM_NAMES), two (op, magnitude) pairs, the cutout square
+# (centre x, centre y as fractions of the side; side as a fraction, 0 = none)
+STRONG_PARAM_NAMES = (*PARAM_NAMES, "op1", "magnitude1", "op2", "magnitude2", "cutout_x", "cutout_y", "cutout_size")
+# (name, low, high): augment_list() of mdistiller/dataset/cifar100.py, in its order (the op ids)
+OPS = (
+    ("auto_contrast", 0.0, 1.0),
+    ("brightness", 0.05, 0.95),
+    ("color", 0.05, 0.95),
+    ("contrast", 0.05, 0.95),
+    ("equalize", 0.0, 1.0),
+    ("identity", 0.0, 1.0),
+    ("posterize", 4.0, 8.0),  # bits kept
+    ("rotate", -30.0, 30.0),  # degrees, counter-clockwise
+    ("sharpness", 0.05, 0.95),
+    ("shear_x", -0.3, 0.3),
+    ("shear_y", -0.3, 0.3),
+    ("solarize", 0.0, 256.0),  # threshold
+    ("translate_x", -0.3, 0.3),  # fraction of the side
+    ("translate_y", -0.3, 0.3),
+)
+OPS_PER_VIEW = 2  # RandAugment(2, 10)
+CUTOUT_MAX = 0.5  # Cutout(img, random.random() * 0.5)
+CUTOUT_FILL = (125, 123, 114)  # CutoutAbs's colour
+_STREAM = 0x5747  # the strong views' own generator stream, apart from the random crop views' (views.py)
+
+
+def draw_strong_views(num_samples: int, k: int, image_size: int, seed: int = 0) -> np.ndarray:
+    """(N, K, 12) float32 parameters (STRONG_PARAM_NAMES), deterministic for (N, K, size, seed)."""
+    rng = np.random.default_rng([seed, _STREAM])
+    pad = pad_for(image_size)
+    shape = (num_samples, k)
+    offsets = rng.integers(-pad, pad + 1, size=(*shape, 2)) / image_size  # RandomCrop(32, padding=4)
+    flip = rng.integers(0, 2, size=shape).astype(np.float64)
+    ops = rng.integers(0, len(OPS), size=(*shape, OPS_PER_VIEW))  # random.choices: with replacement
+    low = np.array([o[1] for o in OPS])[ops]
+    high = np.array([o[2] for o in OPS])[ops]
+    magnitudes = low + (high - low) * rng.uniform(size=ops.shape)
+    side = CUTOUT_MAX * rng.uniform(size=shape)
+    # CutoutAbs draws the centre with np.random.uniform(w), i.e. low = w, high = 1: a pixel in (1, w]
+    centre = (image_size - (image_size - 1) * rng.uniform(size=(*shape, 2))) / image_size
+    ones = np.ones(shape)
+    columns = [offsets[..., 0], offsets[..., 1], ones, ones, flip]
+    for slot in range(OPS_PER_VIEW):
+        columns += [ops[..., slot], magnitudes[..., slot]]
+    columns += [centre[..., 0], centre[..., 1], side]
+    return np.stack(columns, axis=-1).astype(np.float32)
+
+
+def apply_strong_views(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Pixels of one strong view per image: (B, 3, S, S) uint8 and (B, 12) params -> (B, 3, S, S) uint8."""
+    out = apply_views(images, params[:, : len(PARAM_NAMES)])  # the padded crop and flip, exact
+    host = params.detach().to("cpu", torch.float64)
+    for slot in range(OPS_PER_VIEW):
+        ops = host[:, len(PARAM_NAMES) + 2 * slot].round().long()
+        magnitudes = host[:, len(PARAM_NAMES) + 2 * slot + 1]
+        for op in ops.unique().tolist():
+            rows = torch.nonzero(ops == op).flatten()
+            out[rows.to(out.device)] = _OP_FUNCTIONS[OPS[op][0]](out[rows.to(out.device)], magnitudes[rows])
+    return _cutout(out, host[:, -3:])
+
+
+# ---------------------------------------------------------------- the ops: (n, 3, S, S) uint8, (n,) float64 host
+
+
+def _factor(magnitude: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A blend factor in 1/256 steps, (n, 1, 1, 1) int32 on the images' device."""
+    return torch.round(magnitude * 256).to(torch.int32).to(like.device).view(-1, 1, 1, 1)
+
+
+def _blend(degenerate: torch.Tensor, image: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance's blend, degenerate + f * (image - degenerate), rounded, in integers."""
+    deg, img = degenerate.to(torch.int32), image.to(torch.int32)
+    mixed = deg + torch.div((img - deg) * _factor(magnitude, image) + 128, 256, rounding_mode="floor")
+    return mixed.clamp(0, 255).to(torch.uint8)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma (PIL's "L"), (n, 1, S, S) int32."""
+    r, g, b = x.to(torch.int32).unbind(1)
+    return torch.div(r * 299 + g * 587 + b * 114 + 500, 1000, rounding_mode="floor")[:, None]
+
+
+def _brightness(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return _blend(torch.zeros_like(x), x, m)
+
+
+def _color(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return _blend(_grey(x).expand_as(x), x, m)
+
+
+def _contrast(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Blend towards the image's mean grey level, rounded to an integer as PIL does."""
+    grey = _grey(x).flatten(1)
+    mean = torch.div(grey.sum(1) + grey.shape[1] // 2, grey.shape[1], rounding_mode="floor")
+    return _blend(mean.view(-1, 1, 1, 1).expand_as(x), x, m)
+
+
+def _sharpness(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Blend towards PIL's SMOOTH filter (3 x 3, centre 5, others 1, over 13); border pixels are kept."""
+    v = x.to(torch.int32)
+    s = v.shape[-1]
+    window = sum(v[..., i : s - 2 + i, j : s - 2 + j] for i in range(3) for j in range(3))
+    smooth = v.clone()
+    smooth[..., 1:-1, 1:-1] = torch.div(window + 4 * v[..., 1:-1, 1:-1] + 6, 13, rounding_mode="floor")
+    return _blend(smooth, x, m)
+
+
+def _auto_contrast(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Stretch each channel's range to 0..255 (unchanged where a channel is flat)."""
+    v = x.to(torch.int32)
+    low, high = v.amin(dim=(2, 3), keepdim=True), v.amax(dim=(2, 3), keepdim=True)
+    span = (high - low).clamp_min(1)
+    stretched = torch.div((v - low) * 255, span, rounding_mode="floor")
+    return torch.where(high > low, stretched, v).to(torch.uint8)
+
+
+def _equalize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageOps.equalize per channel: a lookup table from the cumulative histogram, in integers."""
+    n, c, s, _ = x.shape
+    flat = x.reshape(n * c, s * s).long()
+    hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, flat, torch.ones_like(flat))
+    last = 255 - (hist > 0).flip(1).long().argmax(1)  # the last occupied level
+    step = torch.div(s * s - hist.gather(1, last[:, None]).squeeze(1), 255, rounding_mode="floor")  # (n*c,)
+    before = hist.cumsum(1) - hist  # pixels below each level
+    safe = step.clamp_min(1)[:, None]
+    lut = torch.div(before + torch.div(safe, 2, rounding_mode="floor"), safe, rounding_mode="floor").clamp_max(255)
+    lut = torch.where(step[:, None] > 0, lut, torch.arange(256, device=x.device).expand_as(lut))
+    return lut.gather(1, flat).to(torch.uint8).reshape(n, c, s, s)
+
+
+def _identity(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _posterize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Keep the top max(1, int(m)) bits of every value."""
+    bits = m.long().clamp(1, 8)
+    mask = (0xFF << (8 - bits)) & 0xFF
+    return x & mask.to(torch.uint8).to(x.device).view(-1, 1, 1, 1)
+
+
+def _solarize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Invert every value at or above the threshold (value < m kept: integer values, so < ceil(m))."""
+    threshold = torch.ceil(m).to(torch.int32).to(x.device).view(-1, 1, 1, 1)
+    return torch.where(x.to(torch.int32) < threshold, x, 255 - x)
+
+
+def _rotate(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """PIL's rotate(m): counter-clockwise by m degrees about the centre, nearest neighbour, black outside."""
+    a = -torch.deg2rad(m)
+    cos, sin = torch.cos(a), torch.sin(a)
+    half = x.shape[-1] / 2.0
+    # input = R (output - centre) + centre
+    return _affine(x, cos, sin, half - cos * half - sin * half, -sin, cos, half + sin * half - cos * half)
+
+
+def _shear_x(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    one, zero = torch.ones_like(m), torch.zeros_like(m)
+    return _affine(x, one, m, zero, zero, one, zero)
+
+
+def _shear_y(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    one, zero = torch.ones_like(m), torch.zeros_like(m)
+    return _affine(x, one, zero, zero, m, one, zero)
+
+
+def _translate_x(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    one, zero = torch.ones_like(m), torch.zeros_like(m)
+    return _affine(x, one, zero, m * x.shape[-1], zero, one, zero)
+
+
+def _translate_y(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    one, zero = torch.ones_like(m), torch.zeros_like(m)
+    return _affine(x, one, zero, zero, zero, one, m * x.shape[-1])
+
+
+def _affine(x: torch.Tensor, a, b, c, d, e, f) -> torch.Tensor:
+    """PIL's Image.transform(AFFINE, (a, b, c, d, e, f)) with nearest neighbour: output pixel (u, v) takes the
+    input pixel under (a u' + b v' + c, d u' + e v' + f) at pixel centres u' = u + 0.5, black outside. The
+    index map is computed on the host in float64, so every device gathers the same pixels."""
+    n, _, s, _ = x.shape
+    centres = torch.arange(s, dtype=torch.float64) + 0.5
+    v, u = centres.view(1, s, 1), centres.view(1, 1, s)
+    col = torch.floor(a.view(-1, 1, 1) * u + b.view(-1, 1, 1) * v + c.view(-1, 1, 1)).long()  # (n, S, S)
+    row = torch.floor(d.view(-1, 1, 1) * u + e.view(-1, 1, 1) * v + f.view(-1, 1, 1)).long()
+    inside = ((col >= 0) & (col < s) & (row >= 0) & (row < s)).to(x.device)
+    index = (row.clamp(0, s - 1) * s + col.clamp(0, s - 1)).flatten(1).to(x.device)  # (n, S*S)
+    picked = x.flatten(2).gather(2, index[:, None].expand(n, x.shape[1], s * s)).view_as(x)
+    return torch.where(inside[:, None], picked, torch.zeros_like(picked))
+
+
+def _cutout(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """CutoutAbs: a square of side v = size * S at the stored centre, clipped to the image, corners
+    (int(max(0, c - v/2)), then + v) included as ImageDraw.rectangle includes them; none when v = 0."""
+    n, _, s, _ = x.shape
+    side = box[:, 2] * s
+    start = torch.floor(torch.clamp_min(box[:, :2] * s - side[:, None] / 2, 0))  # (n, 2): x0, y0
+    stop = torch.floor(torch.minimum(start + side[:, None], torch.full_like(start, s)))  # inclusive
+    pixels = torch.arange(s, dtype=torch.float64)
+    cols = (pixels >= start[:, 0:1]) & (pixels <= stop[:, 0:1])  # (n, S)
+    rows = (pixels >= start[:, 1:2]) & (pixels <= stop[:, 1:2])
+    mask = (rows[:, :, None] & cols[:, None, :] & (side > 0).view(-1, 1, 1)).to(x.device)
+    fill = torch.tensor(CUTOUT_FILL, dtype=torch.uint8, device=x.device).view(1, 3, 1, 1)
+    return torch.where(mask[:, None], fill, x)
+
+
+_OP_FUNCTIONS = {
+    "auto_contrast": _auto_contrast,
+    "brightness": _brightness,
+    "color": _color,
+    "contrast": _contrast,
+    "equalize": _equalize,
+    "identity": _identity,
+    "posterize": _posterize,
+    "rotate": _rotate,
+    "sharpness": _sharpness,
+    "shear_x": _shear_x,
+    "shear_y": _shear_y,
+    "solarize": _solarize,
+    "translate_x": _translate_x,
+    "translate_y": _translate_y,
+}
+assert set(_OP_FUNCTIONS) == {name for name, _, _ in OPS}

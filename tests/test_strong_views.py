@@ -1,0 +1,151 @@
+"""Strong views: drawn once and stored by stage one, replayed to the same bytes in stage two, and trained on
+by MLKD (+ RichKD) from a cache; a cache without them is refused for MLKD in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from typer.testing import CliRunner
+
+from cache_store import open_cache
+from pipelines.cli import app
+from richkd_cache.data import create_dataset, normalize
+from richkd_cache.models import create_model, load_checkpoint, save_checkpoint
+from richkd_cache.strong_views import OPS, STRONG_PARAM_NAMES, apply_strong_views, draw_strong_views
+
+runner = CliRunner()
+K = 2
+CROP_FLIP = len(STRONG_PARAM_NAMES) - 7  # the crop and flip parameters come first
+OP = {name: i for i, (name, _, _) in enumerate(OPS)}
+
+
+@pytest.fixture(scope="module")
+def strong_cache(tmp_path_factory) -> tuple[Path, Path]:
+    """The digits with the clean view, K = 2 strong views per image, an untrained resnet8 teacher, tiny CLIP."""
+    root = tmp_path_factory.mktemp("strong")
+    teacher = root / "teacher.pth"
+    save_checkpoint(str(teacher), create_model("resnet8", 10), arch="resnet8", num_classes=10)
+    out = root / "strong.zarr"
+    result = runner.invoke(app, ["build", "--dataset", "digits", "--teacher-checkpoint", str(teacher), "--clip",
+                                 "richkd-tiny", "--clip-pretrained", "random", "--prompts", "single", "--teacher-views",
+                                 "clean", "--strong-views", str(K), "--device", "cpu", "--workers", "0", "--quiet",
+                                 "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out, teacher
+
+
+def one_view(op: str = "identity", magnitude: float = 0.0, cutout: tuple[float, float, float] = (0.5, 0.5, 0.0),
+             n: int = 1) -> torch.Tensor:
+    """(n, 12) parameters: no crop offset, no flip, `op` twice... once, then identity, and a cutout box."""
+    row = [0.0, 0.0, 1.0, 1.0, 0.0, OP[op], magnitude, OP["identity"], 0.0, *cutout]
+    return torch.tensor([row] * n, dtype=torch.float32)
+
+
+def images(n: int = 3) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+def test_a_replayed_strong_view_gives_the_cached_teacher_logits(strong_cache) -> None:
+    out, teacher_file = strong_cache
+    cache = open_cache(str(out))
+    assert cache.layout.strong_views == K and cache.manifest["views"]["strong"]["num_views"] == K
+    params, cached = cache.load("views/strong_params"), cache.load("teacher/strong_logits")  # (N, K, 12), (N, K, C)
+    assert params.shape == (1442, K, len(STRONG_PARAM_NAMES)) and cached.shape == (1442, K, 10)
+    dataset = create_dataset("digits", None, "train")
+    rows = [0, 7, 700, 1441]
+    x = torch.stack([torch.as_tensor(dataset[i]["image"]) for i in rows])  # (4, 3, 32, 32) uint8
+    teacher, _ = load_checkpoint(str(teacher_file), num_classes=10)
+    teacher.eval()
+    for k in range(K):
+        view = torch.from_numpy(params[rows, k])
+        pixels = apply_strong_views(x, view)
+        assert torch.equal(pixels, apply_strong_views(x, view))  # replay is bit-identical across calls
+        assert not torch.equal(pixels, x)
+        with torch.no_grad():
+            logits, _ = teacher(normalize(pixels, dataset.mean, dataset.std))
+        np.testing.assert_allclose(logits.numpy(), cached[rows, k].astype(np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_strong_views_are_drawn_from_the_seed_within_their_ranges() -> None:
+    a, b = draw_strong_views(50, 4, 32, seed=3), draw_strong_views(50, 4, 32, seed=3)
+    assert np.array_equal(a, b) and not np.array_equal(a, draw_strong_views(50, 4, 32, seed=4))
+    offsets = a[..., :2] * 32
+    assert np.array_equal(offsets, offsets.round()) and np.abs(offsets).max() <= 4  # RandomCrop(32, padding=4)
+    for slot in (5, 7):
+        ops = a[..., slot].astype(int)
+        low, high = (np.array([op[i] for op in OPS])[ops] for i in (1, 2))
+        assert ((a[..., slot + 1] >= low) & (a[..., slot + 1] <= high)).all()
+    assert ((a[..., -1] >= 0) & (a[..., -1] <= 0.5)).all()  # the cutout side: up to half the image
+
+
+def test_identity_without_cutout_is_the_image_and_cutout_fills_its_box() -> None:
+    x = images()
+    assert torch.equal(apply_strong_views(x, one_view(n=3)), x)
+    # side 0.25 * 32 = 8 centred at (16, 8): columns 12..20 and rows 4..12, ends included as ImageDraw's
+    out = apply_strong_views(x, one_view(cutout=(0.5, 0.25, 0.25), n=3))
+    box = torch.zeros(32, 32, dtype=torch.bool)
+    box[4:13, 12:21] = True
+    assert (out[:, :, box] == torch.tensor([125, 123, 114], dtype=torch.uint8).view(1, 3, 1)).all()
+    assert torch.equal(out[:, :, ~box], x[:, :, ~box])
+
+
+@pytest.mark.parametrize("op, magnitude, reference", [
+    ("equalize", 0.0, ImageOps.equalize),
+    ("posterize", 5.7, lambda im: ImageOps.posterize(im, 5)),
+    ("solarize", 100.5, lambda im: ImageOps.solarize(im, 100.5)),
+    ("rotate", 17.0, lambda im: im.rotate(17.0)),
+    ("translate_x", 0.25, lambda im: im.transform(im.size, Image.AFFINE, (1, 0, 8, 0, 1, 0))),
+])
+def test_ops_match_pillow_where_pillow_is_integer_exact(op: str, magnitude: float, reference) -> None:
+    x = images(2)
+    out = apply_strong_views(x, one_view(op, magnitude, n=2))
+    for i in range(2):
+        expected = np.asarray(reference(Image.fromarray(x[i].permute(1, 2, 0).numpy())))
+        assert np.array_equal(out[i].permute(1, 2, 0).numpy(), expected)
+
+
+def test_blends_move_towards_their_degenerate_image() -> None:
+    x = images()
+    half = apply_strong_views(x, one_view("brightness", 0.5, n=3)).int()
+    assert ((half - torch.div(x.int() + 1, 2, rounding_mode="floor")).abs() <= 1).all()  # x / 2, rounded
+    grey = apply_strong_views(x, one_view("color", 0.05, n=3)).int()
+    assert grey.float().std(dim=1).mean() < x.float().std(dim=1).mean() / 5  # channels pulled to the luma
+
+
+def test_mlkd_with_richkd_trains_an_epoch_from_strong_views(strong_cache, tmp_path: Path) -> None:
+    out, _ = strong_cache
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--cache", str(out), "--student", "resnet8", "--method", "mlkd",
+                                 "--target", "richkd", "--feature-loss", "none", "--epochs", "1", "--fraction", "0.25",
+                                 "--device", "cpu", "--workers", "0", "--quiet", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == "mlkd" and config["method_params"]["weight"] == 0.9
+    import pyarrow.parquet as pq
+
+    metrics = pq.read_table(run / "metrics.parquet").to_pylist()[0]
+    assert all(metrics[f"train_logit_{t}"] > 0 for t in ("kd", "cc", "bc")) and np.isfinite(metrics["loss"])
+
+
+def test_the_cache_reports_and_verifies_its_strong_views(strong_cache) -> None:
+    out, _ = strong_cache
+    info = runner.invoke(app, ["info", str(out), "--json"])
+    assert info.exit_code == 0, info.output
+    summary = json.loads(info.output)
+    assert summary["views"]["strong"] == {"policy": "randaugment", "num_views": K, "seed": 0}
+    assert summary["bytes_per_sample_view"]["strong"]["bytes_per_row"] == 20  # 10 fp16 logits
+    verify = runner.invoke(app, ["verify", str(out), "--recompute", "3", "--device", "cpu"])
+    assert verify.exit_code == 0 and "ok" in verify.output, verify.output
+
+
+def test_mlkd_on_a_cache_without_strong_views_names_the_build_flag(digits_cache: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--cache", str(digits_cache), "--student", "resnet8", "--method", "mlkd",
+                                 "--epochs", "1", "--device", "cpu", "--workers", "0", "--quiet", "--out", str(run)])
+    assert result.exit_code != 0 and "--strong-views K" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not run.exists()
