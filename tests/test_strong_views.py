@@ -120,12 +120,13 @@ def test_blends_move_towards_their_degenerate_image() -> None:
 def test_mlkd_with_richkd_trains_an_epoch_from_strong_views(strong_cache, tmp_path: Path) -> None:
     out, _ = strong_cache
     run = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--cache", str(out), "--student", "resnet8", "--method", "mlkd",
-                                 "--target", "richkd", "--feature-loss", "none", "--epochs", "1", "--fraction", "0.25",
+    result = runner.invoke(app, ["train", "--recipe", "cifar100-r32x4-r8x4-mlkd-richkd", "--cache", str(out),
+                                 "--dataset", "digits", "--student", "resnet8", "--epochs", "1", "--fraction", "0.25",
                                  "--device", "cpu", "--workers", "0", "--quiet", "--out", str(run)])
     assert result.exit_code == 0, result.output
     config = json.loads((run / "config.json").read_text())
-    assert config["method"] == "mlkd" and config["method_params"]["weight"] == 0.9
+    assert (config["method"], config["target"], config["feature_loss"]) == ("mlkd", "richkd", None)
+    assert config["method_params"] == {"ce_weight": 0.1, "weight": 0.9, "temperature": 4.0, "percentile": 50.0}
     import pyarrow.parquet as pq
 
     metrics = pq.read_table(run / "metrics.parquet").to_pylist()[0]
@@ -149,3 +150,14 @@ def test_mlkd_on_a_cache_without_strong_views_names_the_build_flag(digits_cache:
                                  "--epochs", "1", "--device", "cpu", "--workers", "0", "--quiet", "--out", str(run)])
     assert result.exit_code != 0 and "--strong-views K" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not run.exists()
+
+
+@pytest.mark.parametrize("pair", ["r32x4-r8x4", "wrn402-wrn401"])
+def test_mlkd_recipes_carry_its_own_schedule(pair: str) -> None:
+    from pipelines.config import load_recipe
+
+    # Jin-Ying/Multi-Level-Logit-Distillation configs/cifar100/ours/*.yaml, for the RichKD paper's 480 epochs
+    for name, target in ((f"cifar100-{pair}-mlkd", "kd"), (f"cifar100-{pair}-mlkd-richkd", "richkd")):
+        recipe = load_recipe(name)
+        assert (recipe["method"], recipe["target"], recipe["epochs"], recipe["lr"]) == ("mlkd", target, 480, 0.025)
+        assert recipe["milestones"] == [150, 180, 210] and recipe["batch_size"] == 64
