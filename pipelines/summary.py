@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from cache_store import open_cache
-from cache_store.schema import model_views
+from cache_store.schema import ArraySpec, CacheLayout, model_views
 from cache_store.verify import checksum_summary
 from pipelines.cached import clean_view, clean_views
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.distill import fuse_logits
 from richkd_cache.errors import ConfigError
 from richkd_cache.metrics import topk_accuracy
+
+IMAGENET_1K_TRAIN = 1_281_167  # ImageNet-1k's training images (ILSVRC-2012)
+IMAGENET_1K_CLASSES = 1000
+# Bytes per sample-view of other stores of teacher targets, as their authors report them:
+REFERENCES = {
+    "TinyViT (top-10 sparse logits + augmentation)": 44,  # Wu et al., ECCV 2022, Sec. 3.1
+    "ml-dr (reinforced ImageNet)": 65,  # Faghri et al., "Reinforce Data, Multiply Impact", ICCV 2023
+}
 
 
 def cache_summary(url: str, alpha: float) -> dict:
@@ -41,6 +51,7 @@ def cache_summary(url: str, alpha: float) -> dict:
                  "activation": "quickgelu" if manifest["clip"].get("quick_gelu") else "gelu"},
         "arrays": reader.array_info(),
         "bytes_per_sample_view": reader.bytes_per_sample_view(),
+        "storage": storage(reader.layout),
         "chunk_checksums": checksum_summary(reader),
         "alpha": alpha,
         "prompt_sets": [],
@@ -54,6 +65,38 @@ def strong_views(manifest: dict) -> dict[str, dict]:
     """{"strong": its policy, K and seed} for a cache storing strong views (the teacher's rows on them), else {}."""
     strong = (manifest.get("views") or {}).get("strong")
     return {"strong": {k: strong.get(k) for k in ("policy", "num_views", "seed")}} if strong else {}
+
+
+def storage(layout: CacheLayout) -> dict:
+    """What one sample-view costs in this cache, and the whole cache at ImageNet-1k's size.
+
+    Bytes per sample-view, as written (uncompressed; fp16 rows barely compress, so an upper bound):
+        B = sum over the sample-axis arrays of (bytes one sample takes in the array) / V
+    with V the teacher's views per sample: the teacher's logits (C x 2 B, or top-k: k x (2 + 4) B) and
+    features (Ft x 2 B) and the view's parameters (5 x 4 B) are per view; CLIP's rows (clean view:
+    (D + Fc) x 2 B) and the label (4 B) are per sample, so spread over its V views. ImageNet-1k at
+    this layout: 1,281,167 x V x B, full logits counted at its 1,000 classes (top-k rows do not depend on C).
+    """
+    views = layout.num_views
+    parts = {name: per_sample_bytes(spec) / views for name, spec in layout.sample_arrays().items()}
+    at_imagenet = {**parts}
+    if "teacher/logits" in parts:
+        at_imagenet["teacher/logits"] = IMAGENET_1K_CLASSES * 2
+    per_view = sum(at_imagenet.values())
+    return {
+        "views": views,
+        "bytes_per_sample_view": sum(parts.values()),
+        "parts": parts,
+        "imagenet_1k": {"samples": IMAGENET_1K_TRAIN, "views": views, "bytes_per_sample_view": per_view,
+                        "bytes": IMAGENET_1K_TRAIN * views * per_view},
+        "references": [{"name": name, "bytes_per_sample_view": b, "imagenet_1k_bytes": IMAGENET_1K_TRAIN * views * b}
+                       for name, b in REFERENCES.items()],
+    }
+
+
+def per_sample_bytes(spec: ArraySpec) -> int:
+    """Bytes of one sample's row of a sample-axis array: (N, [V,] X) -> itemsize x V x X."""
+    return np.dtype(spec.dtype).itemsize * math.prod(spec.shape[1:])
 
 
 def prompt_set_accuracy(reader, alpha: float) -> list[dict]:
@@ -96,6 +139,7 @@ def render_summary(summary: dict, console: Console) -> None:
         arrays.add_row(a["name"], str(a["dtype"]), str(tuple(a["shape"])), str(tuple(a["chunks"])), human_bytes(a["stored_bytes"]))
     console.print(arrays)
     console.print(views_table(summary))
+    console.print(storage_table(summary["storage"]))
     console.print(f"chunk checksums: {summary['chunk_checksums']}", highlight=False, soft_wrap=True)
     if summary["prompt_sets"]:
         acc = Table(title=f"top-1 (%) on the cached split, fused at alpha={summary['alpha']}")
@@ -116,6 +160,25 @@ def views_table(summary: dict) -> Table:
         size = summary["bytes_per_sample_view"][model]
         table.add_row(model, str(v["policy"]), str(v["num_views"]), str(size["rows"]), str(size["bytes_per_row"]),
                       f"{size['stored_bytes_per_row']:.0f}", human_bytes(size["rows"] * size["bytes_per_row"]))
+    return table
+
+
+def storage_table(storage: dict) -> Table:
+    """Bytes per sample-view of this cache by array, and ImageNet-1k's whole cache at this layout beside the
+    references (formula: `storage`)."""
+    n, v = storage["imagenet_1k"]["samples"], storage["views"]
+    table = Table(title=f"bytes per sample-view, and ImageNet-1k ({n:,} images x {v} view(s)) at that cost")
+    table.add_column("store", no_wrap=True)
+    for col in ("B per sample-view", "ImageNet-1k"):
+        table.add_column(col, justify="right")
+    for name, b in storage["parts"].items():
+        table.add_row(f"  {name}", f"{b:.1f}", "")
+    at = storage["imagenet_1k"]
+    label = "this cache" if at["bytes_per_sample_view"] == storage["bytes_per_sample_view"] else \
+        "this cache (1,000-class logits at ImageNet)"
+    table.add_row(label, f"{storage['bytes_per_sample_view']:.1f}", human_bytes(at["bytes"]))
+    for ref in storage["references"]:
+        table.add_row(ref["name"], f"{ref['bytes_per_sample_view']}", human_bytes(ref["imagenet_1k_bytes"]))
     return table
 
 

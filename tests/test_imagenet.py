@@ -157,3 +157,19 @@ def test_torchvision_weights_offline_is_one_line_naming_the_file(imagenet: Path,
     assert "https://download.pytorch.org/models/resnet34-b627a593.pth" in lines[0]
     assert str(tmp_path / "hub" / "checkpoints" / "resnet34-b627a593.pth") in lines[0]
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_info_reports_bytes_per_sample_view_and_the_imagenet_size(imagenet_cache: Path) -> None:
+    result = invoke("info", imagenet_cache, "--json")
+    assert result.exit_code == 0, result.output
+    storage = json.loads(result.output)["storage"]
+    # per view: top-k values fp16 + indices int32, resnet18's 512 fp16 features, 5 float32 view parameters;
+    # per sample, over the 2 views: the label (int32), richkd-tiny's 32-d embedding and 64-d feature (fp16)
+    per_view = TOPK * (2 + 4) + 512 * 2 + 5 * 4 + (4 + 32 * 2 + 64 * 2) / VIEWS
+    assert storage["bytes_per_sample_view"] == pytest.approx(per_view) == 1154
+    assert storage["parts"]["teacher/features"] == 1024 and storage["parts"]["clip/features"] == 64
+    assert storage["imagenet_1k"]["bytes"] == pytest.approx(1_281_167 * VIEWS * per_view)
+    assert [r["bytes_per_sample_view"] for r in storage["references"]] == [44, 65]
+    assert storage["references"][0]["imagenet_1k_bytes"] == 1_281_167 * VIEWS * 44
+    table = invoke("info", imagenet_cache).output
+    assert "ImageNet-1k (1,281,167 images x 2 view(s))" in table and "2.8 GiB" in table and "TinyViT" in table
