@@ -88,7 +88,8 @@ def test_image_folder_builds_streams_trains_and_verifies(imagenet: Path, imagene
 def test_stage_two_decodes_each_image_once_per_draw(imagenet: Path, imagenet_cache: Path,
                                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No image is decoded twice, nor the split decoded into memory: one decode per training draw and
-    one per validation image each epoch (workers 0, so the decodes are counted in this process)."""
+    one per validation image each epoch (workers 0, so the decodes are counted in this process). The run
+    is the ImageNet recipe's RichKD (L), shortened."""
     decoded: list[tuple[str, int]] = []
     original = ImageFolderDataset.__getitem__
 
@@ -97,10 +98,13 @@ def test_stage_two_decodes_each_image_once_per_draw(imagenet: Path, imagenet_cac
         return original(self, i)
 
     monkeypatch.setattr(ImageFolderDataset, "__getitem__", counted)
-    result = invoke("train", "--cache", imagenet_cache, "--student", "tv:resnet18", "--epochs", "1",
+    result = invoke("train", "--recipe", "imagenet-resnet34-resnet18", "--cache", imagenet_cache, "--epochs", "1",
                     "--batch-size", "6", "--stream-window", "2", "--workers", "0", "--device", "cpu", "--quiet",
                     "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())  # the recipe's mdistiller ImageNet KD
+    assert (config["student"], config["feature_loss"], config["weight_decay"]) == ("tv:resnet18", None, 1e-4)
+    assert config["method_params"] == {"ce_weight": 0.5, "weight": 0.5, "temperature": 1.0}
     train = sorted(i for split, i in decoded if split == "train")
     val = sorted(i for split, i in decoded if split == "val")
     assert train == list(range(TRAIN_PER_CLASS * len(CLASSES))) and val == list(range(VAL_PER_CLASS * len(CLASSES)))
