@@ -4,11 +4,13 @@ by MLKD (+ RichKD) from a cache; a cache without them is refused for MLKD in one
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
@@ -41,7 +43,7 @@ def strong_cache(tmp_path_factory) -> tuple[Path, Path]:
 
 def one_view(op: str = "identity", magnitude: float = 0.0, cutout: tuple[float, float, float] = (0.5, 0.5, 0.0),
              n: int = 1) -> torch.Tensor:
-    """(n, 12) parameters: no crop offset, no flip, `op` twice... once, then identity, and a cutout box."""
+    """(n, 12) parameters: no crop offset, no flip, `op` then identity, and a cutout box (side 0: none)."""
     row = [0.0, 0.0, 1.0, 1.0, 0.0, OP[op], magnitude, OP["identity"], 0.0, *cutout]
     return torch.tensor([row] * n, dtype=torch.float32)
 
@@ -142,6 +144,16 @@ def test_the_cache_reports_and_verifies_its_strong_views(strong_cache) -> None:
     assert summary["bytes_per_sample_view"]["strong"]["bytes_per_row"] == 20  # 10 fp16 logits
     verify = runner.invoke(app, ["verify", str(out), "--recompute", "3", "--device", "cpu"])
     assert verify.exit_code == 0 and "ok" in verify.output, verify.output
+
+
+def test_verify_recompute_catches_a_wrong_strong_row(strong_cache, tmp_path: Path) -> None:
+    out, _ = strong_cache
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(out, copy)
+    logits = zarr.open_group(str(copy), mode="r+")["teacher/strong_logits"]
+    logits[:] = logits[:] + np.float16(1.0)  # stored through zarr: the checksums still hold, the numbers do not
+    verify = runner.invoke(app, ["verify", str(copy), "--recompute", "3", "--device", "cpu"])
+    assert verify.exit_code != 0 and "teacher/strong_logits" in verify.output, verify.output
 
 
 def test_mlkd_on_a_cache_without_strong_views_names_the_build_flag(digits_cache: Path, tmp_path: Path) -> None:
