@@ -50,7 +50,7 @@ def export_blocks(cfg: TrainConfig, cache, fusion, with_features: bool) -> Itera
     layout = cache.layout
     for block in range(layout.num_blocks):
         a, b = layout.block_range(block)
-        arrays = {k: cache.load_rows(k, a, b) for k in (*cached_arrays(cache), "views/params")}
+        arrays = {k: cache.load_rows(k, a, b) for k in (*cached_arrays(cache, features=with_features), "views/params")}
         targets = compute_targets(cfg, arrays, fusion, torch.device("cpu"), arrays["views/params"])
         views = arrays["views/params"]  # (n, V, 5)
         n, v = views.shape[:2]

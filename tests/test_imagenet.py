@@ -15,8 +15,11 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
+from cache_store import CacheReader, open_cache
 from pipelines.cli import app
+from pipelines.config import TrainConfig
 from pipelines.evaluate import resolve_dataset
+from pipelines.targets import whole_cache
 from richkd_cache.data.imagefolder import ImageFolderDataset
 
 runner = CliRunner()
@@ -98,6 +101,16 @@ def test_stage_two_decodes_each_image_once_per_draw(imagenet: Path, imagenet_cac
         return original(self, i)
 
     monkeypatch.setattr(ImageFolderDataset, "__getitem__", counted)
+    read: list[str] = []
+
+    def recorded(method):
+        def reader(self: CacheReader, name: str, *args):
+            read.append(name)
+            return method(self, name, *args)
+        return reader
+
+    for name in ("load", "load_rows"):
+        monkeypatch.setattr(CacheReader, name, recorded(getattr(CacheReader, name)))
     result = invoke("train", "--recipe", "imagenet-resnet34-resnet18", "--cache", imagenet_cache, "--epochs", "1",
                     "--batch-size", "6", "--stream-window", "2", "--workers", "0", "--device", "cpu", "--quiet",
                     "--out", tmp_path / "run")
@@ -105,6 +118,15 @@ def test_stage_two_decodes_each_image_once_per_draw(imagenet: Path, imagenet_cac
     config = json.loads((tmp_path / "run" / "config.json").read_text())  # the recipe's mdistiller ImageNet KD
     assert (config["student"], config["feature_loss"], config["weight_decay"]) == ("tv:resnet18", None, 1e-4)
     assert config["method_params"] == {"ce_weight": 0.5, "weight": 0.5, "temperature": 1.0}
+    # RichKD (L) has no feature loss: the pooled features (most of a view's bytes) are never read, streamed
+    # or whole
+    assert "teacher/topk_values" in read and not {"teacher/features", "clip/features"} & set(read)
+    read.clear()
+    cfg = TrainConfig(student="tv:resnet18", out=str(tmp_path / "unused"), cache=str(imagenet_cache), feature_loss=None)
+    _, targets, _ = next(whole_cache(cfg, open_cache(str(imagenet_cache)), torch.device("cpu"))(
+        torch.Generator(), torch.arange(TRAIN_PER_CLASS * len(CLASSES))))
+    assert targets.features is None and targets.logits.shape == (TRAIN_PER_CLASS * len(CLASSES) * VIEWS, len(CLASSES))
+    assert "clip/image_embeds" in read and not {"teacher/features", "clip/features"} & set(read)
     train = sorted(i for split, i in decoded if split == "train")
     val = sorted(i for split, i in decoded if split == "val")
     assert train == list(range(TRAIN_PER_CLASS * len(CLASSES))) and val == list(range(VAL_PER_CLASS * len(CLASSES)))
