@@ -380,6 +380,7 @@ def evaluate(
     plots: Annotated[Optional[str], typer.Option(help="Folder for the correlation matrix (Fig. 5) and t-SNE (Fig. 4) plots.")] = None,
     gradcam: Annotated[int, typer.Option(min=0, help="Grad-CAM maps of N random images, one column per checkpoint (Fig. 7), in --plots.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader workers decoding image files (imagefolder).")] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
@@ -390,7 +391,8 @@ def evaluate(
     result = run_evaluate(checkpoints[0], dataset, data_root, split=split, attacks=attacks, batch_size=batch_size,
                           device=str(resolve_device(device)),
                           epsilons=parse_numbers("--epsilons", epsilons, float), corruptions=corruptions,
-                          teacher=teacher, plots=plots, gradcam=gradcam, beside=tuple(checkpoints[1:]))
+                          teacher=teacher, plots=plots, gradcam=gradcam, beside=tuple(checkpoints[1:]),
+                          workers=workers)
     show(result, as_json, render_evaluation)
 
 

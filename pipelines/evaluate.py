@@ -48,6 +48,7 @@ def run_evaluate(
     plots: str | None = None,
     gradcam: int = 0,
     beside: tuple[str, ...] = (),
+    workers: int = 0,
 ) -> dict:
     """A JSON-ready report: clean top-1/top-5 (%) and, with attacks, FGSM and PGD at each epsilon;
     optionally CIFAR-C corruptions, accuracy by the teacher's category, the Fig. 4/5 plots, and the
@@ -68,7 +69,7 @@ def run_evaluate(
         raise ConfigError(f"--gradcam takes 1 to {len(data)} images (the {data.split} split's size), got {gradcam}")
     others = [load_checkpoint(p, num_classes=data.num_classes, map_location=str(dev))[0] for p in beside]
     settings = [(attack, eps) for attack in ATTACKS for eps in epsilons] if attacks else []
-    hits = count_hits(model_forward(model, data), data, batch_size, dev, settings)
+    hits = count_hits(model_forward(model, data), data, batch_size, dev, settings, workers)
     n = max(len(data), 1)
     rows = [{"attack": attack, "epsilon": eps, "top1": 100.0 * hits[(attack, eps)][0] / n,
              "top5": 100.0 * hits[(attack, eps)][1] / n} for attack, eps in [("clean", 0.0), *settings]]
@@ -85,11 +86,11 @@ def run_evaluate(
     if corruptions:
         result["corruptions"] = studies.corruption_accuracy(model, corruptions, data, dev)
     if teacher or plots:
-        logits, feats = studies.outputs(model, None, data, dev)
+        logits, feats = studies.outputs(model, None, data, dev, workers=workers)
         labels = torch.from_numpy(data.labels)
         if teacher:
             teacher_model, _ = load_checkpoint(teacher, num_classes=data.num_classes, map_location=str(dev))
-            teacher_logits, _ = studies.outputs(teacher_model, None, data, dev)
+            teacher_logits, _ = studies.outputs(teacher_model, None, data, dev, workers=workers)
             result["by_teacher_category"] = studies.accuracy_by_teacher_category(logits, teacher_logits, labels)
         if plots:
             result["plots"] = studies.write_plots(logits, feats, labels, Path(plots))
@@ -161,12 +162,13 @@ def model_forward(model: torch.nn.Module, data: ImageDataset) -> Forward:
 
 
 def count_hits(forward: Forward, data: ImageDataset, batch_size: int, device: torch.device,
-               settings: list[tuple[str, float]]) -> dict[tuple[str, float], tuple[int, int]]:
+               settings: list[tuple[str, float]], workers: int = 0) -> dict[tuple[str, float], tuple[int, int]]:
     """(attack, epsilon) -> (top-1 hits, top-5 hits) over the split; ("clean", 0.0) is always there.
-    Every batch is attacked in every setting before the next is read: one pass over the data."""
+    Every batch is attacked in every setting before the next is read: one pass over the data, image files
+    decoded by `workers` DataLoader workers."""
     hits = {setting: (0, 0) for setting in [("clean", 0.0), *settings]}
     order = torch.arange(len(data))
-    for _, x, y in batches(setup_images(data, device), data, batch_size, order):
+    for _, x, y in batches(setup_images(data, device), data, batch_size, order, workers):
         pixels, y = x.to(device).float() / 255.0, y.to(device)  # (B, 3, H, W) in [0, 1]
         for attack, eps in hits:
             adversarial = pixels if attack == "clean" else ATTACKS[attack](forward, pixels, y, eps)

@@ -24,15 +24,17 @@ SEVERITIES = 5
 
 @torch.no_grad()
 def outputs(model: torch.nn.Module, images: np.ndarray | None, data: ImageDataset, device: torch.device,
-            batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, C), pooled features (N, F)) on the CPU, for the dataset or for given HWC uint8 images."""
+            batch_size: int = 256, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, C), pooled features (N, F)) on the CPU, for the dataset or for given HWC uint8 images;
+    image files are decoded by `workers` DataLoader workers."""
     model.eval()
     logits, feats = [], []
     if images is not None:
         chunks = (torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size].transpose(0, 3, 1, 2)))
                   for i in range(0, len(images), batch_size))
     else:
-        chunks = (x for _, x, _ in batches(setup_images(data, device), data, batch_size, torch.arange(len(data))))
+        chunks = (x for _, x, _ in batches(setup_images(data, device), data, batch_size, torch.arange(len(data)),
+                                           workers))
     for x in chunks:
         z, f = model(normalize(x.to(device), data.mean, data.std))
         logits.append(z.float().cpu())

@@ -63,7 +63,8 @@ def imagenet_cache(imagenet: Path) -> Path:
     return out
 
 
-def test_image_folder_builds_streams_trains_and_verifies(imagenet: Path, imagenet_cache: Path) -> None:
+def test_image_folder_builds_streams_trains_and_verifies(imagenet: Path, imagenet_cache: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     n = TRAIN_PER_CLASS * len(CLASSES)
     group = zarr.open_group(str(imagenet_cache), mode="r")
     assert group["teacher/topk_indices"].shape == (n, VIEWS, TOPK)
@@ -83,9 +84,22 @@ def test_image_folder_builds_streams_trains_and_verifies(imagenet: Path, imagene
     assert json.loads((out / "config.json").read_text())["stream_window"] == 1
     result = invoke("verify", imagenet_cache, "--recompute", "4", "--device", "cpu")
     assert result.exit_code == 0 and result.output.strip().endswith("ok"), result.output
-    # evaluate reopens the run's images at the size it trained on
+    # evaluate reopens the run's images at the size it trained on, decoding them in workers
     name, root, options = resolve_dataset(str(out / "last.pth"), {"cache": str(imagenet_cache)}, None, None)
     assert (name, root, options) == ("imagefolder", str(imagenet / "data"), {"image_size": 32, "resize": 36})
+    workers: list[int] = []
+
+    class Loader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs) -> None:
+            workers.append(kwargs.get("num_workers", 0))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Loader)
+    result = invoke("evaluate", out / "last.pth", "--no-attacks", "--workers", "1", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["num_samples"] == VAL_PER_CLASS * len(CLASSES) and workers == [1]
+    assert report["clean"]["top1"] == pytest.approx(metrics[-1]["val_top1"])  # the same images as training's
 
 
 def test_stage_two_decodes_each_image_once_per_draw(imagenet: Path, imagenet_cache: Path,
