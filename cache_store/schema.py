@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -137,6 +137,16 @@ class CacheLayout:
         of different blocks never touch the same chunk."""
         written = ArraySpec("written", "bool", (self.num_blocks,), (1,), False)
         return {**self.sample_arrays(), "written": written}
+
+
+def layout_record(layout: CacheLayout) -> dict:
+    """The manifest's `layout`: every size, and `strong_views` only when set, so that a cache without strong
+    views records the layout it did before they existed (older readers accept it, a build started by an
+    older version resumes)."""
+    record = asdict(layout)
+    if record["strong_views"] is None:
+        del record["strong_views"]
+    return record
 
 
 def model_of(array: str) -> str | None:

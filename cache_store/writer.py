@@ -17,7 +17,6 @@ import re
 import uuid
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict
 
 import numpy as np
 import zarr
@@ -47,6 +46,7 @@ from cache_store.schema import (
     CacheLayout,
     bad_rows,
     describe_samples,
+    layout_record,
     validate_manifest,
 )
 
@@ -78,7 +78,7 @@ def create_cache(url: str, layout: CacheLayout, manifest: dict, overwrite: bool 
         "format_version": FORMAT_VERSION,
         "status": STATUS_BUILDING,
         "cache_id": uuid.uuid4().hex,  # which cache a writer opened: another build's --overwrite changes it
-        "layout": asdict(layout),
+        "layout": layout_record(layout),
         "chunking": {"block_rows": layout.block_rows, "compressor": "zstd", "level": COMPRESSOR.level,
                      "checksum": CHECKSUM_CODEC},
         "versions": {**manifest.get("versions", {}), **versions},
@@ -161,7 +161,7 @@ def _differences(old: dict, manifest: dict, layout: CacheLayout) -> list[str]:
     if old.get("format_version") != FORMAT_VERSION:
         return ["format_version"]
     found = [f"build_key.{k}" for k in _diff_keys(old.get("build_key", {}), manifest.get("build_key", {}))]
-    if old.get("layout") != asdict(layout):
+    if old.get("layout") != layout_record(layout):
         found.append("layout")
     return found
 

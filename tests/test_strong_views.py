@@ -156,6 +156,11 @@ def test_verify_recompute_catches_a_wrong_strong_row(strong_cache, tmp_path: Pat
     assert verify.exit_code != 0 and "teacher/strong_logits" in verify.output, verify.output
 
 
+def test_a_cache_without_strong_views_records_the_layout_it_did_before_them(digits_cache: Path) -> None:
+    layout = open_cache(str(digits_cache)).manifest["layout"]
+    assert "strong_views" not in layout and {"teacher_topk", "clip_views"} <= set(layout)
+
+
 def test_mlkd_on_a_cache_without_strong_views_names_the_build_flag(digits_cache: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     result = runner.invoke(app, ["train", "--cache", str(digits_cache), "--student", "resnet8", "--method", "mlkd",
