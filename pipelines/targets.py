@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch
 from cache_store import CacheReader
 from pipelines.cached import clean_views, flatten_views, float_rows, per_view_rows, teacher_logits
 from pipelines.config import TrainConfig
+from pipelines.summary import human_bytes
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.data import random_crop_flip, random_resized_crop_flip
 from richkd_cache.distill import JointSpace, build_targets, fit_joint_space, uses_strong_view
@@ -232,6 +234,7 @@ def whole_cache(cfg: TrainConfig, cache: CacheReader | None, device: torch.devic
     if cache is None or cfg.resolved_target == "ce":
         targets = Targets(None, None)
     else:
+        check_targets_fit(cfg, cache, device)
         arrays = cache.load_many(list(cached_arrays(cache, strong_views_needed(cfg, cache), features_needed(cfg))))
         targets = compute_targets(cfg, arrays, setup_fusion(cfg, cache, arrays), device, cache.load("views/params"))
 
@@ -239,6 +242,48 @@ def whole_cache(cfg: TrainConfig, cache: CacheReader | None, device: torch.devic
         yield pool[torch.randperm(len(pool), generator=generator, device=generator.device).cpu()], targets, None
 
     return windows
+
+
+def target_bytes(cfg: TrainConfig, cache: CacheReader, samples: int) -> int:
+    """float32 bytes of the targets of `samples` samples: logits (V, C) per sample and, with a feature loss,
+    the teacher's (V, Ft) and CLIP's (Vc, Fc) feature parts; MLKD adds logits on its K strong views."""
+    layout = cache.layout
+    floats = layout.num_views * layout.num_classes
+    if features_needed(cfg):
+        floats += layout.num_views * layout.teacher_dim + layout.clip_num_views * layout.clip_feature_dim
+    if strong_views_needed(cfg, cache):
+        floats += layout.strong_views * layout.num_classes
+    return 4 * samples * floats
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on the device (None where it cannot be asked). Host memory is Linux's MemAvailable, which
+    counts the page cache the kernel would give back (free pages alone are often a small part of it)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    available = [line.split()[1] for line in lines if line.startswith("MemAvailable:")]
+    return int(available[0]) * 1024 if available else None
+
+
+def check_targets_fit(cfg: TrainConfig, cache: CacheReader, device: torch.device) -> None:
+    """Refuse, before reading a byte, a cache whose targets cannot be held whole on the cache device (an
+    ImageNet cache of 10 top-k views: 1,281,167 x 10 rows of 1,000 float32, 51 GB), naming a stream window
+    whose targets take at most a quarter of the free memory."""
+    layout = cache.layout
+    needed, free = target_bytes(cfg, cache, layout.num_samples), free_memory(device)
+    if free is None or needed <= free:
+        return
+    window = min(max(1, free // 4 // max(target_bytes(cfg, cache, layout.block_rows), 1)), layout.num_blocks)
+    host = ", or keep them in host memory with --cache-device cpu" if device.type == "cuda" else ""
+    raise ConfigError(f"the targets of cache {cache.url} take {human_bytes(needed)} but {device} has "
+                      f"{human_bytes(free)} free: stream the cache with --stream-window {window} (write blocks of "
+                      f"{layout.block_rows} samples read at a time){host}")
 
 
 def streamed_cache(cfg: TrainConfig, cache: CacheReader, device: torch.device) -> Callable[..., Iterator[Window]]:

@@ -19,6 +19,8 @@ from cache_store import CacheReader, open_cache
 from pipelines.cli import app
 from pipelines.config import TrainConfig
 from pipelines.evaluate import resolve_dataset
+from pipelines import targets
+from pipelines.summary import human_bytes
 from pipelines.targets import whole_cache
 from richkd_cache.data.imagefolder import ImageFolderDataset
 
@@ -213,3 +215,20 @@ def test_info_reports_bytes_per_sample_view_and_the_imagenet_size(imagenet_cache
     assert storage["references"][0]["imagenet_1k_bytes"] == 1_281_167 * VIEWS * 44
     table = invoke("info", imagenet_cache).output
     assert "ImageNet-1k (1,281,167 images x 2 view(s))" in table and "2.8 GiB" in table and "TinyViT" in table
+
+
+def test_a_cache_too_large_for_memory_is_refused_naming_a_stream_window(imagenet_cache: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # 18 samples x (2 views x 3 classes + 2 views x 512 teacher features + 64 CLIP features) float32
+    needed = 18 * (2 * 3 + 2 * 512 + 64) * 4
+    monkeypatch.setattr(targets, "free_memory", lambda device: needed - 1)
+    result = invoke("train", "--cache", imagenet_cache, "--student", "tv:resnet18", "--epochs", "1",
+                    "--device", "cpu", "--workers", "0", "--quiet", "--out", tmp_path / "run")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    # one write block's targets (6 samples: 26,256 B) exceed a quarter of the 78,767 B free: the smallest window
+    assert f"take {human_bytes(needed)}" in lines[0] and "--stream-window 1 " in lines[0]
+    assert not (tmp_path / "run" / "last.pth").exists()
+    result = invoke("train", "--cache", imagenet_cache, "--student", "tv:resnet18", "--epochs", "1", "--stream-window",
+                    "1", "--device", "cpu", "--workers", "0", "--quiet", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
