@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from cache_store.schema import ClipLayout
 from pipelines.build import Teacher, build_manifest, cache_layout, forward_blocks, make_forward
 from pipelines.config import BuildConfig, resolve_device
 from pipelines.progress import Reporter
@@ -75,7 +76,7 @@ def main() -> None:
     clip = load_clip(resolve_clip(args.clip, "random"), device=device)
     size = int(dataset[0]["image"].shape[-1])
     params = view_params(teacher_policy(args.teacher_views, size), len(dataset), size)  # (N, V, 5)
-    forward = make_forward(teacher, clip, dataset, device, params)
+    forward = make_forward(teacher, [(bench_clip_layout(clip), clip)], dataset, device, params)
     batches = preload(dataset, args.batch_size)
 
     forward_s, build_s = [], []
@@ -154,17 +155,24 @@ def time_build(args, dataset, teacher: Teacher, clip, device: torch.device, para
                           teacher_checkpoint="", clip=args.clip, clip_pretrained="random", clip_checkpoint=None,
                           prompts=("single",), out=f"{folder}/bench.zarr", batch_size=args.batch_size,
                           workers=args.workers, teacher_views=args.teacher_views)
-        layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip,
+        layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, [clip],
                               num_views=params.shape[1])
-        writer = create_cache(cfg.out, layout, build_manifest(cfg, dataset, teacher, clip))
+        writer = create_cache(cfg.out, layout, build_manifest(cfg, dataset, teacher, {BENCH_CLIP: clip}))
         sync(device)
         t0 = time.perf_counter()
-        forward_blocks(writer, writer.pending_blocks(), dataset, teacher, clip, device, args.batch_size,
-                       args.workers, Reporter(quiet=True), params=params)
+        forward_blocks(writer, writer.pending_blocks(), dataset, teacher, [(writer.clips[BENCH_CLIP], clip)], device,
+                       args.batch_size, args.workers, Reporter(quiet=True), params=params)
         sync(device)
         return time.perf_counter() - t0
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+BENCH_CLIP = "clip"  # the benchmark's one CLIP model's name in its cache
+
+
+def bench_clip_layout(clip) -> ClipLayout:
+    return ClipLayout(BENCH_CLIP, clip.embed_dim, clip.feature_dim, f"clip/{BENCH_CLIP}", f"clip/{BENCH_CLIP}/written")
 
 
 def sync(device: torch.device) -> None:

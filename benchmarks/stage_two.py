@@ -43,6 +43,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from cache_store.schema import ClipLayout
 from pipelines.build import Teacher
 from pipelines.config import TrainConfig
 from pipelines.distributed import DistContext
@@ -185,6 +186,15 @@ def make_cached_step(target, student_name, c, targets: Targets, n, device, batch
     return trainer_step(target, student, dims, targets, device, batch, generator)
 
 
+def bench_clip(clip) -> ClipLayout:
+    """The benchmark's one CLIP model, laid out as in a cache (its arrays' names in the online rows)."""
+    return ClipLayout("clip", clip.embed_dim, clip.feature_dim, "clip/clip", "clip/clip/written")
+
+
+def bench_fusion(clip, text: torch.Tensor, space, num_classes: int) -> Fusion:
+    return Fusion((bench_clip(clip),), {"clip": text}, {"clip": clip.tau}, space, num_classes)
+
+
 def make_online_step(student_name, c, teacher, clip, text, cached, n, device, batch, generator) -> Callable[[], None]:
     """Without a cache: `train --online`'s target source runs the teacher on every augmented batch and CLIP
     on its clean images, then the same loss and step."""
@@ -192,8 +202,8 @@ def make_online_step(student_name, c, teacher, clip, text, cached, n, device, ba
     feats = cached["features"]
     cfg = TrainConfig(student=student_name, out="-", cache="-", feature_loss="cosine")
     online = OnlineTargets(
-        logits=None, features=None, cfg=cfg, fusion=Fusion(text.cpu(), clip.tau, cached["space"], c),
-        teacher=Teacher(teacher, "teacher", {}), clip=clip,
+        logits=None, features=None, cfg=cfg, fusion=bench_fusion(clip, text.cpu(), cached["space"], c),
+        teacher=Teacher(teacher, "teacher", {}), clips=[(bench_clip(clip), clip)],
         dataset=SimpleNamespace(mean=CIFAR_MEAN, std=CIFAR_STD),
     )
     dims = {"teacher": feats["teacher"].shape[1], "clip": feats["clip"].shape[1]}
@@ -342,8 +352,9 @@ def make_trainer(name: str, args: argparse.Namespace, train_set: ArrayImageDatas
         if args.feature_loss == "cosine":  # the fixed joint space: fitted once, here on random rows
             space = fit_joint_space(torch.randn(4096, dims["teacher"]), torch.randn(4096, dims["clip"]), cfg.lam)
         targets = OnlineTargets(logits=None, features=None, views=views, cfg=cfg,
-                                fusion=Fusion(text, clip.tau, space, args.num_classes), teacher=Teacher(teacher, "teacher", {}),
-                                clip=clip, dataset=train_set)
+                                fusion=bench_fusion(clip, text, space, args.num_classes),
+                                teacher=Teacher(teacher, "teacher", {}), clips=[(bench_clip(clip), clip)],
+                                dataset=train_set)
 
     def windows(generator: torch.Generator, pool: torch.Tensor):
         yield pool[torch.randperm(len(pool), generator=generator, device=generator.device).cpu()], targets, None

@@ -15,16 +15,23 @@ import numpy as np
 import zarr
 
 from cache_store.errors import CacheError
-from cache_store.schema import CHECKSUM_CODEC, FORMAT_VERSION, TEXT_GROUP, CacheLayout, check_array
+from cache_store.schema import CHECKSUM_CODEC, ArraySpec, CacheLayout, ClipLayout, check_array
 
 
-def check_array_metadata(group: zarr.Group, layout: CacheLayout, url: str, keys: set[str] | None = None) -> None:
-    """Every array's metadata reads and matches the layout; prompt sets are float32 [M, C, D]. A writer
-    checks this on its group opened without consolidation before its first write (consolidating over a
-    broken array would fail after the root was rewritten); `keys`, when given, must hold each zarr.json
-    (a consolidated group still lists a deleted array)."""
-    text = list(group[TEXT_GROUP].array_keys()) if TEXT_GROUP in group else []
-    for name in [*layout.arrays(), *(f"{TEXT_GROUP}/{t}" for t in text)]:
+def text_arrays(group: zarr.Group, clip: ClipLayout) -> list[str]:
+    """The prompt set arrays stored under one CLIP model (written or not)."""
+    return sorted(group[clip.text_group].array_keys()) if clip.text_group in group else []
+
+
+def check_array_metadata(group: zarr.Group, layout: CacheLayout, clips: dict[str, ClipLayout],
+                         arrays: dict[str, ArraySpec], url: str, keys: set[str] | None = None) -> None:
+    """Every array of `arrays` (the layout's, or those of the models being checked) reads and matches
+    it; the prompt sets of `clips` are float32 [M, C, D]. A writer checks this on its group opened without
+    consolidation before its first write (consolidating over a broken array would fail after the root was
+    rewritten); `keys`, when given, must hold each zarr.json (a consolidated group still lists a deleted
+    array)."""
+    text = {f"{clip.text_group}/{t}": clip for clip in clips.values() for t in text_arrays(group, clip)}
+    for name in [*arrays, *text]:
         try:
             array = group[name]
         except KeyError:
@@ -34,12 +41,13 @@ def check_array_metadata(group: zarr.Group, layout: CacheLayout, url: str, keys:
                              f"({type(e).__name__}); rebuild the cache") from None
         if array is None or (keys is not None and f"{name}/zarr.json" not in keys):
             raise CacheError(f"cache {url} lacks array {name}; the cache is damaged, rebuild it")
-        if name in layout.arrays():
-            check_array(name, layout.arrays()[name], array.dtype, array.shape, url)
-        elif array.dtype != np.float32 or array.ndim != 3 or array.shape[1:] != (layout.num_classes,
-                                                                                  layout.clip_embed_dim):
-            raise CacheError(f"cache {url}: prompt set {name.split('/')[-1]} is {array.dtype} {array.shape}, "
-                             f"format {FORMAT_VERSION} says float32 (M, {layout.num_classes}, {layout.clip_embed_dim})")
+        if name in arrays:
+            check_array(name, arrays[name], array.dtype, array.shape, url)
+            continue
+        d = text[name].embed_dim
+        if array.dtype != np.float32 or array.ndim != 3 or array.shape[1:] != (layout.num_classes, d):
+            raise CacheError(f"cache {url}: prompt set {name} is {array.dtype} {array.shape}, "
+                             f"its manifest says float32 (M, {layout.num_classes}, {d})")
 
 
 def has_checksum(array: zarr.Array) -> bool:
@@ -63,11 +71,12 @@ def chunk_rows(array: zarr.Array, coords: tuple[int, ...]) -> str:
     return f"rows {start}..{min(start + array.chunks[0], array.shape[0]) - 1}"
 
 
-def missing_chunks(group: zarr.Group, keys: set[str], layout: CacheLayout, blocks: np.ndarray) -> list[str]:
-    """Every fixed array's metadata must be stored, and the chunk of every block in `blocks` (the written
-    ones) in every sample-axis array and in `written`: an absent one would read as NaN or -1 fill."""
+def missing_chunks(group: zarr.Group, keys: set[str], arrays: dict[str, np.ndarray]) -> list[str]:
+    """Every array's metadata must be stored, and for each array the chunk of every block in its entry
+    (the blocks its flags say are written) in every sample-axis array and in the flags themselves: an
+    absent one would read as NaN or -1 fill."""
     problems = []
-    for name in layout.arrays():
+    for name, blocks in arrays.items():
         if f"{name}/zarr.json" not in keys:
             problems.append(f"array {name} is missing (no {name}/zarr.json)")
             continue

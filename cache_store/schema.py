@@ -1,5 +1,9 @@
-"""Cache format 1: the arrays, their dtypes, shapes and chunking, and the manifest rules.
+"""Cache format 2 (and the reading of format 1): the arrays, their dtypes, shapes and chunking, and the
+manifest rules.
 
+Format 2 holds several CLIP models, each under `clip/<name>/` with its own write flags and prompt sets, so
+a model can be added to a complete cache without touching the teacher's arrays. Format 1 held one CLIP
+model directly under `clip/`, flagged with the teacher in `written`; it is read as a cache of one model.
 docs/cache-format.md is the prose version of this module; keep the two in step.
 """
 
@@ -13,10 +17,11 @@ import numpy as np
 
 from cache_store.errors import CacheError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # format 1: one CLIP model under clip/ (read as a one-model cache)
 MANIFEST_KEY = "richkd_cache"
 STATUS_BUILDING, STATUS_COMPLETE = "building", "complete"
-TEXT_GROUP = "clip/text"
+CLIP_GROUP = "clip"
 CLASS_INDEX_ARRAYS = ("labels", "teacher/topk_indices", "teacher/strong_topk_indices")  # class indices 0..C-1
 CHECKSUM_CODEC = "crc32c"  # zarr v3's core checksum codec, last in every array's codec chain
 # The top-level nodes a cache is made of: `build --overwrite` deletes, and `pack` copies, only keys under
@@ -30,19 +35,24 @@ WRITE_LEFTOVER = re.compile(rf"(?:{_NODE}/)?(?:c/(?:\d+/)*)?[^/]+\.[0-9a-f]{{32}
 _NUMBER = (int, float)
 # Fields readers rely on, with their JSON types (a dict is checked field by field). Anything else in the
 # manifest is provenance for people and is not checked. None in a tuple: the value may be null.
-MANIFEST_FIELDS: dict = {
+CLIP_FIELDS: dict = {"arch": str, "requested": str, "tau": _NUMBER, "pretrained?": (str, None),
+                     "checkpoint_sha256?": (str, None), "zero_shot_accuracy?": dict}
+_COMMON_FIELDS: dict = {
     "format_version": int,
     "status": str,
     "layout": dict,
     "dataset": {"name": str, "split": str, "num_samples": int, "num_classes": int, "classes": list,
                 "fingerprint": str, "root?": (str, None)},
     "teacher": {"arch": str, "checkpoint_sha256": str, "checkpoint?": str, "accuracy?": (*_NUMBER, None)},
-    "clip": {"arch": str, "requested": str, "tau": _NUMBER, "pretrained?": (str, None),
-             "checkpoint_sha256?": (str, None), "zero_shot_accuracy?": dict},
     "build_key": dict,
 }
+MANIFEST_FIELDS: dict = {**_COMMON_FIELDS, "clip_models": dict}  # each entry: CLIP_MODEL_FIELDS
+CLIP_MODEL_FIELDS: dict = {**CLIP_FIELDS, "status": str, "embed_dim": int, "feature_dim": int}
+FORMAT1_FIELDS: dict = {**_COMMON_FIELDS, "clip": CLIP_FIELDS}
 OPTIONAL_LAYOUT_KEYS = ("teacher_topk", "clip_views", "strong_views")  # None when unused; absent in older manifests
+FORMAT1_CLIP_LAYOUT_KEYS = ("clip_embed_dim", "clip_feature_dim")  # format 2 keeps them per model
 MODELS = ("teacher", "clip")
+CLIP_MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # A strong view's parameters: crop and flip, two (op, magnitude) pairs, the cutout square
 # (richkd_cache/strong_views.py STRONG_PARAM_NAMES; the manifest's views.strong lists them)
 STRONG_PARAM_DIM = 12
@@ -72,8 +82,6 @@ class CacheLayout:
     num_views: int
     num_classes: int
     teacher_dim: int
-    clip_embed_dim: int
-    clip_feature_dim: int
     view_param_dim: int
     block_rows: int
     teacher_topk: int | None = None
@@ -105,38 +113,112 @@ class CacheLayout:
         start = block * self.block_rows
         return start, min(start + self.block_rows, self.num_samples)
 
+    def per_view(self, name: str, dtype: str, width: int, views: int | None = None,
+                 fill: float | int = float("nan")) -> ArraySpec:
+        """An (N, V, width) array chunked by write block (V: the teacher's views unless given)."""
+        v = self.num_views if views is None else views
+        return ArraySpec(name, dtype, (self.num_samples, v, width), (self.block_rows, v, width), fill)
+
+    def flags(self, name: str) -> ArraySpec:
+        """One flag per block, one chunk per flag, so writers of different blocks never share a chunk."""
+        return ArraySpec(name, "bool", (self.num_blocks,), (1,), False)
+
     def sample_arrays(self) -> dict[str, ArraySpec]:
-        """Arrays with one row per sample (and a view axis): written block by block."""
-        n, r = self.num_samples, self.block_rows
-        nan = float("nan")
-
-        def per_view(name: str, dtype: str, width: int, fill: float | int = nan, v: int = self.num_views) -> ArraySpec:
-            return ArraySpec(name, dtype, (n, v, width), (r, v, width), fill)
-
+        """The teacher's part: arrays with one row per sample (and a view axis), written block by block
+        and flagged in `written` (format 1 also flagged its CLIP arrays there: `ClipLayout`)."""
+        per_view = self.per_view
         specs = [
-            ArraySpec("labels", "int32", (n,), (r,), -1),
+            ArraySpec("labels", "int32", (self.num_samples,), (self.block_rows,), -1),
             per_view("views/params", "float32", self.view_param_dim),
             per_view("teacher/features", "float16", self.teacher_dim),
-            per_view("clip/image_embeds", "float16", self.clip_embed_dim, v=self.clip_num_views),
-            per_view("clip/features", "float16", self.clip_feature_dim, v=self.clip_num_views),
         ]
         if self.teacher_topk:
             specs += [per_view("teacher/topk_values", "float16", self.teacher_topk),
-                      per_view("teacher/topk_indices", "int32", self.teacher_topk, -1)]
+                      per_view("teacher/topk_indices", "int32", self.teacher_topk, fill=-1)]
         else:
             specs.append(per_view("teacher/logits", "float16", self.num_classes))
         if self.strong_views:  # the teacher's logits on K strong views, stored like those on its own views
             k = self.strong_views
-            specs.append(per_view(f"views/{STRONG_PREFIX}params", "float32", STRONG_PARAM_DIM, v=k))
-            specs += [per_view(spec.name.replace("/", f"/{STRONG_PREFIX}", 1), spec.dtype, spec.shape[2], spec.fill_value,
-                               v=k) for spec in specs if spec.name.startswith("teacher/") and "features" not in spec.name]
+            specs.append(per_view(f"views/{STRONG_PREFIX}params", "float32", STRONG_PARAM_DIM, k))
+            specs += [per_view(spec.name.replace("/", f"/{STRONG_PREFIX}", 1), spec.dtype, spec.shape[2], k,
+                               spec.fill_value)
+                      for spec in specs if spec.name.startswith("teacher/") and "features" not in spec.name]
         return {s.name: s for s in specs}
 
     def arrays(self) -> dict[str, ArraySpec]:
-        """Every fixed array, `written` included: one flag per block, one chunk per flag, so writers
-        of different blocks never touch the same chunk."""
-        written = ArraySpec("written", "bool", (self.num_blocks,), (1,), False)
-        return {**self.sample_arrays(), "written": written}
+        """The teacher's part, its flags `written` included."""
+        return {**self.sample_arrays(), "written": self.flags("written")}
+
+
+@dataclass(frozen=True)
+class ClipLayout:
+    """One CLIP model's arrays: image embeddings (N, Vc, D) and features (N, Vc, Fc) under `root`, its
+    block flags, and its prompt sets (M, C, D) under `root`/text. Format 2: root `clip/<name>`, flags
+    `clip/<name>/written`; format 1: root `clip`, flags shared with the teacher (`written`)."""
+
+    name: str
+    embed_dim: int
+    feature_dim: int
+    root: str
+    written: str
+
+    @property
+    def image_embeds(self) -> str:
+        return f"{self.root}/image_embeds"
+
+    @property
+    def features(self) -> str:
+        return f"{self.root}/features"
+
+    @property
+    def text_group(self) -> str:
+        return f"{self.root}/text"
+
+    @property
+    def own_flags(self) -> bool:
+        """Its flags are its own (format 2), not the teacher's."""
+        return self.written != "written"
+
+    def sample_arrays(self, layout: CacheLayout) -> dict[str, ArraySpec]:
+        v = layout.clip_num_views
+        return {s.name: s for s in (layout.per_view(self.image_embeds, "float16", self.embed_dim, v),
+                                    layout.per_view(self.features, "float16", self.feature_dim, v))}
+
+    def arrays(self, layout: CacheLayout) -> dict[str, ArraySpec]:
+        """Its arrays, with its flags when they are its own."""
+        flags = {self.written: layout.flags(self.written)} if self.own_flags else {}
+        return {**self.sample_arrays(layout), **flags}
+
+
+def clip_model_name(requested: str) -> str:
+    """The name a CLIP model is stored and chosen under: what the user asked for, with characters that
+    cannot name a zarr node replaced (`ViT-L/14` -> `ViT-L-14`, `ViT-L/14@336px` -> `ViT-L-14-336px`)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", requested)
+
+
+def read_layout(manifest: dict) -> CacheLayout:
+    """The teacher's layout of a (validated) manifest of either format."""
+    return CacheLayout(**{k: v for k, v in manifest["layout"].items() if k not in FORMAT1_CLIP_LAYOUT_KEYS})
+
+
+def clip_records(manifest: dict) -> dict[str, dict]:
+    """Each CLIP model's manifest entry by name, with its `status`: format 2's `clip_models`; format 1's one
+    `clip`, named as a format-2 build would name it and complete when the cache is."""
+    if manifest["format_version"] == 1:
+        layout = manifest["layout"]
+        record = {**manifest["clip"], "status": manifest["status"], "embed_dim": layout["clip_embed_dim"],
+                  "feature_dim": layout["clip_feature_dim"]}
+        return {clip_model_name(record["requested"]): record}
+    return {name: dict(record) for name, record in manifest["clip_models"].items()}
+
+
+def clip_layouts(manifest: dict) -> dict[str, ClipLayout]:
+    """Each CLIP model's arrays by name (format 1: its one model under `clip/`)."""
+    if manifest["format_version"] == 1:
+        ((name, record),) = clip_records(manifest).items()
+        return {name: ClipLayout(name, record["embed_dim"], record["feature_dim"], CLIP_GROUP, "written")}
+    return {name: ClipLayout(name, r["embed_dim"], r["feature_dim"], f"{CLIP_GROUP}/{name}", f"{CLIP_GROUP}/{name}/written")
+            for name, r in manifest["clip_models"].items()}
 
 
 def layout_record(layout: CacheLayout) -> dict:
@@ -164,7 +246,7 @@ def model_views(manifest: dict) -> dict[str, dict]:
     """Each model's view policy and view count. A cache written when both models shared one policy
     (no per-model entries in its manifest) gives both that policy."""
     views = manifest.get("views") or {}
-    layout = CacheLayout(**manifest["layout"])
+    layout = read_layout(manifest)
     shared = str(views.get("policy", "clean"))
     return {
         "teacher": dict(views.get("teacher") or {"policy": shared, "num_views": layout.num_views}),
@@ -183,30 +265,59 @@ def validate_manifest(manifest: object, url: str = "cache") -> None:
     if not isinstance(manifest, dict):
         raise CacheError(f"{url} is not a richkd-cache cache (no '{MANIFEST_KEY}' manifest)")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        if isinstance(version, int) and version > FORMAT_VERSION:
+    if version not in READABLE_FORMATS or isinstance(version, bool):
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise CacheError(
                 f"{url}: cache format {version} is newer than this richkd-cache understands "
                 f"({FORMAT_VERSION}); upgrade richkd-cache"
             )
-        raise CacheError(f"{url}: unknown cache format version {version!r} (this richkd-cache reads {FORMAT_VERSION})")
-    problem = manifest_problem(manifest, MANIFEST_FIELDS)
+        raise CacheError(f"{url}: unknown cache format version {version!r} (this richkd-cache reads "
+                         f"{', '.join(map(str, READABLE_FORMATS))})")
+    problem = manifest_problem(manifest, FORMAT1_FIELDS if version == 1 else MANIFEST_FIELDS)
     if problem:
         raise CacheError(f"{url}: the manifest's {problem}; the cache is damaged, rebuild it")
-    if not math.isfinite(manifest["clip"]["tau"]) or manifest["clip"]["tau"] <= 0:
-        raise CacheError(f"{url}: the manifest's clip.tau is {manifest['clip']['tau']!r}, not a positive number")
     if manifest["status"] not in (STATUS_BUILDING, STATUS_COMPLETE):
         raise CacheError(
             f"{url}: unknown status {manifest['status']!r} (expected {STATUS_BUILDING} or {STATUS_COMPLETE})"
         )
-    layout = manifest["layout"]
-    expected = {f.name for f in fields(CacheLayout)}
+    _check_layout_keys(manifest["layout"], version, url)
+    read_layout(manifest)  # sizes must be valid too
+    if version == 1:
+        _check_tau(manifest["clip"]["tau"], "clip.tau", url)
+        return
+    for name, record in manifest["clip_models"].items():
+        _check_clip_model(name, record, url)
+
+
+def _check_layout_keys(layout: object, version: int, url: str) -> None:
+    expected = {f.name for f in fields(CacheLayout)} | (set(FORMAT1_CLIP_LAYOUT_KEYS) if version == 1 else set())
     if not isinstance(layout, dict) or not expected - set(OPTIONAL_LAYOUT_KEYS) <= set(layout) <= expected:
         got = sorted(layout) if isinstance(layout, dict) else type(layout).__name__
-        raise CacheError(
-            f"{url}: the manifest's layout has keys {got}, format {FORMAT_VERSION} needs {sorted(expected)}"
-        )
-    CacheLayout(**layout)  # sizes must be valid too
+        raise CacheError(f"{url}: the manifest's layout has keys {got}, format {version} needs {sorted(expected)}")
+
+
+def _check_clip_model(name: str, record: object, url: str) -> None:
+    """One entry of format 2's `clip_models`: a usable name, its fields, a positive tau and dims, a status."""
+    if not CLIP_MODEL_NAME.fullmatch(name):
+        raise CacheError(f"{url}: the manifest names a CLIP model {name!r}, which is not a valid node name; "
+                         "the cache is damaged, rebuild it")
+    if not isinstance(record, dict):
+        raise CacheError(f"{url}: the manifest's field clip_models.{name} is {_json_type(record)}, expected an object")
+    problem = manifest_problem(record, CLIP_MODEL_FIELDS, f"clip_models.{name}.")
+    if problem:
+        raise CacheError(f"{url}: the manifest's {problem}; the cache is damaged, rebuild it")
+    _check_tau(record["tau"], f"clip_models.{name}.tau", url)
+    if record["embed_dim"] < 1 or record["feature_dim"] < 1:
+        raise CacheError(f"{url}: the manifest's clip_models.{name} has embed_dim {record['embed_dim']} and "
+                         f"feature_dim {record['feature_dim']}; sizes are positive integers")
+    if record["status"] not in (STATUS_BUILDING, STATUS_COMPLETE):
+        raise CacheError(f"{url}: CLIP model {name} has unknown status {record['status']!r} "
+                         f"(expected {STATUS_BUILDING} or {STATUS_COMPLETE})")
+
+
+def _check_tau(tau: float, field: str, url: str) -> None:
+    if not math.isfinite(tau) or tau <= 0:
+        raise CacheError(f"{url}: the manifest's {field} is {tau!r}, not a positive number")
 
 
 def manifest_problem(value: dict, schema: dict, prefix: str = "") -> str | None:
@@ -264,5 +375,21 @@ def check_array(name: str, spec: ArraySpec, dtype: np.dtype, shape: tuple[int, .
     if np.dtype(dtype) != np.dtype(spec.dtype) or tuple(shape) != spec.shape:
         raise CacheError(
             f"cache {url}: array {name} is {np.dtype(dtype)} {tuple(shape)}, "
-            f"format {FORMAT_VERSION} says {spec.dtype} {spec.shape}"
+            f"its manifest says {spec.dtype} {spec.shape}"
         )
+
+
+def cache_arrays(layout: CacheLayout, clips: dict[str, ClipLayout]) -> dict[str, ArraySpec]:
+    """Every fixed-shape array of a cache: the teacher's part and each CLIP model's, flags included."""
+    out = layout.arrays()
+    for clip in clips.values():
+        out.update(clip.arrays(layout))
+    return out
+
+
+def flags_of(name: str, clips: dict[str, ClipLayout]) -> str:
+    """The flags array whose blocks say which chunks of array `name` are written."""
+    for clip in clips.values():
+        if name in (clip.image_embeds, clip.features, clip.written):
+            return clip.written
+    return "written"

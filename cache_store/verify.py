@@ -15,7 +15,7 @@ from cache_store._store import open_group_read
 from cache_store.errors import CacheError
 from cache_store.integrity import block_coords, check_array_metadata, chunk_error, chunk_key, damage
 from cache_store.reader import CacheReader, open_cache
-from cache_store.schema import STATUS_COMPLETE, TEXT_GROUP, bad_rows, describe_samples
+from cache_store.schema import STATUS_COMPLETE, bad_rows, describe_samples, flags_of
 
 NO_CHECKSUMS = "none (written before richkd-cache checksummed chunks: a flipped bit in stored data goes unnoticed)"
 
@@ -53,17 +53,36 @@ def verify_cache(url: str) -> VerifyReport:
         report.problems.append(f"{written.size - written.sum()} of {written.size} blocks not written: incomplete build")
     elif report.status != STATUS_COMPLETE:
         report.problems.append("every block is written but the build never completed (status building)")
+    report.problems += _clip_model_problems(reader)
     report.problems += reader.missing()
-    report.problems += _scan_blocks(reader, np.flatnonzero(written))
+    report.problems += _scan_blocks(reader)
     report.problems += _scan_prompt_sets(reader)
     return report
+
+
+def _clip_model_problems(reader: CacheReader) -> list[str]:
+    """A CLIP model still being added (its own flags) is reported, with how far it got."""
+    problems = []
+    for name, clip in reader.clips.items():
+        if not clip.own_flags or reader.clip_complete(name):
+            continue
+        if f"{clip.written}/zarr.json" not in reader.keys:
+            problems.append(f"CLIP model {name} is incomplete (its arrays were never created): re-run the build "
+                            "that adds it; the other models are usable")
+            continue
+        written = reader.written_mask(name)
+        state = (f"{written.size - written.sum()} of {written.size} blocks not written" if not written.all()
+                 else "every block is written but it was never completed")
+        problems.append(f"CLIP model {name} is incomplete ({state}): re-run the build that adds it; "
+                        "the other models are usable")
+    return problems
 
 
 def checksum_summary(reader: CacheReader) -> str:
     unchecked = reader.without_checksums()
     if not unchecked:
         return "crc32c on every chunk"
-    if len(unchecked) == len(reader.layout.arrays()) + len(reader.prompt_set_arrays()):
+    if len(unchecked) == len(reader.all_array_names()):
         return NO_CHECKSUMS
     return f"crc32c, except on {', '.join(unchecked)}"
 
@@ -73,31 +92,37 @@ def own_metadata_problems(url: str, reader: CacheReader) -> list[str]:
     if reader.manifest["status"] != STATUS_COMPLETE:
         return []  # nothing consolidated yet: the reader already read every array's own metadata
     try:
-        check_array_metadata(open_group_read(url, consolidated=False), reader.layout, url)
+        check_array_metadata(open_group_read(url, consolidated=False), reader.layout, reader.clips,
+                             reader._present_arrays(), url)
     except CacheError as e:
         return [f"{e} (the consolidated copy readers use is intact)"]
     return []
 
 
-def _scan_blocks(reader: CacheReader, blocks: np.ndarray) -> list[str]:
+def _scan_blocks(reader: CacheReader) -> list[str]:
     """Read block by block (one chunk per array) so memory stays bounded on large caches; a chunk that
-    does not read (checksum, truncation) is named, and the scan goes on."""
+    does not read (checksum, truncation) is named, and the scan goes on. Each array is read on the blocks
+    its own flags say are written."""
     problems = []
     layout = reader.layout
-    for name in layout.arrays():
+    flags = {name: np.flatnonzero(reader._read(name, slice(None)))
+             for name in {flags_of(n, reader.clips) for n in reader._present_arrays()}
+             if f"{name}/zarr.json" in reader.keys}
+    for name in reader._present_arrays():
         array = reader.group[name]
-        chunks = range(layout.num_blocks) if name == "written" else blocks
+        is_flags = name in flags
+        chunks = range(layout.num_blocks) if is_flags else flags.get(flags_of(name, reader.clips), [])
         bad, damaged = [], []
         for b in chunks:
             coords = block_coords(array, int(b))
-            if name != "written" and chunk_key(array, coords) not in reader.keys:
+            if not is_flags and chunk_key(array, coords) not in reader.keys:
                 continue  # reader.missing() names it; its fill values are not the cache's
             try:
                 rows = array.get_block_selection(coords)  # one chunk: its crc32c is checked here
             except Exception as error:  # a codec's error on damaged bytes
                 damaged.append(damage(array, name, coords, error))
                 continue
-            if name != "written":
+            if not is_flags:
                 bad.append(bad_rows(name, rows, layout.num_classes) + layout.block_range(int(b))[0])
         problems += damaged
         bad_samples = np.concatenate(bad) if bad else np.empty(0, dtype=np.int64)
@@ -109,17 +134,20 @@ def _scan_blocks(reader: CacheReader, blocks: np.ndarray) -> list[str]:
 
 def _scan_prompt_sets(reader: CacheReader) -> list[str]:
     problems = []
-    stored = reader.prompt_sets()
-    for name in reader.unwritten_prompt_sets():
-        problems.append(f"prompt set {name} was created but never written (an interrupted build or "
-                        "`prompts add`): run the same command again")
-    for name in stored:
-        array = reader.group[f"{TEXT_GROUP}/{name}"]
-        error = chunk_error(array, (0,) * array.ndim)
-        if error is not None:
-            problems.append(damage(array, f"{TEXT_GROUP}/{name}", (0,) * array.ndim, error))
-        elif not np.isfinite(array[...]).all():
-            problems.append(f"prompt set {name}: non-finite text embeddings")
-    if not stored:
-        problems.append("no prompt set stored: CLIP logits cannot be computed")
+    for model, clip in reader.clips.items():
+        whose = f" of CLIP model {model}" if len(reader.clips) > 1 else ""
+        stored = reader.prompt_sets(model)
+        for name in reader.unwritten_prompt_sets(model):
+            problems.append(f"prompt set {name}{whose} was created but never written (an interrupted build or "
+                            "`prompts add`): run the same command again")
+        for name in stored:
+            path = f"{clip.text_group}/{name}"
+            array = reader.group[path]
+            error = chunk_error(array, (0,) * array.ndim)
+            if error is not None:
+                problems.append(damage(array, path, (0,) * array.ndim, error))
+            elif not np.isfinite(array[...]).all():
+                problems.append(f"prompt set {name}{whose}: non-finite text embeddings")
+        if not stored and not (clip.own_flags and not reader.clip_complete(model)):  # being added: reported above
+            problems.append(f"no prompt set stored{whose}: CLIP logits cannot be computed")
     return problems

@@ -7,7 +7,10 @@
 - the group is created with its manifest in one write, arrays are (re)created by a resumed build when
   missing, and a prompt set is created with its attributes and counts only once its chunk is stored:
   every step is atomic or redone on resume;
-- only a cache (a group carrying this manifest, holding nothing but cache keys) is ever deleted.
+- only a cache (a group carrying this manifest, holding nothing but cache keys) is ever deleted;
+- a CLIP model added to an existing cache gets its arrays first and its manifest entry (status
+  `building`) second, so readers never see an entry without arrays; its blocks carry their own flags,
+  and the entry becomes `complete` once every flag is set. The teacher's arrays are never touched.
 """
 
 from __future__ import annotations
@@ -42,11 +45,15 @@ from cache_store.schema import (
     WRITE_LEFTOVER,
     STATUS_BUILDING,
     STATUS_COMPLETE,
-    TEXT_GROUP,
     CacheLayout,
+    ClipLayout,
     bad_rows,
+    cache_arrays,
+    clip_layouts,
     describe_samples,
+    flags_of,
     layout_record,
+    read_layout,
     validate_manifest,
 )
 
@@ -55,15 +62,20 @@ COMPRESSOR = ZstdCodec(level=3)
 # bit in a block zstd stored raw (float16 model outputs barely compress) no longer reads as a wrong value
 COMPRESSORS = (COMPRESSOR, Crc32cCodec())
 STORE_PACKAGES = ("zarr", "numpy", "numcodecs")
-PROMPT_SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # one array name under clip/text, no nesting
+PROMPT_SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # one array name under a model's text group, no nesting
+# What makes two CLIP entries under one name the same model (and so a resumable, not a clashing, one).
+CLIP_IDENTITY = ("arch", "pretrained", "checkpoint_sha256", "embed_dim", "feature_dim")
 
 
 def create_cache(url: str, layout: CacheLayout, manifest: dict, overwrite: bool = False) -> "CacheWriter":
     """Create the cache, or reopen it to resume when it was started by the same build.
 
-    "The same build" means the same `manifest["build_key"]` (data fingerprint, models, views) and layout.
-    Another cache at `url` is refused unless `overwrite`; nothing that is not provably a richkd-cache cache
-    (a zarr group carrying its manifest, holding only cache keys) is ever deleted.
+    "The same build" means the same `manifest["build_key"]` (data fingerprint, teacher, views) and layout.
+    `manifest["clip_models"]` names the CLIP models by name (each entry with its `embed_dim` and
+    `feature_dim`): those an existing cache lacks are added to it (their arrays only; nothing else is
+    rewritten), those it has must be the same weights. Another cache at `url` is refused unless
+    `overwrite`; nothing that is not provably a richkd-cache cache (a zarr group carrying its manifest,
+    holding only cache keys) is ever deleted.
     """
     if _cache_manifest(url) is not None:
         if not overwrite:
@@ -73,8 +85,10 @@ def create_cache(url: str, layout: CacheLayout, manifest: dict, overwrite: bool 
         raise CacheError(f"{url} already holds files that are not a richkd-cache cache; "
                          "choose another location (nothing was changed)")
     versions = {name: importlib.metadata.version(name) for name in STORE_PACKAGES}
+    clip_models = {name: {**record, "status": STATUS_BUILDING} for name, record in manifest["clip_models"].items()}
     full = {
         **manifest,
+        "clip_models": clip_models,
         "format_version": FORMAT_VERSION,
         "status": STATUS_BUILDING,
         "cache_id": uuid.uuid4().hex,  # which cache a writer opened: another build's --overwrite changes it
@@ -84,8 +98,9 @@ def create_cache(url: str, layout: CacheLayout, manifest: dict, overwrite: bool 
         "versions": {**manifest.get("versions", {}), **versions},
     }
     # one write: a group without its manifest never exists, so a kill here leaves nothing or a cache to resume
+    validate_manifest(full, url)  # never write a manifest readers would refuse
     group = zarr.create_group(open_store(url, read_only=False), zarr_format=3, attributes={MANIFEST_KEY: full})
-    _create_missing_arrays(group, layout)
+    _create_missing_arrays(group, cache_arrays(layout, clip_layouts(full)))
     return CacheWriter(url, group)
 
 
@@ -118,12 +133,13 @@ def _delete_cache(url: str) -> None:
     delete_keys(store, keys)
 
 
-def _create_missing_arrays(group: zarr.Group, layout: CacheLayout) -> None:
-    """Create every array of the layout that has no metadata yet (all of them for a new cache; those a
-    killed creation did not reach when resuming). Each creation is one atomic metadata write."""
+def _create_missing_arrays(group: zarr.Group, arrays: dict, replace: bool = False) -> None:
+    """Create every array of `arrays` that has no metadata yet (all of them for a new cache; those a
+    killed creation did not reach when resuming), or every one when `replace` (a CLIP model's arrays left
+    by an add that was killed before its manifest entry). Each creation is one atomic metadata write."""
     existing = stored_keys(group.store)
-    for spec in layout.arrays().values():
-        if f"{spec.name}/zarr.json" not in existing:
+    for spec in arrays.values():
+        if replace or f"{spec.name}/zarr.json" not in existing:
             group.create_array(
                 spec.name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill_value,
                 serializer=BytesCodec(), compressors=COMPRESSORS, overwrite=True,
@@ -133,6 +149,9 @@ def _create_missing_arrays(group: zarr.Group, layout: CacheLayout) -> None:
 def _resume(url: str, layout: CacheLayout, manifest: dict) -> "CacheWriter":
     group = open_group_write(url)
     old = group.attrs.get(MANIFEST_KEY)
+    if isinstance(old, dict) and old.get("format_version") == 1:
+        raise CacheError(f"{url} is a format-1 cache (one CLIP model, written by an older richkd-cache): it stays "
+                         "readable, but a build cannot resume or add models to it; pass --overwrite to rebuild it")
     differences = _differences(old, manifest, layout)
     if differences:
         raise CacheError(
@@ -140,10 +159,26 @@ def _resume(url: str, layout: CacheLayout, manifest: dict) -> "CacheWriter":
             "pass --overwrite to replace it"
         )
     validate_manifest(old, url)
+    clashes = [name for name, record in manifest["clip_models"].items()
+               if name in old["clip_models"] and _clip_identity(old["clip_models"][name]) != _clip_identity(record)]
+    if clashes:
+        raise CacheError(f"cache {url} already holds CLIP model {', '.join(clashes)} with other weights; "
+                         "pass --overwrite to rebuild the cache, or build the other weights into another cache")
     if old["status"] == STATUS_BUILDING:
-        _create_missing_arrays(group, layout)
-    check_array_metadata(group, layout, url)
-    return CacheWriter(url, group)
+        _create_missing_arrays(group, layout.arrays())
+    writer = CacheWriter(url, group)
+    for name in old["clip_models"]:
+        if old["clip_models"][name]["status"] == STATUS_BUILDING:  # a killed creation left some out
+            _create_missing_arrays(group, writer.clips[name].arrays(layout))
+    writer.check_metadata()
+    for name, record in manifest["clip_models"].items():
+        if name not in old["clip_models"]:
+            writer.add_clip_model(name, record)
+    return writer
+
+
+def _clip_identity(record: dict) -> tuple:
+    return tuple(record.get(k) for k in CLIP_IDENTITY)
 
 
 def open_for_write(url: str) -> "CacheWriter":
@@ -153,8 +188,9 @@ def open_for_write(url: str) -> "CacheWriter":
     group = open_group_write(url)
     manifest = group.attrs.get(MANIFEST_KEY)
     validate_manifest(manifest, url)  # never write into a format this code does not know
-    check_array_metadata(group, CacheLayout(**manifest["layout"]), url)
-    return CacheWriter(url, group)
+    writer = CacheWriter(url, group)
+    writer.check_metadata()
+    return writer
 
 
 def _differences(old: dict, manifest: dict, layout: CacheLayout) -> list[str]:
@@ -181,9 +217,34 @@ class CacheWriter:
         self.url = url
         self.group = group
         self.manifest = dict(group.attrs[MANIFEST_KEY])
-        self.layout = CacheLayout(**self.manifest["layout"])
-        self._specs = self.layout.sample_arrays()
+        self.layout = read_layout(self.manifest)
+        self.clips: dict[str, ClipLayout] = clip_layouts(self.manifest)
         self.cache_id = self.manifest.get("cache_id")  # None for caches created before cache ids
+
+    @property
+    def parts(self) -> dict[str, dict]:
+        """The sample-axis arrays of each flags array: `written` (the teacher's part, and format 1's CLIP
+        arrays) and each format-2 CLIP model's own flags."""
+        parts: dict[str, dict] = {"written": dict(self.layout.sample_arrays())}
+        for clip in self.clips.values():
+            parts.setdefault(clip.written, {}).update(clip.sample_arrays(self.layout))
+        return parts
+
+    def check_metadata(self) -> None:
+        """Every existing array's own metadata matches the layout (before any write: see integrity)."""
+        keys = stored_keys(self.group.store)
+        arrays = {n: s for n, s in cache_arrays(self.layout, self.clips).items()
+                  if f"{n}/zarr.json" in keys or flags_of(n, self.clips) == "written"}
+        check_array_metadata(self.group, self.layout, self.clips, arrays, self.url)
+
+    def add_clip_model(self, name: str, record: dict) -> None:
+        """A CLIP model new to this cache: its arrays (replacing any a killed add left before its entry),
+        then its manifest entry, status `building`. Nothing of the teacher or other models is written."""
+        layout = ClipLayout(name, record["embed_dim"], record["feature_dim"], f"clip/{name}", f"clip/{name}/written")
+        self._check_same_cache()
+        _create_missing_arrays(self.group, layout.arrays(self.layout), replace=True)
+        models = {**self.manifest["clip_models"], name: {**record, "status": STATUS_BUILDING}}
+        self.update_manifest(clip_models=models)
 
     def _check_same_cache(self) -> None:
         """Refuse to write once the cache this writer opened was replaced (another build's --overwrite) or
@@ -204,18 +265,31 @@ class CacheWriter:
     def block_range(self, block: int) -> tuple[int, int]:
         return self.layout.block_range(block)
 
-    def pending_blocks(self, blocks: Iterable[int] | None = None) -> list[int]:
-        """Blocks not yet flagged in `written` (of `blocks`, or of all), in the order given."""
-        done = self.group["written"][:]
+    def pending_blocks(self, blocks: Iterable[int] | None = None, flags: str = "written") -> list[int]:
+        """Blocks not yet flagged in `flags` (the teacher's `written`, or a CLIP model's `.written`) of
+        `blocks` (or of all), in the order given."""
+        done = self.group[flags][:]
         wanted = range(self.num_blocks) if blocks is None else [self._check_block(b) for b in blocks]
         return [int(b) for b in wanted if not done[b]]
 
+    def pending_parts(self) -> dict[int, list[str]]:
+        """Each block that some part still lacks -> the flags arrays of those parts, in block order."""
+        pending: dict[int, list[str]] = {}
+        for flags in self.parts:
+            for b in self.pending_blocks(flags=flags):
+                pending.setdefault(b, []).append(flags)
+        return dict(sorted(pending.items()))
+
     def write_block(self, block: int, arrays: dict[str, np.ndarray]) -> None:
-        """Store one whole block, then flag it. Everything is checked before the first byte is written,
-        so a refused block leaves the cache as it was."""
+        """Store one whole block of one or more parts (every array of each: the teacher's part, a CLIP
+        model's), then flag each. Everything is checked before the first byte is written, so a refused
+        block leaves the cache as it was."""
         start, stop = self.block_range(self._check_block(block))
-        if set(arrays) != set(self._specs):
-            raise CacheError(f"block {block}: expected arrays {sorted(self._specs)}, got {sorted(arrays)}")
+        parts = [flags for flags, specs in self.parts.items() if set(specs) & set(arrays)]
+        expected = {name for flags in parts for name in self.parts[flags]}
+        if not parts or set(arrays) != expected:
+            raise CacheError(f"block {block}: expected arrays of whole parts (the teacher's or a CLIP model's: "
+                             f"{'; '.join(', '.join(sorted(s)) for s in self.parts.values())}), got {sorted(arrays)}")
         prepared = {name: self._prepare(name, np.asarray(value), start, stop) for name, value in arrays.items()}
         self._check_same_cache()
         try:
@@ -225,7 +299,8 @@ class CacheWriter:
             self._check_same_cache()
             raise
         self._check_same_cache()
-        self.group["written"][block] = True  # its own chunk: flags of other writers are untouched
+        for flags in parts:
+            self.group[flags][block] = True  # its own chunk: flags of other writers are untouched
 
     def _check_block(self, block: int) -> int:
         if not 0 <= block < self.num_blocks:
@@ -234,7 +309,7 @@ class CacheWriter:
 
     def _prepare(self, name: str, value: np.ndarray, start: int, stop: int) -> np.ndarray:
         """Check one array of a block (shape, dtype kind, finiteness, range) and cast it to the stored dtype."""
-        spec = self._specs[name]
+        spec = next(specs[name] for specs in self.parts.values() if name in specs)
         expected = (stop - start, *spec.shape[1:])
         if tuple(value.shape) != expected:
             raise CacheError(f"{name}: block rows {start}..{stop} need shape {expected}, got {tuple(value.shape)}")
@@ -251,20 +326,31 @@ class CacheWriter:
             raise CacheError(f"{name} has values beyond float16's range (65504) in rows {start}..{stop}")
         return value.astype(spec.dtype, copy=False)
 
-    def put_text_embeddings(self, name: str, embeds: np.ndarray, attrs: dict, replace: bool = False) -> None:
-        """Prompt set `name`: [M, C, D] float32 per-template text embeddings (eq. 2-3 need only these).
+    def clip(self, model: str | None) -> ClipLayout:
+        """CLIP model `model`, or the cache's only one (None)."""
+        if model is None and len(self.clips) == 1:
+            return next(iter(self.clips.values()))
+        if model not in self.clips:
+            raise CacheError(f"cache {self.url} has no CLIP model {model!r}; it has {', '.join(self.clips)}")
+        return self.clips[model]
+
+    def put_text_embeddings(self, name: str, embeds: np.ndarray, attrs: dict, replace: bool = False,
+                            model: str | None = None) -> None:
+        """Prompt set `name` of CLIP model `model` (None: the only one): [M, C, D] float32 per-template text
+        embeddings (eq. 2-3 need only these).
 
         Storing the same embeddings again is a no-op (a resumed build does it); other embeddings under an
         existing name are refused unless `replace`."""
         if not PROMPT_SET_NAME.fullmatch(name):
             raise CacheError(f"prompt set name {name!r} may use only letters, digits, '_', '-' and '.'")
+        clip = self.clip(model)
         embeds = np.asarray(embeds, dtype=np.float32)
-        c, d = self.layout.num_classes, self.layout.clip_embed_dim
+        c, d = self.layout.num_classes, clip.embed_dim
         if embeds.ndim != 3 or embeds.shape[1:] != (c, d):
             raise CacheError(f"prompt set {name}: text embeddings must be [M, {c}, {d}], got {list(embeds.shape)}")
         if not np.isfinite(embeds).all():
             raise CacheError(f"prompt set {name}: the text embeddings hold NaN/Inf; the text encoder output is broken")
-        path = f"{TEXT_GROUP}/{name}"
+        path = f"{clip.text_group}/{name}"
         self._check_same_cache()
         if self._text_written(path):
             if np.array_equal(self.group[path][:], embeds):
@@ -295,14 +381,39 @@ class CacheWriter:
         manifest = {**self.group.attrs[MANIFEST_KEY], **fields}
         self.group.attrs[MANIFEST_KEY] = manifest
         self.manifest = manifest
+        self.clips = clip_layouts(manifest)
         self._keep_consolidated()
 
-    def finalize(self) -> None:
-        """Mark complete once every block is flagged; consolidate metadata for readers. Idempotent."""
+    def update_clip_record(self, model: str | None, **fields: object) -> None:
+        """Merge keys into one CLIP model's manifest entry (format 1: its `clip` entry)."""
+        clip = self.clip(model)
+        self._check_same_cache()
+        manifest = self.group.attrs[MANIFEST_KEY]
+        if manifest["format_version"] == 1:
+            self.update_manifest(clip={**manifest["clip"], **fields})
+            return
+        models = dict(manifest["clip_models"])
+        models[clip.name] = {**models[clip.name], **fields}
+        self.update_manifest(clip_models=models)
+
+    def finalize(self, models: Iterable[str] | None = None) -> None:
+        """Mark the cache (its teacher's part) complete once every block is flagged, and each of `models`
+        once its own blocks are (None: every CLIP model whose blocks all are); consolidate metadata for
+        readers. Idempotent."""
         self._check_same_cache()
         missing = len(self.pending_blocks())
         if missing:
             raise CacheError(f"cache {self.url} is missing {missing} of {self.num_blocks} blocks; cannot complete it")
+        if models is None:
+            models = [name for name, clip in self.clips.items() if not self.pending_blocks(flags=clip.written)]
+        for model in models:
+            clip = self.clip(model)
+            missing = len(self.pending_blocks(flags=clip.written))
+            if missing:
+                raise CacheError(f"CLIP model {model} of cache {self.url} is missing {missing} of {self.num_blocks} "
+                                 "blocks; cannot complete it")
+            if clip.own_flags:
+                self.update_clip_record(model, status=STATUS_COMPLETE)
         self.update_manifest(status=STATUS_COMPLETE)
 
     def _keep_consolidated(self) -> None:

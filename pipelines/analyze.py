@@ -20,7 +20,7 @@ from rich.table import Table
 from cache_store import CacheReader, open_cache
 from pipelines.cached import clean_view
 from pipelines.config import check_range
-from richkd_cache.clip_logits import clip_logits
+from richkd_cache.clip_logits import clip_logits, ensemble_logits
 from richkd_cache.distill import fuse_logits
 from richkd_cache.distill.adaptive import ALPHA_RULES, class_alphas, error_sums, row_alphas
 from richkd_cache.errors import DataError
@@ -41,15 +41,19 @@ MODELS = ("teacher", "clip", "fusion")
 CATEGORIES = ("confident_correct", "confident_wrong", "uncertain_correct", "uncertain_wrong")
 
 
-def run_analyze(url: str, prompts: str | None, alpha: float, out_dir: str | None) -> dict:
-    """A JSON-ready analysis of one cache at fusion weight alpha (eq. 4); with out_dir, also the plots
-    alpha_sweep.png, reliability.png and categories.png there (their paths under "plots")."""
+def run_analyze(url: str, prompts: str | None, alpha: float, out_dir: str | None,
+                clip_model: str | None = None) -> dict:
+    """A JSON-ready analysis of one cache at fusion weight alpha (eq. 4) with the CLIP model(s) `clip_model`
+    names (as `train --clip-model`: one, A+B or ensemble); with out_dir, also the plots alpha_sweep.png,
+    reliability.png and categories.png there (their paths under "plots")."""
     check_range("alpha", alpha)
     reader = open_cache(url)
-    if not (prompts or reader.prompt_sets()):
-        raise DataError(f"cache {url} stores no prompt set; add one with `richkd-cache prompts add`")
-    prompt_set = prompts or reader.prompt_sets()[0]  # the default `train` uses too
-    labels, logits = clean_logits(reader, prompt_set, alpha)
+    models = reader.select_clip(clip_model)
+    if not (prompts or reader.prompt_sets_of(models)):
+        raise DataError(f"cache {url} stores no prompt set for {' and '.join(models)}; add one with "
+                        "`richkd-cache prompts add`")
+    prompt_set = prompts or reader.prompt_sets_of(models)[0]  # the default `train` uses too
+    labels, logits = clean_logits(reader, prompt_set, alpha, models)
     sweep = [{"alpha": a, "top1": top1} for a, top1 in alpha_sweep(logits["teacher"], logits["clip"], labels, SWEEP)]
     errors = error_statistics(logits["teacher"], logits["clip"], labels)
     sums = error_sums(logits["teacher"], logits["clip"], labels)  # (C, 6): alpha* per class and overall
@@ -61,6 +65,7 @@ def run_analyze(url: str, prompts: str | None, alpha: float, out_dir: str | None
         "url": url,
         "dataset": {k: reader.manifest["dataset"].get(k) for k in ("name", "split", "num_samples", "num_classes")},
         "prompt_set": prompt_set,
+        "clip_models": models,
         "alpha": alpha,
         "accuracy": {name: {"top1": topk_accuracy(z, labels, 1), "top5": topk_accuracy(z, labels, 5)}
                      for name, z in logits.items()},
@@ -80,11 +85,14 @@ def run_analyze(url: str, prompts: str | None, alpha: float, out_dir: str | None
     return result
 
 
-def clean_logits(reader: CacheReader, prompt_set: str, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def clean_logits(reader: CacheReader, prompt_set: str, alpha: float,
+                 models: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Labels (N,) and the clean view's logits (N, C) float32 of the teacher (rebuilt from top-k when
-    that is all the cache stores), CLIP (eq. 2-3) and their fusion at alpha (eq. 4)."""
-    labels, z_t, embeds = clean_view(reader)
-    z_c = clip_logits(embeds, torch.from_numpy(reader.text_embeddings(prompt_set)), reader.manifest["clip"]["tau"])
+    that is all the cache stores), CLIP (eq. 2-3; several models: their ensemble) and their fusion at
+    alpha (eq. 4)."""
+    labels, z_t, embeds = clean_view(reader, models)
+    z_c = ensemble_logits([clip_logits(embeds[m], torch.from_numpy(reader.text_embeddings(prompt_set, m)),
+                                       reader.clip_records[m]["tau"]) for m in models])
     return labels, {"teacher": z_t, "clip": z_c, "fusion": fuse_logits(z_t, z_c, alpha)}
 
 
@@ -179,7 +187,8 @@ def plot_categories(fig: Figure, result: dict) -> None:
 def render_analysis(result: dict, console: Console) -> None:
     ds = result["dataset"]
     console.print(f"[bold]{result['url']}[/bold]  {ds['name']} / {ds['split']}: {ds['num_samples']} samples, "
-                  f"{ds['num_classes']} classes; prompt set {result['prompt_set']}, alpha {result['alpha']}")
+                  f"{ds['num_classes']} classes; CLIP {' + '.join(result['clip_models'])}; prompt set {result['prompt_set']}, "
+                  f"alpha {result['alpha']}")
     console.print(accuracy_table(result))
     best, optimal = result["best_alpha"], result["optimal_alpha"]
     console.print(f"best alpha {best['alpha']:.2f} (fused top-1 {best['top1']:.2f}%);  alpha* {optimal['alpha']:.3f} "

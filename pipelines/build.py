@@ -3,6 +3,10 @@
 Every write block of rows is computed, written whole in one call and only then flagged in `written`
 (cache_store does the flagging), so a build killed at any moment resumes where it stopped and ends
 identical to an uninterrupted one. Writes run on a background thread so they overlap the next forward.
+
+A cache holds one or more CLIP models (`--clip A,B`), each with its own flags. A build into a complete cache
+with a CLIP model it lacks runs only that model over the images (the teacher's blocks are all flagged, so
+the teacher never runs) and adds it; killed, it resumes like any build.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import importlib.metadata
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,7 @@ from cache_store import (
     open_for_write,
 )
 from cache_store._store import is_remote, local_path
+from cache_store.schema import ClipLayout, clip_model_name
 from pipelines.cached import clean_views
 from pipelines.config import BuildConfig, resolve_device
 from pipelines.distributed import (
@@ -43,7 +48,7 @@ from pipelines.distributed import (
 )
 from pipelines.progress import Reporter
 from pipelines.summary import human_bytes, prompt_set_accuracy
-from richkd_cache.clip import ClipTeacher, load_clip, resolve_clip
+from richkd_cache.clip import ClipSpec, ClipTeacher, load_clip, resolve_clip
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.distill import topk_kl, topk_log_probs
 from richkd_cache.errors import ConfigError, RichKDError
@@ -89,6 +94,11 @@ class Teacher:
     manifest: dict
 
 
+# A CLIP model with the arrays it fills: its stored name, flags and array paths.
+Clip = tuple[ClipLayout, ClipTeacher]
+TEACHER_FLAGS = "written"  # the teacher's part (labels, views/params, teacher/*) is flagged here
+
+
 def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
     """Build (or resume) the cache at cfg.out and return its location. Under torchrun, every rank
     computes a contiguous share of the pending blocks."""
@@ -99,44 +109,95 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
         views = view_policies(cfg, image_size(dataset))
         check_view_table(len(dataset), views["teacher"]["num_views"], cfg.strong_views)
         teacher = setup_teacher(cfg.teacher, cfg.teacher_checkpoint, dataset, device)
-        clip = load_clip(resolve_clip(cfg.clip, cfg.clip_pretrained, cfg.clip_checkpoint, cfg.clip_activation), device=device)
+        models = {name: load_clip(spec, device=device) for name, spec in clip_specs(cfg).items()}
         prompt_sets = [resolve_prompt_set(p, cfg.dataset) for p in cfg.prompts]
         params = view_params(views["teacher"]["policy"], len(dataset), image_size(dataset), cfg.view_seed)  # (N, V, 5)
         strong = (draw_strong_views(len(dataset), cfg.strong_views, image_size(dataset), cfg.view_seed)
                   if cfg.strong_views else None)  # (N, K, 12): the views MLKD's second input is drawn from
-        layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, clip, cfg.block_rows,
-                              params.shape[1], cfg.topk, views["clip"]["num_views"], cfg.strong_views or None)
-        writer, pending = open_cache_for_build(cfg, layout, build_manifest(cfg, dataset, teacher, clip),
-                                               clip, prompt_sets, dataset.classes, ctx)
-        blocks = contiguous_share(pending, ctx)
+        layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, list(models.values()),
+                              cfg.block_rows or existing_block_rows(cfg), params.shape[1], cfg.topk,
+                              views["clip"]["num_views"], cfg.strong_views or None)
+        writer, pending = open_cache_for_build(cfg, layout, build_manifest(cfg, dataset, teacher, models),
+                                               models, prompt_sets, dataset.classes, ctx)
+        clips = [(writer.clips[name], model) for name, model in models.items()]
+        blocks = contiguous_share(list(pending), ctx)
         quiet = Reporter(reporter.console, quiet=True)
-        topk_error = forward_blocks(writer, blocks, dataset, teacher, clip, device, cfg.batch_size, cfg.workers,
+        topk_error = forward_blocks(writer, blocks, dataset, teacher, clips, device, cfg.batch_size, cfg.workers,
                                     reporter if ctx.is_main else quiet, ctx.world_size, params, cfg.topk,
-                                    layout.clip_num_views, strong)
+                                    layout.clip_num_views, strong, pending)
         barrier(ctx)
         if ctx.is_main:
-            summary = accuracy_summary(cfg.out)
-            if cfg.topk and topk_error[1]:
-                summary["teacher"].update(topk_kl_mean=topk_error[0] / topk_error[1], topk_kl_rows=topk_error[1])
-            writer.update_manifest(**summary)
-            writer.finalize()
+            finish_build(writer, cfg, list(models), topk_error)
         barrier(ctx)
         return cfg.out
     finally:
         shutdown(ctx)
 
 
-def open_cache_for_build(cfg: BuildConfig, layout: CacheLayout, manifest: dict, clip: ClipTeacher,
+def finish_build(writer: CacheWriter, cfg: BuildConfig, models: list[str], topk_error: tuple[float, int]) -> None:
+    """Accuracies from the cache itself, then the teacher's part and this build's CLIP models completed."""
+    teacher, zero_shot = accuracy_summary(cfg.out, models)
+    if cfg.topk and topk_error[1]:
+        teacher.update(topk_kl_mean=topk_error[0] / topk_error[1], topk_kl_rows=topk_error[1])
+    writer.update_manifest(teacher=teacher)
+    for name, accuracy in zero_shot.items():
+        writer.update_clip_record(name, zero_shot_accuracy=accuracy)
+    writer.finalize(models)
+
+
+def clip_specs(cfg: BuildConfig) -> dict[str, ClipSpec]:
+    """Each `--clip` model by the name it is stored under, with its weights and activation: each of
+    --clip-pretrained, --clip-checkpoint and --clip-activation gives one value for every model or a
+    comma-separated list with one item per model (an empty item: none)."""
+    names = [n.strip() for n in cfg.clip.split(",")]
+    if "" in names:
+        raise ConfigError(f"--clip {cfg.clip!r} names an empty model; separate models with commas (ViT-L/14,RN50x64)")
+    stored = [clip_model_name(n) for n in names]
+    repeated = sorted({n for n in stored if stored.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"--clip names {', '.join(repeated)} more than once")
+
+    def per_model(flag: str, value: str | None) -> list[str | None]:
+        items = [None] * len(names) if value is None else [v.strip() or None for v in value.split(",")]
+        if len(items) == 1:
+            return items * len(names)
+        if len(items) != len(names):
+            raise ConfigError(f"{flag} gives {len(items)} values for {len(names)} CLIP models: give one for all, "
+                              f"or one per --clip model in order")
+        return items
+
+    weights = zip(per_model("--clip-pretrained", cfg.clip_pretrained),
+                  per_model("--clip-checkpoint", cfg.clip_checkpoint),
+                  per_model("--clip-activation", cfg.clip_activation))
+    return {name: resolve_clip(requested, *given) for name, requested, given in zip(stored, names, weights)}
+
+
+def existing_block_rows(cfg: BuildConfig) -> int | None:
+    """The block rows of the cache already at cfg.out (a resumed build, or one adding a CLIP model keeps
+    them, whatever the models' row sizes); None when there is none or it is replaced."""
+    if cfg.overwrite:
+        return None
+    try:
+        return open_cache(cfg.out, require_complete=False, check_chunks=False).layout.block_rows
+    except CacheError:
+        return None
+
+
+def open_cache_for_build(cfg: BuildConfig, layout: CacheLayout, manifest: dict, models: dict[str, ClipTeacher],
                          prompt_sets: list[PromptSet], classes: list[str], ctx: DistContext):
-    """Rank 0 creates (or reopens to resume) the cache and stores the prompt sets; then every rank opens
-    it and receives the same list of pending blocks. A refusal on rank 0 stops every rank with it."""
-    error, pending = None, []
+    """Rank 0 creates (or reopens to resume, or to add CLIP models) the cache and stores the prompt sets;
+    then every rank opens it and receives the same pending blocks, each with the flags of the parts it
+    lacks. A refusal on rank 0 stops every rank with it."""
+    error, pending = None, {}
     if ctx.is_main:
         try:
-            check_space(cfg.out, layout_bytes(layout))
+            check_space(cfg.out, layout_bytes(layout, list(models.values())))
             writer = create_cache(cfg.out, layout, manifest, overwrite=cfg.overwrite)
-            store_prompt_sets(writer, clip, prompt_sets, classes)
-            pending = writer.pending_blocks()
+            for name, model in models.items():
+                store_prompt_sets(writer, name, model, prompt_sets, classes)
+            wanted = {TEACHER_FLAGS, *(writer.clips[name].written for name in models)}
+            pending = {b: [f for f in flags if f in wanted] for b, flags in writer.pending_parts().items()}
+            pending = {b: flags for b, flags in pending.items() if flags}
         except (CacheError, RichKDError) as e:
             error = e
     error, pending = broadcast((error, pending), ctx)
@@ -211,9 +272,11 @@ def check_view_table(num_samples: int, views: int, strong_views: int = 0) -> Non
                           f"use fewer --teacher-views{' or --strong-views' if strong_views else ''}")
 
 
-def layout_bytes(layout: CacheLayout) -> int:
+def layout_bytes(layout: CacheLayout, models: list[ClipTeacher]) -> int:
     """Uncompressed bytes of every array: an upper bound of the disk use (fp16 rows barely compress)."""
-    return sum(math.prod(spec.shape) * np.dtype(spec.dtype).itemsize for spec in layout.arrays().values())
+    clip_row = sum(2 * (m.embed_dim + m.feature_dim) for m in models)
+    teacher = sum(math.prod(spec.shape) * np.dtype(spec.dtype).itemsize for spec in layout.arrays().values())
+    return teacher + layout.num_samples * layout.clip_num_views * clip_row
 
 
 def check_space(url: str, needed: int) -> None:
@@ -234,25 +297,24 @@ def check_space(url: str, needed: int) -> None:
                           "--topk logits")
 
 
-def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: ClipTeacher,
+def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, models: list[ClipTeacher],
                  block_rows: int | None = None, num_views: int = 1, topk: int | None = None,
                  clip_views: int = 1, strong_views: int | None = None) -> CacheLayout:
     """Chunks of whole write blocks, a few MB each (DESIGN.md section 3) unless block_rows is given.
     num_views: the teacher's views per sample; clip_views: CLIP's (1, or num_views); strong_views: K strong
-    views with the teacher's logits (None: none)."""
+    views with the teacher's logits (None: none); `models`: the CLIP models built now (a cache keeps the
+    block rows it was created with: `existing_block_rows`)."""
     if topk is not None and not 0 < topk <= num_classes:
         raise ConfigError(f"--topk must be between 1 and {num_classes} (the dataset has {num_classes} classes)")
     logit_width = 3 * topk if topk else num_classes  # top-k: fp16 values + int32 indices
-    row_bytes = 2 * (num_views * (logit_width + teacher_dim) + clip_views * (clip.embed_dim + clip.feature_dim)
-                     + (strong_views or 0) * logit_width)
+    clip_row = sum(m.embed_dim + m.feature_dim for m in models)
+    row_bytes = 2 * (num_views * (logit_width + teacher_dim) + clip_views * clip_row + (strong_views or 0) * logit_width)
     block_rows = block_rows or choose_block_rows(row_bytes)
     return CacheLayout(
         num_samples=num_samples,
         num_views=num_views,
         num_classes=num_classes,
         teacher_dim=teacher_dim,
-        clip_embed_dim=clip.embed_dim,
-        clip_feature_dim=clip.feature_dim,
         view_param_dim=len(PARAM_NAMES),
         block_rows=min(block_rows, max(num_samples, 1)),
         teacher_topk=topk,
@@ -261,10 +323,10 @@ def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, clip: Cli
     )
 
 
-def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, clip: ClipTeacher) -> dict:
-    """Provenance: what produced every array. `build_key` is what a resumed build must match."""
+def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, models: dict[str, ClipTeacher]) -> dict:
+    """Provenance: what produced every array. `build_key` is what a resumed build, or one adding a CLIP
+    model, must match; each CLIP model's entry says what produced its arrays."""
     fingerprint = dataset_fingerprint(dataset)
-    clip_manifest = clip.manifest()
     dataset_manifest = {
         "name": cfg.dataset,
         "split": dataset.split,
@@ -290,7 +352,6 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, cl
         **({"dataset_options": dataset.options} if dataset.options else {}),  # imagefolder's image size
         "teacher_arch": teacher.arch,
         "teacher_checkpoint_sha256": teacher.manifest["checkpoint_sha256"],
-        "clip": {k: clip_manifest.get(k) for k in ("arch", "pretrained", "checkpoint_sha256")},
         "views": {k: views[k] for k in ("policy", "seed", "num_views", "clip", "strong") if k in views},
         "teacher_topk": cfg.topk,
     }
@@ -303,7 +364,7 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, cl
         "dataset": dataset_manifest,
         "views": views,
         "teacher": teacher.manifest,
-        "clip": clip_manifest,
+        "clip_models": {name: model.manifest() for name, model in models.items()},
         "build_key": build_key,
     }
 
@@ -326,12 +387,13 @@ def view_policies(cfg: BuildConfig, size: int) -> dict[str, dict]:
 
 
 def store_prompt_sets(
-    writer: CacheWriter, clip: ClipTeacher, prompt_sets: list[PromptSet], classes: list[str]
+    writer: CacheWriter, name: str, clip: ClipTeacher, prompt_sets: list[PromptSet], classes: list[str]
 ) -> None:
-    """Per-template text embeddings [M, C, D]: prompt sets stay a training-time choice (eq. 2-3)."""
+    """CLIP model `name`'s per-template text embeddings [M, C, D]: prompt sets stay a training-time choice
+    (eq. 2-3)."""
     for ps in prompt_sets:
         embeds = clip.encode_prompt_set(ps, classes)
-        writer.put_text_embeddings(ps.name, embeds, prompt_set_manifest(ps, classes))
+        writer.put_text_embeddings(ps.name, embeds, prompt_set_manifest(ps, classes), model=name)
 
 
 def forward_blocks(
@@ -339,7 +401,7 @@ def forward_blocks(
     pending: list[int],
     dataset: ImageDataset,
     teacher: Teacher,
-    clip: ClipTeacher,
+    clips: list[Clip],
     device: torch.device,
     batch_size: int,
     workers: int,
@@ -349,8 +411,12 @@ def forward_blocks(
     topk: int | None = None,
     clip_views: int = 1,
     strong: np.ndarray | None = None,
+    parts: dict[int, list[str]] | None = None,
 ) -> tuple[float, int]:
-    """Run teacher and CLIP over the given blocks; a writer thread stores finished blocks.
+    """Run the teacher and the CLIP models over the given blocks; a writer thread stores finished blocks.
+
+    parts: for each block, the flags of the parts it lacks (the teacher's `written`, a CLIP model's own);
+    only those models run on it (None: all of them, on every block).
 
     params: the teacher's (N, V, 5) views (None: the clean view); strong: (N, K, 12) strong views the
     teacher also sees (None: none); clip_views: CLIP's views per sample,
@@ -373,7 +439,9 @@ def forward_blocks(
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
-    forward = make_forward(teacher, clip, dataset, device, params, topk, clip_views, batch_size, strong)
+    block_rows = writer.layout.block_rows
+    wanted = None if parts is None else (lambda index: parts[int(index[0]) // block_rows])
+    forward = make_forward(teacher, clips, dataset, device, params, topk, clip_views, batch_size, strong, wanted)
     kl_sum, kl_rows = 0.0, 0
     total = sum(stop - start for start, stop in ranges)
     label = "build" if world_size == 1 else f"build (rank 0 of {world_size}; total ~{world_size}x this rate)"
@@ -384,7 +452,7 @@ def forward_blocks(
             if kl is not None:
                 kl_sum, kl_rows = kl_sum + float(kl.sum()), kl_rows + kl.size
             in_flight.append(pool.submit(writer.write_block, block, arrays))
-            advance(len(arrays["labels"]))
+            advance(len(next(iter(arrays.values()))))
             # at most two blocks wait for the disk; .result() re-raises a failed write (e.g. NaN) at once
             while len(in_flight) > 2 or (in_flight and in_flight[0].done()):
                 in_flight.pop(0).result()
@@ -394,12 +462,15 @@ def forward_blocks(
 
 
 def make_forward(
-    teacher: Teacher, clip: ClipTeacher, dataset: ImageDataset, device: torch.device,
+    teacher: Teacher, clips: list[Clip], dataset: ImageDataset, device: torch.device,
     params: np.ndarray | None = None, topk: int | None = None, clip_views: int = 1, batch_size: int = 256,
     strong: np.ndarray | None = None,
+    parts: Callable[[np.ndarray], Collection[str]] | None = None,
 ) -> Callable[[dict], dict[str, np.ndarray]]:
     """One batch of samples -> numpy rows for every sample-axis array: the teacher's V views of each
-    sample, and CLIP's clean view (clip_views = 1) or the same V views (clip_views = V).
+    sample, and each CLIP model's clean view (clip_views = 1) or the same V views (clip_views = V).
+    `parts` maps the batch's sample indices to the flags of the parts to compute (the teacher's
+    `written`, CLIP models' own flags); None: every part. A model whose part is not asked never runs.
 
     params: (N, V, 5) view parameters of the whole split (None: the clean view only). Each view's pixels
     come from `apply_views`, the function stage two replays them with; the clean view is the image.
@@ -414,23 +485,28 @@ def make_forward(
         b = len(index)
         batch_params = params[index] if params is not None else np.broadcast_to(CLEAN, (b, 1, CLEAN.size)).copy()
         v = batch_params.shape[1]
-        per_call = teacher_views_per_call(batch_size, images.shape[-1])
-        # (B * V, C), (B * V, Ft)
-        t_logits, t_feats = run_teacher(teacher, dataset, images, batch_params, device, per_call)
-        c_embeds, c_feats = run_clip(clip, images, batch_params if clip_views > 1 else None, device,
-                                     batch_size)  # (B * Vc, D), (B * Vc, Fc)
+        wanted = None if parts is None else set(parts(index))
 
         def rows(t: torch.Tensor, views: int) -> np.ndarray:  # (B * views, X) -> (B, views, X) float32
             return t.float().cpu().numpy().reshape(b, views, -1)
 
-        out = {
+        out = {}
+        for layout, clip in clips:
+            if wanted is None or layout.written in wanted:
+                c_embeds, c_feats = run_clip(clip, images, batch_params if clip_views > 1 else None, device,
+                                             batch_size)  # (B * Vc, D), (B * Vc, Fc)
+                out.update({layout.image_embeds: rows(c_embeds, clip_views), layout.features: rows(c_feats, clip_views)})
+        if wanted is not None and TEACHER_FLAGS not in wanted:
+            return out
+        per_call = teacher_views_per_call(batch_size, images.shape[-1])
+        # (B * V, C), (B * V, Ft)
+        t_logits, t_feats = run_teacher(teacher, dataset, images, batch_params, device, per_call)
+        out.update({
             "labels": batch["label"].numpy().astype(np.int32),
             "views/params": batch_params.astype(np.float32),
             "teacher/logits": rows(t_logits, v),
             "teacher/features": rows(t_feats, v),
-            "clip/image_embeds": rows(c_embeds, clip_views),
-            "clip/features": rows(c_feats, clip_views),
-        }
+        })
         if strong is not None:  # (B, K, C): the teacher on the strong views (its features are not needed)
             strong_params = strong[index]
             s_logits, _ = run_teacher(teacher, dataset, images, strong_params, device, per_call, apply_strong_views)
@@ -505,7 +581,8 @@ def run_clip(clip: ClipTeacher, images: torch.Tensor, params: np.ndarray | None,
 def assemble_blocks(
     ranges: list[tuple[int, int]], batches: Iterator[dict[str, np.ndarray]]
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Regroup a stream of batches (in row order) into whole write blocks of the given sizes."""
+    """Regroup a stream of batches (in row order) into whole write blocks of the given sizes. Batches
+    never straddle blocks, so every batch of a block carries the same arrays."""
     held: dict[str, list[np.ndarray]] = {}
     held_rows = 0
     sizes = iter(stop - start for start, stop in ranges)
@@ -513,7 +590,7 @@ def assemble_blocks(
     for batch in batches:
         for name, value in batch.items():
             held.setdefault(name, []).append(value)
-        held_rows += len(batch["labels"])
+        held_rows += len(next(iter(batch.values())))
         while need is not None and held_rows >= need:
             joined = {name: np.concatenate(parts) for name, parts in held.items()}
             yield {name: value[:need] for name, value in joined.items()}
@@ -522,11 +599,13 @@ def assemble_blocks(
             need = next(sizes, None)
 
 
-def accuracy_summary(url: str) -> dict:
-    """Teacher top-1 and CLIP zero-shot top-1 per stored prompt set on the clean view, from the cache itself
-    (none when a model has no clean view: random views only)."""
+def accuracy_summary(url: str, models: list[str]) -> tuple[dict, dict[str, dict]]:
+    """The teacher's manifest entry with its top-1, and each of `models`' CLIP zero-shot top-1 per stored
+    prompt set, on the clean view, from the cache itself (none when a model has no clean view: random
+    views only)."""
     reader = open_cache(url, require_complete=False)
-    rows = prompt_set_accuracy(reader, alpha=0.7) if None not in clean_views(reader).values() else []
-    teacher = dict(reader.manifest["teacher"], accuracy=rows[0]["teacher_top1"] if rows else None)
-    zero_shot = {r["prompt_set"]: r["clip_top1"] for r in rows}
-    return {"teacher": teacher, "clip": dict(reader.manifest["clip"], zero_shot_accuracy=zero_shot)}
+    clean = None not in clean_views(reader).values()
+    rows = {m: prompt_set_accuracy(reader, 0.7, m) if clean else [] for m in models}
+    top1 = next((r[0]["teacher_top1"] for r in rows.values() if r), None)
+    teacher = dict(reader.manifest["teacher"], accuracy=top1)
+    return teacher, {m: {r["prompt_set"]: r["clip_top1"] for r in model_rows} for m, model_rows in rows.items()}

@@ -11,9 +11,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import math
+
 from cache_store import CacheReader
-from cache_store.schema import model_views
+from cache_store.schema import ClipLayout, model_views
 from richkd_cache.distill import logits_from_topk
+from richkd_cache.distill.fusion import centred_energy
 from richkd_cache.errors import DataError
 from richkd_cache.views import CIFAR_SIZE, clean_view_index, parse_policy
 
@@ -50,10 +53,18 @@ def clean_views(reader: CacheReader) -> dict[str, int | None]:
             for model, v in model_views(reader.manifest).items()}
 
 
-def clean_view(reader: CacheReader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Labels (N,), the teacher's logits (N, C) and CLIP's image embeddings (N, D) of the clean view
-    (the whole image, which accuracy is measured on), the teacher's rebuilt from its top-k when the
-    cache stores only that."""
+def clip_feature_scales(arrays: dict[str, np.ndarray], clips: list[ClipLayout]) -> dict[str, float]:
+    """Each CLIP model's feature scale when several are concatenated into f_C (eq. 7): 1 / the root mean
+    squared norm of its rows about their mean, so every model's block has the same energy and none
+    dominates the fused feature by the scale of its features alone."""
+    return {c.name: 1.0 / math.sqrt(centred_energy(arrays[c.features], f"CLIP {c.name}")) for c in clips}
+
+
+def clean_view(reader: CacheReader,
+               models: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Labels (N,), the teacher's logits (N, C) and each CLIP model's image embeddings (N, D) of the clean
+    view (the whole image, which accuracy is measured on), the teacher's rebuilt from its top-k when the
+    cache stores only that. `models`: the CLIP models (None: the cache's only one)."""
     clean = clean_views(reader)
     missing = [m for m, v in clean.items() if v is None]
     if missing:
@@ -63,5 +74,6 @@ def clean_view(reader: CacheReader) -> tuple[torch.Tensor, torch.Tensor, torch.T
     t, c = clean["teacher"], clean["clip"]
     names = [n for n in ("teacher/logits", "teacher/topk_values", "teacher/topk_indices") if n in reader.layout.arrays()]
     z_t = teacher_logits({n: reader.load_view(n, t)[:, None] for n in names}, reader.layout.num_classes)[:, 0]
-    embeds = torch.from_numpy(reader.load_view("clip/image_embeds", c).astype(np.float32))
+    models = reader.select_clip(None) if models is None else models
+    embeds = {m: torch.from_numpy(reader.load_view(reader.clips[m].image_embeds, c).astype(np.float32)) for m in models}
     return torch.from_numpy(reader.load("labels").astype(np.int64)), z_t, embeds

@@ -119,10 +119,10 @@ def build(
     data_root: Annotated[Optional[str], typer.Option(help="Folder holding the dataset files.")] = None,
     split: Annotated[str, typer.Option(help="Split to cache (train for distillation).")] = "train",
     teacher: Annotated[Optional[str], typer.Option(help="Teacher architecture (read from our checkpoints if omitted).")] = None,
-    clip: Annotated[str, typer.Option(help="CLIP model: OpenAI name (ViT-L/14) or open_clip name.")] = "ViT-L/14",
-    clip_pretrained: Annotated[Optional[str], typer.Option(help="open_clip pretrained tag (openai for OpenAI names).")] = None,
-    clip_checkpoint: Annotated[Optional[str], typer.Option(help="Local CLIP weights file instead of a download.")] = None,
-    clip_activation: Annotated[Optional[str], typer.Option(help="quickgelu (OpenAI's weights) or gelu: required for a --clip-checkpoint under an open_clip name.")] = None,
+    clip: Annotated[str, typer.Option(help="CLIP model(s): OpenAI names (ViT-L/14) or open_clip names, comma-separated (ViT-L/14,RN50x64); a complete cache gains the models it lacks, running only them.")] = "ViT-L/14",
+    clip_pretrained: Annotated[Optional[str], typer.Option(help="open_clip pretrained tag (openai for OpenAI names); one for all --clip models or one per model, comma-separated.")] = None,
+    clip_checkpoint: Annotated[Optional[str], typer.Option(help="Local CLIP weights file instead of a download; one per --clip model, comma-separated.")] = None,
+    clip_activation: Annotated[Optional[str], typer.Option(help="quickgelu (OpenAI's weights) or gelu: required for a --clip-checkpoint under an open_clip name; one for all or one per model.")] = None,
     prompts: Annotated[str, typer.Option(help="Prompt sets to store: names (single,multi,complex) or .toml/.json files.")] = "single,multi,complex",
     batch_size: int = 256,
     workers: int = 4,
@@ -201,6 +201,7 @@ def train(
     prompts: Annotated[Optional[str], typer.Option(help="Stored prompt set for CLIP's logits.")] = None,
     clip_tau: Annotated[Optional[float], typer.Option(help="Override CLIP's logit scale tau.")] = None,
     clip_renormalize: Annotated[Optional[bool], typer.Option(help="Re-normalise the mean text embedding (CLIP notebook).")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(help="The cache's CLIP model: NAME, several as A+B or ensemble (mean of their probabilities, docs/fusion.md); default: its only one.")] = None,
     fraction: Annotated[Optional[float], typer.Option(help="Train on this share of every class (no rebuild).")] = None,
     imbalance: Annotated[Optional[float], typer.Option(help="Long-tailed subset: rarest/most common class size.")] = None,
     epochs: Optional[int] = None,
@@ -233,7 +234,7 @@ def train(
         "resize": resize, "target": target,
         "method": method, "alpha": None if alpha is None else parse_alpha(alpha), "temperature": temperature, "lam": lam, "beta": beta,
         "gamma": gamma, "prompts": prompts, "clip_tau": clip_tau, "clip_renormalize": clip_renormalize,
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+        "clip_model": clip_model, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "fraction": fraction, "imbalance": imbalance, "optimizer": optimizer, "schedule": schedule,
         "warmup_epochs": warmup_epochs, "min_lr": min_lr, "compile": compile_step,
         "milestones": parse_numbers("--milestones", milestones, int) if milestones else None,
@@ -331,23 +332,26 @@ def prompts_add(
     file: Annotated[str, typer.Option(help="Prompt set file (.toml or .json), or a shipped set name.")],
     name: Annotated[Optional[str], typer.Option(help="Name to store it under (default: the file's).")] = None,
     clip_checkpoint: Annotated[Optional[str], typer.Option(help="Local CLIP weights if the recorded tag cannot be fetched.")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(help="The CLIP model to add it to: NAME, A+B or ensemble (every one); default: the cache's only one.")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
-    """Add a prompt set to an existing cache by running only CLIP's text tower."""
+    """Add a prompt set to an existing cache by running only CLIP's text tower (of each model named)."""
     from pipelines.prompts import add_prompt_set
 
-    stored = add_prompt_set(cache, file, name, clip_checkpoint, device)
+    stored = add_prompt_set(cache, file, name, clip_checkpoint, device, clip_model)
     out_console.print(f"stored prompt set {stored!r} in {cache}")
 
 
 @prompts_app.command("list")
 @user_errors
 def prompts_list(cache: Annotated[str, typer.Argument(help="Cache location.")]) -> None:
-    """List the prompt sets stored in a cache."""
+    """List the prompt sets stored in a cache (with several CLIP models: MODEL: SET per line)."""
     from cache_store import open_cache
 
-    for name in open_cache(cache).prompt_sets():
-        out_console.print(name)
+    reader = open_cache(cache)
+    for model in reader.clips:
+        for name in reader.prompt_sets(model):
+            out_console.print(f"{model}: {name}" if len(reader.clips) > 1 else name, highlight=False)
 
 
 @app.command()
@@ -357,12 +361,13 @@ def analyze(
     prompts: Annotated[Optional[str], typer.Option(help="Stored prompt set (default: the first).")] = None,
     alpha: Annotated[float, typer.Option(help="Teacher weight of the fusion (eq. 4).")] = 0.7,
     out: Annotated[Optional[str], typer.Option(help="Folder for the PNG plots.")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(help="The cache's CLIP model: NAME, several as A+B, or ensemble (default: its only one).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """From the cache alone: teacher vs CLIP vs fusion, alpha sweep and alpha*, confidence, calibration."""
     from pipelines.analyze import render_analysis, run_analyze
 
-    show(run_analyze(cache, prompts, alpha, out), as_json, render_analysis)
+    show(run_analyze(cache, prompts, alpha, out, clip_model), as_json, render_analysis)
 
 
 @app.command()
@@ -426,6 +431,7 @@ def sweep(
     method: Annotated[Optional[str], typer.Option(help="Logit losses to sweep, e.g. kd,dkd.")] = None,
     feature_loss: Annotated[Optional[str], typer.Option(help="Feature losses to sweep, e.g. cosine,crd,none.")] = None,
     fraction: Annotated[Optional[str], typer.Option(help="Few-shot shares to sweep, e.g. 0.1,0.25,1.")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(help="CLIP models to sweep, e.g. ViT-L-14,RN50x64,ensemble.")] = None,
     seeds: Annotated[str, typer.Option(help="Seeds of every setting, e.g. 0,1,2.")] = "0",
     dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the cache records).")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Dataset folder on this machine.")] = None,
@@ -443,7 +449,8 @@ def sweep(
     from pipelines.sweep import Sweep, parse_axis, run_sweep
 
     swept = {"alpha": alpha, "lam": lam, "temperature": temperature, "beta": beta, "gamma": gamma,
-             "prompts": prompts, "method": method, "feature_loss": feature_loss, "fraction": fraction}
+             "prompts": prompts, "method": method, "feature_loss": feature_loss, "fraction": fraction,
+             "clip_model": clip_model}
     values = {name: parse_axis(name, text) for name, text in swept.items() if text is not None}
     axes = {name: v for name, v in values.items() if len(v) > 1}  # one value: a fixed setting
     fixed = {"student": student, "cache": cache, "dataset": dataset, "data_root": data_root, "epochs": epochs,
@@ -474,13 +481,14 @@ def export(
     lam: Annotated[float, typer.Option(help="Teacher weight in the fused feature (eq. 7).")] = 0.7,
     prompts: Annotated[Optional[str], typer.Option(help="Stored prompt set (default: the first).")] = None,
     features: Annotated[bool, typer.Option(help="Also write the fused feature f_F of the fixed joint space.")] = False,
+    clip_model: Annotated[Optional[str], typer.Option(help="The cache's CLIP model: NAME, several as A+B, or ensemble (default: its only one).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:
     """Fused soft labels (and features) per (sample, view) as a plain file, for other trainers."""
     from pipelines.export import run_export
 
     cfg = TrainConfig(student="-", out=out, cache=cache, target=target, alpha=alpha, temperature=temperature,
-                      lam=lam, prompts=prompts, feature_loss="cosine" if features else None)
+                      lam=lam, prompts=prompts, feature_loss="cosine" if features else None, clip_model=clip_model)
     result = run_export(cfg, out, features, overwrite)
     out_console.print(f"{result['rows']} rows (sample, view) of {result['target']} soft labels at T "
                       f"{result['temperature']} -> {result['out']}")

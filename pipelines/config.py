@@ -87,6 +87,8 @@ class TrainConfig:
     clip_tau: float | None = None
     image_size: int | None = None  # imagefolder: None takes the cache's (or the dataset's default)
     resize: int | None = None
+    # the cache's CLIP model(s): NAME, A+B or ensemble; None: its only one (refused, listing them, if several)
+    clip_model: str | None = None
     fraction: float = 1.0  # train on this share of every class (few-shot study)
     imbalance: float = 1.0  # long-tailed: rarest / most common class size (supplement's protocol)
     epochs: int = 240

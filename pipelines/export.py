@@ -40,8 +40,9 @@ def run_export(cfg: TrainConfig, out: str, with_features: bool, overwrite: bool)
         blocks = export_blocks(cfg, cache, fusion, with_features)
         rows = write_parquet(tmp, blocks) if path.suffix == ".parquet" else write_npz(tmp, blocks)
     return {"out": str(path), "rows": rows, "target": cfg.resolved_target, "alpha": cfg.alpha,
-            "temperature": cfg.temperature, "prompts": cfg.prompts or cache.prompt_sets()[0],
-            "features": with_features}
+            "temperature": cfg.temperature,
+            "prompts": cfg.prompts or cache.prompt_sets_of([c.name for c in fusion.clips])[0] if fusion.clips else None,
+            "clip_models": [c.name for c in fusion.clips], "features": with_features}
 
 
 def export_blocks(cfg: TrainConfig, cache, fusion, with_features: bool) -> Iterator[dict[str, np.ndarray]]:
@@ -50,7 +51,8 @@ def export_blocks(cfg: TrainConfig, cache, fusion, with_features: bool) -> Itera
     layout = cache.layout
     for block in range(layout.num_blocks):
         a, b = layout.block_range(block)
-        arrays = {k: cache.load_rows(k, a, b) for k in (*cached_arrays(cache, features=with_features), "views/params")}
+        arrays = {k: cache.load_rows(k, a, b)
+                  for k in (*cached_arrays(cache, list(fusion.clips), features=with_features), "views/params")}
         targets = compute_targets(cfg, arrays, fusion, torch.device("cpu"), arrays["views/params"])
         views = arrays["views/params"]  # (n, V, 5)
         n, v = views.shape[:2]

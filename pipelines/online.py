@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from cache_store import CacheReader
-from pipelines.build import Teacher, clip_forward, recorded_teacher, setup_teacher, teacher_forward
+from pipelines.build import Clip, Teacher, clip_forward, recorded_teacher, setup_teacher, teacher_forward
 from pipelines.config import TrainConfig
 from pipelines.targets import Fusion, Targets, Window, compute_targets, setup_fusion
 from richkd_cache.clip import ClipTeacher, load_clip, recorded_activation, resolve_clip
@@ -38,19 +38,21 @@ class OnlineTargets(Targets):
     cfg: TrainConfig | None = None
     fusion: Fusion | None = None
     teacher: Teacher | None = None
-    clip: ClipTeacher | None = None
+    clips: list[Clip] | None = None  # the chosen CLIP models (--clip-model), with the array names they fill
     dataset: ImageDataset | None = None
     clip_per_view: bool = False  # the cache stores CLIP on the teacher's views, not on the clean image
 
     @torch.no_grad()
     def lookup(self, rows: torch.Tensor, device: torch.device, clean: torch.Tensor,
                pixels: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """Teacher on `pixels`, CLIP on `clean` (or on `pixels`), then eq. 2-4 and 7 on those rows."""
+        """Teacher on `pixels`, each CLIP model on `clean` (or on `pixels`), then eq. 2-4 and 7 on those rows."""
         z_t, f_t = teacher_forward(self.teacher, self.dataset, pixels, device)
-        embeds, f_c = clip_forward(self.clip, pixels if self.clip_per_view else clean, device)
-        arrays = {name: t.float().cpu().numpy()[:, None]  # (B, 1, X): one view per row, as a cache stores it
-                  for name, t in (("teacher/logits", z_t), ("teacher/features", f_t),
-                                  ("clip/image_embeds", embeds), ("clip/features", f_c))}
+        outputs = [("teacher/logits", z_t), ("teacher/features", f_t)]
+        for layout, clip in self.clips or []:
+            embeds, f_c = clip_forward(clip, pixels if self.clip_per_view else clean, device)
+            outputs += [(layout.image_embeds, embeds), (layout.features, f_c)]
+        # (B, 1, X): one view per row, as a cache stores it
+        arrays = {name: t.float().cpu().numpy()[:, None] for name, t in outputs}
         batch = compute_targets(self.cfg, arrays, self.fusion, device, None)
         return Targets.lookup(batch, torch.arange(len(pixels), device=device), device, clean, pixels)
 
@@ -60,13 +62,17 @@ def online_windows(cfg: TrainConfig, cache: CacheReader, dataset: ImageDataset,
     """One window per epoch, as for a cache read whole, with targets computed per batch."""
     manifest = cache.manifest
     views = cache.load("views/params")  # (N, V, 5) the teacher's views
+    fusion = setup_fusion(cfg, cache)
+    if cfg.clip_checkpoint and len(fusion.clips) > 1:
+        raise ConfigError("--clip-checkpoint is one CLIP model's weights; with several --clip-model models the "
+                          "files their manifest entries record are used")
     targets = OnlineTargets(
         logits=None, features=None,
         views=torch.from_numpy(views).to(device) if views.shape[1] > 1 else None,
-        cfg=cfg, fusion=setup_fusion(cfg, cache), dataset=dataset,
+        cfg=cfg, fusion=fusion, dataset=dataset,
         teacher=online_teacher(cfg, manifest["teacher"], dataset, device),
-        clip=online_clip(cfg, manifest["clip"], device),
-        clip_per_view=cache.load_rows("clip/features", 0, 1).shape[1] == views.shape[1] > 1,
+        clips=[(c, online_clip(cfg, cache.clip_records[c.name], device)) for c in fusion.clips],
+        clip_per_view=cache.layout.clip_num_views == views.shape[1] > 1,
     )
 
     def windows(generator: torch.Generator, pool: torch.Tensor) -> Iterator[Window]:

@@ -18,9 +18,22 @@ from richkd_cache.errors import ClipError
 from richkd_cache.prompts import prompt_set_manifest
 
 
-def add_prompt_set(url: str, name_or_file: str, name: str | None, clip_checkpoint: str | None, device: str) -> str:
+def add_prompt_set(url: str, name_or_file: str, name: str | None, clip_checkpoint: str | None, device: str,
+                   clip_model: str | None = None) -> str:
+    """Store a prompt set for CLIP model `clip_model` (None: the cache's only one; `ensemble` or A+B:
+    each of them, from its own text tower)."""
     reader = open_cache(url)
-    recorded = reader.manifest["clip"]
+    models = reader.select_clip(clip_model)
+    if clip_checkpoint and len(models) > 1:
+        raise ClipError("--clip-checkpoint is one model's weights: add the prompt set to one --clip-model at a time")
+    for model in models:
+        stored = add_to_model(url, reader, model, name_or_file, name, clip_checkpoint, device)
+    return stored
+
+
+def add_to_model(url: str, reader, model: str, name_or_file: str, name: str | None, clip_checkpoint: str | None,
+                 device: str) -> str:
+    recorded = reader.clip_records[model]
     dataset = reader.manifest["dataset"]
     prompt_set = resolve_prompt_set(name_or_file, dataset["name"])
     if name:
@@ -35,9 +48,9 @@ def add_prompt_set(url: str, name_or_file: str, name: str | None, clip_checkpoin
     classes = dataset["classes"]
     writer = open_for_write(url)
     writer.put_text_embeddings(prompt_set.name, clip.encode_prompt_set(prompt_set, classes),
-                               prompt_set_manifest(prompt_set, classes))
-    zero_shot = {r["prompt_set"]: r["clip_top1"] for r in prompt_set_accuracy(open_cache(url), alpha=0.7)}
-    writer.update_manifest(clip=dict(recorded, zero_shot_accuracy=zero_shot))
+                               prompt_set_manifest(prompt_set, classes), model=model)
+    zero_shot = {r["prompt_set"]: r["clip_top1"] for r in prompt_set_accuracy(open_cache(url), 0.7, model)}
+    writer.update_clip_record(model, zero_shot_accuracy=zero_shot)
     writer.finalize()
     return prompt_set.name
 

@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.table import Table
 
 from cache_store import open_cache
-from cache_store.schema import ArraySpec, CacheLayout, model_views
+from cache_store.schema import ArraySpec, CacheLayout, ClipLayout, model_views
 from cache_store.verify import checksum_summary
 from pipelines.cached import clean_view, clean_views
-from richkd_cache.clip_logits import clip_logits
+from richkd_cache.clip_logits import clip_logits, ensemble_logits
 from richkd_cache.distill import fuse_logits
 from richkd_cache.errors import ConfigError
 from richkd_cache.metrics import topk_accuracy
@@ -46,18 +46,20 @@ def cache_summary(url: str, alpha: float) -> dict:
         "teacher": {k: manifest["teacher"].get(k)
                     for k in ("arch", "checkpoint_sha256", "accuracy", "topk_kl_mean", "topk_kl_rows")},
         "teacher_topk": reader.layout.teacher_topk,
-        "clip": {**{k: manifest["clip"].get(k) for k in ("arch", "pretrained", "checkpoint_sha256", "tau", "image_size",
-                                                          "activation_source")},
-                 "activation": "quickgelu" if manifest["clip"].get("quick_gelu") else "gelu"},
+        "clip_models": {name: clip_model_summary(reader, name) for name in reader.clips},
         "arrays": reader.array_info(),
         "bytes_per_sample_view": reader.bytes_per_sample_view(),
-        "storage": storage(reader.layout),
+        "storage": storage(reader.layout, reader.clips),
         "chunk_checksums": checksum_summary(reader),
         "alpha": alpha,
         "prompt_sets": [],
     }
     if manifest.get("status") == "complete" and None not in clean_views(reader).values():
-        summary["prompt_sets"] = prompt_set_accuracy(reader, alpha)
+        complete = reader.complete_clip_models()
+        summary["prompt_sets"] = [{"clip_model": m, **row} for m in complete for row in prompt_set_accuracy(reader, alpha, m)]
+        if len(complete) > 1:
+            summary["prompt_sets"] += [{"clip_model": "ensemble", **row}
+                                       for row in prompt_set_accuracy(reader, alpha, *complete)]
     return summary
 
 
@@ -67,7 +69,7 @@ def strong_views(manifest: dict) -> dict[str, dict]:
     return {"strong": {k: strong.get(k) for k in ("policy", "num_views", "seed")}} if strong else {}
 
 
-def storage(layout: CacheLayout) -> dict:
+def storage(layout: CacheLayout, clips: dict[str, ClipLayout]) -> dict:
     """What one sample-view costs in this cache, and the whole cache at ImageNet-1k's size.
 
     Bytes per sample-view, as written (uncompressed; fp16 rows barely compress, so an upper bound):
@@ -78,7 +80,8 @@ def storage(layout: CacheLayout) -> dict:
     this layout: 1,281,167 x V x B, full logits counted at its 1,000 classes (top-k rows do not depend on C).
     """
     views = layout.num_views
-    parts = {name: per_sample_bytes(spec) / views for name, spec in layout.sample_arrays().items()}
+    specs = {**layout.sample_arrays(), **{n: s for c in clips.values() for n, s in c.sample_arrays(layout).items()}}
+    parts = {name: per_sample_bytes(spec) / views for name, spec in specs.items()}  # every CLIP model's too
     at_imagenet = {**parts}
     if "teacher/logits" in parts:
         at_imagenet["teacher/logits"] = IMAGENET_1K_CLASSES * 2
@@ -99,17 +102,30 @@ def per_sample_bytes(spec: ArraySpec) -> int:
     return np.dtype(spec.dtype).itemsize * math.prod(spec.shape[1:])
 
 
-def prompt_set_accuracy(reader, alpha: float) -> list[dict]:
-    """Per stored prompt set: CLIP zero-shot top-1, the teacher's top-1, the fused top-1 at alpha (eq. 4)."""
-    labels, z_t, embeds = clean_view(reader)
-    tau = reader.manifest["clip"]["tau"]
+def clip_model_summary(reader, name: str) -> dict:
+    """One CLIP model's weights, tau, input size and activation, its status and written blocks."""
+    record = reader.clip_records[name]
+    written = reader.written_mask(name) if f"{reader.clips[name].written}/zarr.json" in reader.keys else None
+    return {**{k: record.get(k) for k in ("arch", "pretrained", "checkpoint_sha256", "tau", "image_size",
+                                          "activation_source", "embed_dim", "feature_dim", "status")},
+            "activation": "quickgelu" if record.get("quick_gelu") else "gelu",
+            "blocks_written": None if written is None else int(written.sum())}
+
+
+def prompt_set_accuracy(reader, alpha: float, *models: str) -> list[dict]:
+    """Per prompt set every one of `models` stores (none given: the cache's only CLIP model): CLIP
+    zero-shot top-1 (several models: their ensemble), the teacher's top-1, the fused top-1 at alpha (eq. 4)."""
+    models = list(models) or reader.select_clip(None)
+    labels, z_t, embeds = clean_view(reader, models)
     teacher_top1 = topk_accuracy(z_t, labels)
     rows = []
-    for name in reader.prompt_sets():
-        z_c = clip_logits(embeds, torch.from_numpy(reader.text_embeddings(name)), tau)
+    for name in reader.prompt_sets_of(models):
+        texts = {m: reader.text_embeddings(name, m) for m in models}
+        z_c = ensemble_logits([clip_logits(embeds[m], torch.from_numpy(texts[m]), reader.clip_records[m]["tau"])
+                               for m in models])
         rows.append({
             "prompt_set": name,
-            "num_templates": int(reader.text_embeddings(name).shape[0]),
+            "num_templates": int(texts[models[0]].shape[0]),
             "clip_top1": topk_accuracy(z_c, labels),
             "teacher_top1": teacher_top1,
             "fused_top1": topk_accuracy(fuse_logits(z_t, z_c, alpha), labels),
@@ -118,7 +134,7 @@ def prompt_set_accuracy(reader, alpha: float) -> list[dict]:
 
 
 def render_summary(summary: dict, console: Console) -> None:
-    ds, clip, teacher = summary["dataset"], summary["clip"], summary["teacher"]
+    ds, teacher = summary["dataset"], summary["teacher"]
     console.print(f"[bold]{summary['url']}[/bold]  format {summary['format_version']}  status {summary['status']}  "
                   f"blocks {summary['blocks_written']}/{summary['blocks_total']}")
     console.print(f"dataset  {ds['name']} / {ds['split']}: {ds['num_samples']} samples, {ds['num_classes']} classes, "
@@ -128,10 +144,14 @@ def render_summary(summary: dict, console: Console) -> None:
         kl = teacher["topk_kl_mean"]
         cost = f"mean KL {kl:.4f} nats over {teacher['topk_kl_rows']} rows" if kl is not None else "KL not measured"
         console.print(f"         logits stored as top-k, k = {summary['teacher_topk']}: {cost}")
-    weights = clip["pretrained"] or f"checkpoint {str(clip['checkpoint_sha256'])[:16]}"
-    console.print(f"clip     {clip['arch']} ({weights}), tau {clip['tau']:.2f}, input {clip['image_size']}px")
-    decided = f" (decided by {clip['activation_source']})" if clip["activation_source"] else ""
-    console.print(f"         activation {clip['activation']}{decided}")
+    for name, clip in summary["clip_models"].items():
+        weights = clip["pretrained"] or f"checkpoint {str(clip['checkpoint_sha256'])[:16]}"
+        state = "" if clip["status"] == "complete" else (
+            f"  INCOMPLETE ({clip['blocks_written'] or 0}/{summary['blocks_total']} blocks: re-run the build that adds it)")
+        console.print(f"clip     {name}: {clip['arch']} ({weights}), tau {clip['tau']:.2f}, input {clip['image_size']}px"
+                      f"{state}", highlight=False)
+        decided = f" (decided by {clip['activation_source']})" if clip["activation_source"] else ""
+        console.print(f"         activation {clip['activation']}{decided}")
     arrays = Table(title="arrays")
     for col in ("array", "dtype", "shape", "chunks", "stored"):
         arrays.add_column(col)
@@ -143,10 +163,11 @@ def render_summary(summary: dict, console: Console) -> None:
     console.print(f"chunk checksums: {summary['chunk_checksums']}", highlight=False, soft_wrap=True)
     if summary["prompt_sets"]:
         acc = Table(title=f"top-1 (%) on the cached split, fused at alpha={summary['alpha']}")
-        for col in ("prompt set", "templates", "CLIP zero-shot", "teacher", "fused"):
+        several = len(summary["clip_models"]) > 1
+        for col in ("CLIP model",) * several + ("prompt set", "templates", "CLIP zero-shot", "teacher", "fused"):
             acc.add_column(col, justify="right")
         for r in summary["prompt_sets"]:
-            acc.add_row(r["prompt_set"], str(r["num_templates"]), f"{r['clip_top1']:.2f}",
+            acc.add_row(*(r["clip_model"],) * several, r["prompt_set"], str(r["num_templates"]), f"{r['clip_top1']:.2f}",
                         f"{r['teacher_top1']:.2f}", f"{r['fused_top1']:.2f}")
         console.print(acc)
 
@@ -156,9 +177,12 @@ def views_table(summary: dict) -> Table:
     table = Table(title="views and bytes per sample-view")
     for col in ("model", "policy", "views", "rows", "bytes/row", "stored/row", "fp16 total"):
         table.add_column(col, justify="right")
-    for model, v in summary["views"].items():
-        size = summary["bytes_per_sample_view"][model]
-        table.add_row(model, str(v["policy"]), str(v["num_views"]), str(size["rows"]), str(size["bytes_per_row"]),
+    several = len(summary["clip_models"]) > 1
+    for model, size in summary["bytes_per_sample_view"].items():
+        teacher_rows = model in ("teacher", "strong")  # the teacher on its views, and on the strong views
+        v = summary["views"][model if teacher_rows else "clip"]
+        label = model if teacher_rows else (f"clip {model}" if several else "clip")
+        table.add_row(label, str(v["policy"]), str(v["num_views"]), str(size["rows"]), str(size["bytes_per_row"]),
                       f"{size['stored_bytes_per_row']:.0f}", human_bytes(size["rows"] * size["bytes_per_row"]))
     return table
 

@@ -34,7 +34,8 @@ from richkd_cache.files import atomic_path
 from richkd_cache.models import create_model
 
 # Settings a sweep can vary: those that act after the cached forward passes.
-SWEEPABLE = ("alpha", "lam", "temperature", "beta", "gamma", "prompts", "method", "feature_loss", "fraction")
+SWEEPABLE = ("alpha", "lam", "temperature", "beta", "gamma", "prompts", "method", "feature_loss", "fraction",
+             "clip_model")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ its rows by index, and `augment` pairs the pixels the student sees with the cach
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,11 @@ import numpy as np
 import torch
 
 from cache_store import CacheReader
-from pipelines.cached import clean_views, flatten_views, float_rows, per_view_rows, teacher_logits
+from cache_store.schema import ClipLayout
+from pipelines.cached import clean_views, clip_feature_scales, flatten_views, float_rows, per_view_rows, teacher_logits
 from pipelines.config import TrainConfig
 from pipelines.summary import human_bytes
-from richkd_cache.clip_logits import clip_logits
+from richkd_cache.clip_logits import clip_logits, ensemble_logits
 from richkd_cache.data import random_crop_flip, random_resized_crop_flip
 from richkd_cache.distill import JointSpace, build_targets, fit_joint_space, uses_strong_view
 from richkd_cache.distill.adaptive import error_sums, row_alphas
@@ -69,14 +71,30 @@ class Targets:
         return gather(self.logits, rows, device), parts
 
 
-def cached_arrays(cache: CacheReader, strong: bool = False, features: bool = True) -> tuple[str, ...]:
-    """The per-row arrays targets are computed from (the teacher's logits may be stored as top-k), with the
-    strong views' parameters and teacher logits when `strong`, and the pooled features when `features`:
-    a run without a feature loss never reads them (for ResNet-34 on ImageNet, 1,024 of a view's ~1,460 bytes)."""
+def selected_clips(cfg: TrainConfig, cache: CacheReader) -> list[ClipLayout]:
+    """The CLIP models the run's targets use (`--clip-model`; see CacheReader.select_clip): none for a
+    target that needs no CLIP output (ce, kd) unless a CLIP setting asks for one."""
+    asked = cfg.clip_model is not None or cfg.prompts is not None
+    if cfg.resolved_target not in ("clip", "richkd") and not asked:
+        return []
+    return [cache.clips[name] for name in cache.select_clip(cfg.clip_model)]
+
+
+def cached_arrays(cache: CacheReader, clips: list[ClipLayout] | None = None, strong: bool = False,
+                  features: bool = True) -> tuple[str, ...]:
+    """The per-row arrays targets are computed from (the teacher's logits may be stored as top-k), with
+    those of `clips` (None: the cache's only CLIP model), the strong views' parameters and teacher logits
+    when `strong`, and the pooled features when `features`: a run without a feature loss never reads them
+    (for ResNet-34 on ImageNet, 1,024 of a view's ~1,460 bytes)."""
+    clips = [cache.clips[n] for n in cache.select_clip(None)] if clips is None else clips
     logits = ("teacher/topk_values", "teacher/topk_indices") if cache.layout.teacher_topk else ("teacher/logits",)
     extra = ("views/strong_params", *(n.replace("/", "/strong_") for n in logits)) if strong else ()
-    feats = ("teacher/features", "clip/features") if features else ()
-    return (*logits, *feats, "clip/image_embeds", "labels", *extra)
+    feats = feature_arrays(clips) if features else ()
+    return (*logits, *feats, *(c.image_embeds for c in clips), "labels", *extra)
+
+
+def feature_arrays(clips: list[ClipLayout] | tuple[ClipLayout, ...]) -> tuple[str, ...]:
+    return ("teacher/features", *(c.features for c in clips))
 
 
 def features_needed(cfg: TrainConfig) -> bool:
@@ -96,53 +114,79 @@ def strong_views_needed(cfg: TrainConfig, cache: CacheReader | None) -> bool:
 
 @dataclass(frozen=True)
 class Fusion:
-    """What turns cached rows into targets: the prompt set's text embeddings, tau, and for cosine/MSE
-    with the richkd target the fixed joint feature space (eq. 7, docs/fusion.md)."""
+    """What turns cached rows into targets: the CLIP models used, each one's prompt set text embeddings
+    and tau, and for cosine/MSE with the richkd target the fixed joint feature space (eq. 7,
+    docs/fusion.md). With several CLIP models their logits are ensembled (`ensemble_logits`) and their
+    features concatenated, each scaled by `feature_scales`."""
 
-    text: torch.Tensor | None  # (M, C, D); None: the target uses no CLIP logits (kd) and none was asked for
-    tau: float
+    clips: tuple[ClipLayout, ...]  # the CLIP models used; none for a teacher-only target
+    text: dict[str, torch.Tensor] | None  # model -> (M, C, D); None: the target uses no CLIP logits (kd)
+    tau: dict[str, float]  # model -> eq. 2's tau
     space: JointSpace | None
     num_classes: int
     alpha_sums: torch.Tensor | None = None  # (C, 6) error sums over every cached row, for --alpha auto / per-class
+    feature_scales: dict[str, float] | None = None  # several models: each one's feature block scale (eq. 7)
     clip_clean_view: int | None = 0  # CLIP's row of the clean view, which the strong views' targets pair with
 
 
 def setup_fusion(cfg: TrainConfig, cache: CacheReader, arrays: dict[str, np.ndarray] | None = None) -> Fusion:
     """The joint space is fitted on `arrays` (every row), or with --stream-window on the first window's
     blocks; the fp16 rows are read in float32 chunks, never copied whole. Only targets with CLIP's logits
-    (eq. 2-3) need a prompt set; a named one is checked for any target."""
+    (eq. 2-3) need a prompt set; a named one is checked for any target, for every CLIP model used."""
+    clips = selected_clips(cfg, cache)
     uses_clip = cfg.resolved_target in ("clip", "richkd")
-    if uses_clip and not cache.prompt_sets():
+    names = [c.name for c in clips]
+    if uses_clip and not cache.prompt_sets_of(names):
         raise ConfigError(f"target {cfg.resolved_target} needs CLIP's logits but cache {cache.url} stores no prompt "
-                          "set: add one with `richkd-cache prompts add`")
+                          f"set{' common to ' + ', '.join(names) if len(names) > 1 else ''}: add one with "
+                          "`richkd-cache prompts add`")
     text = None
-    if uses_clip or cfg.prompts:
-        text = torch.from_numpy(cache.text_embeddings(cfg.prompts or cache.prompt_sets()[0]))
-    tau = cfg.clip_tau if cfg.clip_tau is not None else cache.manifest["clip"]["tau"]
-    space = None
-    if cfg.resolved_target == "richkd" and cfg.feature_loss in ("cosine", "mse"):
+    if clips and (uses_clip or cfg.prompts):
+        prompt_set = cfg.prompts or cache.prompt_sets_of(names)[0]
+        text = {n: torch.from_numpy(cache.text_embeddings(prompt_set, n)) for n in names}
+    tau = {n: cfg.clip_tau if cfg.clip_tau is not None else cache.clip_records[n]["tau"] for n in names}
+    features = cfg.feature_loss is not None and cfg.resolved_target in ("clip", "richkd")
+    if features and (len(clips) > 1 or cfg.resolved_target == "richkd" and cfg.feature_loss in ("cosine", "mse")):
         if arrays is None:  # a streamed cache: the first window's blocks
             stop = cache.layout.num_samples
             if cfg.stream_window:
                 stop = cache.layout.block_range(min(cfg.stream_window, cache.layout.num_blocks) - 1)[1]
-            arrays = {k: cache.load_rows(k, 0, stop) for k in ("teacher/features", "clip/features")}
-        space = fit_joint_space(arrays["teacher/features"], arrays["clip/features"], cfg.lam)
-    adaptive = cfg.resolved_target == "richkd" and cfg.alpha in ("auto", "per-class")
-    sums = alpha_statistics(cfg, cache, text, tau, arrays) if adaptive else None
-    return Fusion(text, tau, space, cache.layout.num_classes, sums, clean_views(cache)["clip"])
+            arrays = {k: cache.load_rows(k, 0, stop) for k in feature_arrays(clips)}
+    scales = clip_feature_scales(arrays, clips) if features and len(clips) > 1 else None
+    fusion = Fusion(tuple(clips), text, tau, None, cache.layout.num_classes, None, scales, clean_views(cache)["clip"])
+    if cfg.resolved_target == "richkd" and cfg.feature_loss in ("cosine", "mse"):
+        fusion = dataclasses.replace(fusion, space=fit_joint_space(arrays["teacher/features"],
+                                                                   clip_features(arrays, fusion), cfg.lam))
+    if cfg.resolved_target == "richkd" and cfg.alpha in ("auto", "per-class"):
+        fusion = dataclasses.replace(fusion, alpha_sums=alpha_statistics(cfg, cache, fusion, arrays))
+    return fusion
 
 
-def alpha_statistics(cfg: TrainConfig, cache: CacheReader, text: torch.Tensor, tau: float,
+def clip_features(arrays: dict[str, np.ndarray], fusion: Fusion) -> torch.Tensor | None:
+    """f_C of eq. 7, (n, Vc, Fc) float32: the CLIP model's features, or with several models their
+    concatenation, each block scaled to unit mean squared norm about its mean (docs/fusion.md); None
+    when no CLIP model is used or the features were not read."""
+    if not fusion.clips or fusion.clips[0].features not in arrays:  # no feature loss: never read
+        return None
+    if len(fusion.clips) == 1:
+        return float_rows(arrays[fusion.clips[0].features])
+    return torch.cat([float_rows(arrays[c.features]) * fusion.feature_scales[c.name] for c in fusion.clips], dim=-1)
+
+
+def alpha_statistics(cfg: TrainConfig, cache: CacheReader, fusion: Fusion,
                      arrays: dict[str, np.ndarray] | None = None) -> torch.Tensor:
     """The teacher's and CLIP's error sums over every cached (sample, teacher view) row, from which
     --alpha auto and per-class take the supplement's alpha*: from `arrays` when every row is already
     read, else read block by block (the logits only)."""
-    layout, names = cache.layout, [n for n in cached_arrays(cache) if n not in ("teacher/features", "clip/features")]
+    features = feature_arrays(fusion.clips)
+    layout, names = cache.layout, [n for n in cached_arrays(cache, list(fusion.clips)) if n not in features]
+    if arrays is not None and not set(names) <= set(arrays):
+        arrays = None  # only the features were read (a streamed cache's first window)
     blocks = [arrays] if arrays is not None else (
         {k: cache.load_rows(k, *layout.block_range(b)) for k in names} for b in range(layout.num_blocks))
     total = None
     for part in blocks:
-        t_logits, c_logits = fused_inputs(cfg, part, text, tau, layout.num_classes)
+        t_logits, c_logits = fused_inputs(cfg, part, fusion)
         n, v, c = t_logits.shape
         labels = torch.from_numpy(part["labels"].astype(np.int64)).repeat_interleave(v)
         sums = error_sums(t_logits.reshape(-1, c), c_logits.expand(n, v, c).reshape(-1, c), labels)
@@ -150,14 +194,16 @@ def alpha_statistics(cfg: TrainConfig, cache: CacheReader, text: torch.Tensor, t
     return total
 
 
-def fused_inputs(cfg: TrainConfig, arrays: dict[str, np.ndarray], text: torch.Tensor | None, tau: float,
-                 num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fused_inputs(cfg: TrainConfig, arrays: dict[str, np.ndarray],
+                 fusion: Fusion) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The teacher's logits (n, V, C) and CLIP's (n, Vc, C), eq. 2-3, of a set of cached rows (None
-    without a prompt set: a teacher-only target)."""
-    t_logits = teacher_logits(arrays, num_classes)
-    c_logits = (None if text is None
-                else clip_logits(float_rows(arrays["clip/image_embeds"]), text, tau, renormalize=cfg.clip_renormalize))
-    return t_logits, c_logits
+    without a prompt set: a teacher-only target); several CLIP models' logits are ensembled."""
+    t_logits = teacher_logits(arrays, fusion.num_classes)
+    if fusion.text is None:
+        return t_logits, None
+    per_model = [clip_logits(float_rows(arrays[c.image_embeds]), fusion.text[c.name], fusion.tau[c.name],
+                             renormalize=cfg.clip_renormalize) for c in fusion.clips]
+    return t_logits, ensemble_logits(per_model)
 
 
 def fusion_alpha(cfg: TrainConfig, fusion: Fusion, t_logits: torch.Tensor, c_logits: torch.Tensor,
@@ -184,13 +230,14 @@ def compute_targets(cfg: TrainConfig, arrays: dict[str, np.ndarray], fusion: Fus
     in eq. 4, and its feature part keeps one row per sample (`clip_stride` = V). With Vc = V view v pairs
     with view v.
     """
-    t_feats, c_feats = (float_rows(arrays[k]) if k in arrays else None for k in ("teacher/features", "clip/features"))
-    t_logits, c_logits = fused_inputs(cfg, arrays, fusion.text, fusion.tau,
-                                     fusion.num_classes)  # (n, V, C), (n, Vc, C); eq. 2-3
+    t_feats = float_rows(arrays["teacher/features"]) if "teacher/features" in arrays else None
+    c_feats = clip_features(arrays, fusion)
+    t_logits, c_logits = fused_inputs(cfg, arrays, fusion)  # (n, V, C), (n, Vc, C); eq. 2-3
     alpha = fusion_alpha(cfg, fusion, t_logits, c_logits, arrays.get("labels"))
     built = build_targets(cfg.resolved_target, teacher_logits=t_logits, clip_logits=c_logits,
                           teacher_feats=t_feats, clip_feats=c_feats, alpha=alpha, space=fusion.space)
-    num_views, clip_views = t_logits.shape[1], arrays["clip/image_embeds"].shape[1]
+    num_views = t_logits.shape[1]
+    clip_views = arrays[fusion.clips[0].image_embeds].shape[1] if fusion.clips else num_views
     logits = None if built.get("logits") is None else per_view_rows(built["logits"], num_views)
     feats = {name: flatten_views(built[f"{name}_features"]) for name in ("teacher", "clip")
              if built.get(f"{name}_features") is not None}
@@ -235,7 +282,8 @@ def whole_cache(cfg: TrainConfig, cache: CacheReader | None, device: torch.devic
         targets = Targets(None, None)
     else:
         check_targets_fit(cfg, cache, device)
-        arrays = cache.load_many(list(cached_arrays(cache, strong_views_needed(cfg, cache), features_needed(cfg))))
+        arrays = cache.load_many(list(cached_arrays(cache, selected_clips(cfg, cache), strong_views_needed(cfg, cache),
+                                                    features_needed(cfg))))
         targets = compute_targets(cfg, arrays, setup_fusion(cfg, cache, arrays), device, cache.load("views/params"))
 
     def windows(generator: torch.Generator, pool: torch.Tensor) -> Iterator[Window]:
@@ -246,11 +294,12 @@ def whole_cache(cfg: TrainConfig, cache: CacheReader | None, device: torch.devic
 
 def target_bytes(cfg: TrainConfig, cache: CacheReader, samples: int) -> int:
     """float32 bytes of the targets of `samples` samples: logits (V, C) per sample and, with a feature loss,
-    the teacher's (V, Ft) and CLIP's (Vc, Fc) feature parts; MLKD adds logits on its K strong views."""
+    the teacher's (V, Ft) and the chosen CLIP models' (Vc, Fc) feature parts; MLKD adds logits on its K strong views."""
     layout = cache.layout
     floats = layout.num_views * layout.num_classes
     if features_needed(cfg):
-        floats += layout.num_views * layout.teacher_dim + layout.clip_num_views * layout.clip_feature_dim
+        clip_dim = sum(c.feature_dim for c in selected_clips(cfg, cache))  # f_C: every chosen model's, side by side
+        floats += layout.num_views * layout.teacher_dim + layout.clip_num_views * clip_dim
     if strong_views_needed(cfg, cache):
         floats += layout.strong_views * layout.num_classes
     return 4 * samples * floats
@@ -290,7 +339,8 @@ def streamed_cache(cfg: TrainConfig, cache: CacheReader, device: torch.device) -
     """For caches larger than memory: each epoch visits the write blocks (whole chunks) in a random order,
     `stream_window` blocks at a time, and shuffles the samples within each window."""
     fusion, layout = setup_fusion(cfg, cache), cache.layout
-    names = (*cached_arrays(cache, strong_views_needed(cfg, cache), features_needed(cfg)), "views/params")
+    names = (*cached_arrays(cache, list(fusion.clips), strong_views_needed(cfg, cache), features_needed(cfg)),
+             "views/params")
 
     def windows(generator: torch.Generator, pool: torch.Tensor) -> Iterator[Window]:
         in_pool = torch.zeros(layout.num_samples, dtype=torch.bool)

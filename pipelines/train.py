@@ -22,7 +22,7 @@ from pipelines.distributed import DistContext, barrier, init_distributed, rank_d
 from pipelines.optim import make_optimizer, make_schedule
 from pipelines.progress import Reporter
 from pipelines.run_folder import RunFolder
-from pipelines.targets import Window, augment, streamed_cache, strong_views_needed, whole_cache
+from pipelines.targets import Window, augment, selected_clips, streamed_cache, strong_views_needed, whole_cache
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.distill import DistillObjective, create_objective
 from richkd_cache.errors import ConfigError, DataError
@@ -209,7 +209,7 @@ def setup_objective(cfg: TrainConfig, student: torch.nn.Module, cache: CacheRead
         cfg.feature_loss if distilled else None,
         student_dim=student.num_features,
         teacher_dim=cache.layout.teacher_dim if distilled else None,
-        clip_dim=cache.layout.clip_feature_dim if distilled else None,
+        clip_dim=sum(c.feature_dim for c in selected_clips(cfg, cache)) or None if distilled else None,
         lam=cfg.lam,
         labels=torch.from_numpy(train_set.labels.astype(np.int64)),
         trained=pool,

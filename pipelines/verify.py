@@ -33,18 +33,22 @@ def recompute_rows(url: str, k: int, data_root: str | None, teacher_checkpoint: 
         raise ConfigError(f"teacher checkpoint {checkpoint} is not the file the cache was built with (sha256 differs)")
     torch_device = resolve_device(device)
     teacher = setup_teacher(manifest["teacher"]["arch"], checkpoint, dataset, torch_device)
-    clip_record = manifest["clip"]
-    clip = load_clip(resolve_clip(clip_record["requested"], clip_record.get("pretrained"), clip_checkpoint,
-                                  recorded_activation(clip_record)), device=torch_device)
+    models = cache.complete_clip_models()
+    if clip_checkpoint and len(models) > 1:
+        raise ConfigError("--clip-checkpoint is one model's weights, and this cache holds several CLIP models; "
+                          "recompute with the files their manifest entries record")
+    clips = [(cache.clips[m], load_clip(resolve_clip(cache.clip_records[m]["requested"], cache.clip_records[m].get("pretrained"),
+                                                     clip_checkpoint, recorded_activation(cache.clip_records[m])),
+                                        device=torch_device)) for m in models]
     rows = np.sort(np.random.default_rng(seed).choice(len(dataset), size=min(k, len(dataset)), replace=False))
     params = cache.load("views/params")
     strong = cache.load("views/strong_params") if cache.layout.strong_views else None  # replayed, as stage two does
-    forward = make_forward(teacher, clip, dataset, torch_device, params, cache.layout.teacher_topk,
+    forward = make_forward(teacher, clips, dataset, torch_device, params, cache.layout.teacher_topk,
                            cache.layout.clip_num_views, strong=strong)
     batch = torch.utils.data.default_collate([dataset[int(i)] for i in rows])
     fresh = forward(batch)
-    compared = [n for n, spec in cache.layout.sample_arrays().items()
-                if spec.dtype == "float16"]  # the model outputs (top-k indices may swap on near-ties)
+    compared = [n for n, spec in cache.arrays().items()
+                if spec.dtype == "float16" and n in fresh]  # the model outputs (top-k indices may swap on near-ties)
     problems = []
     for name in compared:  # only the chunks holding the rows are read: an ImageNet cache is many GB
         cached = np.concatenate([cache.load_rows(name, int(r), int(r) + 1) for r in rows]).astype(np.float32)

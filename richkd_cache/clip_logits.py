@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -20,3 +22,20 @@ def clip_logits(image_embeds: torch.Tensor, text_embeds: torch.Tensor, tau: floa
     if renormalize:
         weights = F.normalize(weights, dim=-1)
     return tau * image_embeds.float() @ weights.to(image_embeds.device).T
+
+
+def ensemble_logits(logits: list[torch.Tensor]) -> torch.Tensor:
+    """Several CLIP models' logits (each (.., C), eq. 2-3 at the model's own tau) -> the ensemble's:
+    the log of the mean of their probabilities, log((1/K) sum_k softmax(z_k)).
+
+    A mixture of the models' zero-shot distributions, as deep ensembles average predicted probabilities
+    (Lakshminarayanan et al., 2017): each model keeps the sharpness its own learned tau gives it, and where
+    the models disagree the ensemble stays uncertain instead of multiplying their confidences (which the
+    mean of logits, a product of experts, does). One model gives its log-softmax, which differs from its
+    logits by a constant per row: eq. 4 and every softmax, argmax and alpha* statistic ignore it, so a
+    one-model "ensemble" trains exactly as that model. docs/fusion.md.
+    """
+    if len(logits) == 1:
+        return logits[0]
+    log_probs = torch.stack([z.float().log_softmax(dim=-1) for z in logits])  # (K, .., C)
+    return torch.logsumexp(log_probs, dim=0) - math.log(len(logits))

@@ -80,6 +80,7 @@ def test_bad_alpha_is_refused(text: str) -> None:
 def test_training_targets_use_each_rows_adaptive_alpha() -> None:
     """compute_targets with --alpha per-class: every (sample, view) row is fused with its class's alpha*,
     the clean CLIP row paired with each teacher view."""
+    from cache_store.schema import ClipLayout
     from pipelines.config import TrainConfig
     from pipelines.targets import Fusion, compute_targets
 
@@ -97,7 +98,9 @@ def test_training_targets_use_each_rows_adaptive_alpha() -> None:
     y = torch.from_numpy(labels.astype(np.int64))
     sums = adaptive.error_sums(z_t.reshape(-1, c), z_c.expand(n, v, c).reshape(-1, c), y.repeat_interleave(v))
     cfg = TrainConfig(student="resnet8", out="-", cache="-", alpha="per-class", feature_loss=None)
-    targets = compute_targets(cfg, arrays, Fusion(text, 10.0, None, c, sums), torch.device("cpu"), None)
+    clip = ClipLayout("m", d, 6, "clip", "written")  # the arrays above: one model under clip/
+    targets = compute_targets(cfg, arrays, Fusion((clip,), {"m": text}, {"m": 10.0}, None, c, sums),
+                              torch.device("cpu"), None)
     per_class = adaptive.class_alphas(sums)
     expected = per_class[y][:, None, None] * z_t + (1 - per_class[y][:, None, None]) * z_c  # eq. 4 per row
     assert torch.allclose(targets.logits, expected.reshape(n * v, c), atol=1e-5)

@@ -62,8 +62,9 @@ def top1_from_zarr(cache: Path, alpha: float) -> tuple[float, float, float]:
     group = zarr.open_group(str(cache), mode="r")
     labels = group["labels"][:]
     z_t = group["teacher/logits"][:, 0].astype(np.float32)
-    z_c = group.attrs["richkd_cache"]["clip"]["tau"] * group["clip/image_embeds"][:, 0].astype(np.float32) \
-        @ group["clip/text/multi"][:].mean(axis=0).T
+    ((name, clip),) = group.attrs["richkd_cache"]["clip_models"].items()  # the one CLIP model
+    z_c = clip["tau"] * group[f"clip/{name}/image_embeds"][:, 0].astype(np.float32) \
+        @ group[f"clip/{name}/text/multi"][:].mean(axis=0).T
     fused = alpha * z_t + (1 - alpha) * z_c
     return tuple(100.0 * float((z.argmax(1) == labels).mean()) for z in (z_t, z_c, fused))
 

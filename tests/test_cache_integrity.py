@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from cache_store import CacheError, create_cache, open_cache, open_for_write, pack_cache, verify_cache
 from cache_store import writer as cache_writer
-from cache_store.schema import CACHE_KEY, MANIFEST_KEY, TOP_LEVEL_NODES, CacheLayout
+from cache_store.schema import CACHE_KEY, MANIFEST_KEY, TOP_LEVEL_NODES, CacheLayout, clip_layouts
 from cache_store.verify import NO_CHECKSUMS
-from test_cache_store import LAYOUT, MANIFEST, all_arrays, block_arrays, build
+from test_cache_store import CLIP, LAYOUT, MANIFEST, all_arrays, block_arrays, build
 
 TEXT = np.ones((3, 10, 4), np.float32) / 2
 
@@ -52,13 +52,13 @@ def test_one_flipped_bit_is_named_by_verify_and_by_every_read(cache: Path) -> No
 
 
 def test_truncated_chunks_and_prompt_sets_are_named(cache: Path) -> None:
-    chunk = cache / "clip/features/c/5/0/0"
+    chunk = cache / "clip/tiny/features/c/5/0/0"
     chunk.write_bytes(chunk.read_bytes()[:-7])
-    flip_bit(cache / "clip/text/multi/c/0/0/0", 20)
+    flip_bit(cache / "clip/tiny/text/multi/c/0/0/0", 20)
     problems = verify_cache(str(cache)).problems
-    assert "array clip/features chunk c/5/0/0 (rows 80..95) fails its checksum" in problems
-    assert "array clip/text/multi chunk c/0/0/0 (rows 0..2) fails its checksum" in problems
-    with pytest.raises(CacheError, match="clip/text/multi chunk c/0/0/0"):
+    assert "array clip/tiny/features chunk c/5/0/0 (rows 80..95) fails its checksum" in problems
+    assert "array clip/tiny/text/multi chunk c/0/0/0 (rows 0..2) fails its checksum" in problems
+    with pytest.raises(CacheError, match="clip/tiny/text/multi chunk c/0/0/0"):
         open_cache(str(cache)).text_embeddings("multi")
 
 
@@ -74,11 +74,11 @@ def test_deleted_chunk_or_flag_is_never_read_as_fill(cache: Path) -> None:
 
 
 def test_deleted_array_is_not_complete(cache: Path) -> None:
-    shutil.rmtree(cache / "clip/image_embeds")  # the consolidated metadata still lists it
-    with pytest.raises(CacheError, match="lacks array clip/image_embeds"):
+    shutil.rmtree(cache / "clip/tiny/image_embeds")  # the consolidated metadata still lists it
+    with pytest.raises(CacheError, match="lacks array clip/tiny/image_embeds"):
         open_cache(str(cache))
     report = verify_cache(str(cache))
-    assert not report.ok and "lacks array clip/image_embeds" in report.problems[0]
+    assert not report.ok and "lacks array clip/tiny/image_embeds" in report.problems[0]
 
 
 def test_caches_without_checksums_still_read_and_say_so(tmp_path: Path, monkeypatch) -> None:
@@ -113,12 +113,14 @@ def test_a_corrupt_array_zarr_json_is_reported_and_a_rebuild_keeps_the_cache(cac
 
 
 @pytest.mark.parametrize(("change", "field"), [
-    (lambda m: m["clip"].update(tau="100"), r"field clip.tau is a string, expected an integer or a number"),
-    (lambda m: m["clip"].pop("tau"), r"field clip.tau is missing"),
+    (lambda m: m["clip_models"]["tiny"].update(tau="100"),
+     r"field clip_models.tiny.tau is a string, expected an integer or a number"),
+    (lambda m: m["clip_models"]["tiny"].pop("tau"), r"field clip_models.tiny.tau is missing"),
     (lambda m: m.update(dataset="cifar100"), r"field dataset is a string, expected an object"),
     (lambda m: m.update(teacher=None), r"field teacher is null, expected an object"),
     (lambda m: m["dataset"].update(num_classes=True), r"field dataset.num_classes is a boolean"),
-    (lambda m: m["clip"].update(tau=-1.0), r"clip.tau is -1.0, not a positive number"),
+    (lambda m: m["clip_models"]["tiny"].update(tau=-1.0), r"clip_models.tiny.tau is -1.0, not a positive number"),
+    (lambda m: m["clip_models"]["tiny"].update(status="half"), r"CLIP model tiny has unknown status 'half'"),
 ])
 def test_a_manifest_of_the_wrong_shape_is_refused_naming_the_field(cache: Path, change, field: str) -> None:
     group = zarr.open_group(str(cache), mode="r+", use_consolidated=False)
@@ -171,7 +173,7 @@ def test_killed_between_creating_and_writing_a_prompt_set_resumes(cache: Path, m
     setitem = zarr.Array.__setitem__
 
     def dies_writing_text(self, selection, value):
-        if self.path.startswith("clip/text/"):
+        if self.path.startswith("clip/tiny/text/"):
             raise Killed
         return setitem(self, selection, value)
 
@@ -182,7 +184,7 @@ def test_killed_between_creating_and_writing_a_prompt_set_resumes(cache: Path, m
     monkeypatch.undo()
     reader = open_cache(str(cache))
     assert reader.prompt_sets() == ["multi"]  # created but unwritten: never a set of fill values
-    assert not os.path.exists(cache / "clip/text/single/c")
+    assert not os.path.exists(cache / "clip/tiny/text/single/c")
     assert any("prompt set single was created but never written" in p for p in verify_cache(str(cache)).problems)
     open_for_write(str(cache)).put_text_embeddings("single", np.full((1, 10, 4), 0.5, np.float32), {"templates": ["{}"]})
     reader = open_cache(str(cache))
@@ -224,9 +226,15 @@ def test_overwrite_refuses_a_cache_holding_other_files_and_replaces_a_clean_one(
     assert not list((cache / "labels").rglob("*.partial"))
 
 
+def open_cache_layouts():
+    """The one CLIP model of MANIFEST, as a format-2 cache lays it out."""
+    return clip_layouts({**MANIFEST, "format_version": 2})["tiny"]
+
+
 def test_every_array_lies_under_a_node_overwrite_and_pack_know() -> None:
     layout = CacheLayout(**{**LAYOUT.__dict__, "teacher_topk": 3})
-    for name in [*LAYOUT.arrays(), *layout.arrays(), "clip/text/multi"]:
+    clip = open_cache_layouts()
+    for name in [*LAYOUT.arrays(), *layout.arrays(), *clip.arrays(LAYOUT), f"{clip.text_group}/multi"]:
         assert CACHE_KEY.fullmatch(f"{name}/zarr.json") and CACHE_KEY.fullmatch(f"{name}/c/0/0/0")
 
 
@@ -265,10 +273,10 @@ def test_pack_copies_only_the_cache_and_never_through_links(cache: Path, tmp_pat
     assert sorted(names) == expected and "secret.txt" not in names and "stray.txt" not in names
     assert not any(n.endswith(".partial") for n in names)
     assert verify_cache(str(packed)).ok
-    chunk = cache / "clip/features/c/1/0/0"
+    chunk = cache / "clip/tiny/features/c/1/0/0"
     chunk.rename(tmp_path / "chunk")
     chunk.symlink_to(tmp_path / "chunk")
-    with pytest.raises(CacheError, match="clip/features/c/1/0/0 is a symbolic link"):
+    with pytest.raises(CacheError, match="clip/tiny/features/c/1/0/0 is a symbolic link"):
         pack_cache(str(cache), str(tmp_path / "linked.zip"))
     assert not (tmp_path / "linked.zip").exists()
 
@@ -295,8 +303,7 @@ def built(tmp_path_factory) -> Path:
 
     data = create_dataset("digits", None, "train")
     n, c = len(data), data.num_classes
-    layout = CacheLayout(num_samples=n, num_views=1, num_classes=c, teacher_dim=8, clip_embed_dim=4,
-                         clip_feature_dim=6, view_param_dim=5, block_rows=64)
+    layout = CacheLayout(num_samples=n, num_views=1, num_classes=c, teacher_dim=8, view_param_dim=5, block_rows=64)
     dataset = {"name": "digits", "split": data.split, "root": data.root, "num_samples": n, "num_classes": c,
                "classes": list(data.classes), "fingerprint": dataset_fingerprint(data)}
     url = tmp_path_factory.mktemp("built") / "digits.zarr"
@@ -309,8 +316,8 @@ def built(tmp_path_factory) -> Path:
                                "views/params": np.tile(np.array([0, 0, 1, 1, 0], np.float32), (stop - start, 1, 1)),
                                "teacher/logits": rng.normal(size=(stop - start, 1, c)),
                                "teacher/features": rng.normal(size=(stop - start, 1, 8)),
-                               "clip/image_embeds": embeds / np.linalg.norm(embeds, axis=-1, keepdims=True),
-                               "clip/features": rng.normal(size=(stop - start, 1, 6))})
+                               f"{CLIP}/image_embeds": embeds / np.linalg.norm(embeds, axis=-1, keepdims=True),
+                               f"{CLIP}/features": rng.normal(size=(stop - start, 1, 6))})
     writer.put_text_embeddings("single", np.full((1, c, 4), 0.5, np.float32), {"templates": ["{}"]})
     writer.finalize()
     return url
@@ -341,11 +348,11 @@ def test_every_command_names_a_damaged_chunk_in_one_line_before_training(built: 
 def test_info_and_train_refuse_a_cache_with_a_deleted_chunk(built: Path, tmp_path: Path) -> None:
     cache = tmp_path / "deleted.zarr"
     shutil.copytree(built, cache)
-    (cache / "clip/image_embeds/c/1/0/0").unlink()
+    (cache / "clip/tiny/image_embeds/c/1/0/0").unlink()
     for command in (["info", cache], ["train", "--cache", cache, "--student", "resnet8", "--epochs", "1",
                                       "--device", "cpu", "--quiet", "--out", tmp_path / "run"]):
         result = cli(*command)
-        assert result.exit_code == 2 and "array clip/image_embeds chunk c/1/0/0 (rows 64..127) is missing" in result.output
+        assert result.exit_code == 2 and "array clip/tiny/image_embeds chunk c/1/0/0 (rows 64..127) is missing" in result.output
         assert "complete" not in result.output and "nan" not in result.output.lower()
 
 

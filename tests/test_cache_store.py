@@ -26,12 +26,13 @@ from cache_store import (
 )
 from cache_store.schema import MANIFEST_KEY
 
-LAYOUT = CacheLayout(num_samples=100, num_views=1, num_classes=10, teacher_dim=8, clip_embed_dim=4,
-                     clip_feature_dim=6, view_param_dim=5, block_rows=16)
+LAYOUT = CacheLayout(num_samples=100, num_views=1, num_classes=10, teacher_dim=8, view_param_dim=5, block_rows=16)
 MANIFEST = {"dataset": {"name": "synthetic", "split": "train", "num_samples": 100, "num_classes": 10,
                         "classes": [f"c{i}" for i in range(10)], "fingerprint": "f" * 64},
             "teacher": {"arch": "resnet8", "checkpoint_sha256": "a" * 64},
-            "clip": {"arch": "tiny", "requested": "tiny", "tau": 100.0}, "build_key": {"teacher": "a"}}
+            "clip_models": {"tiny": {"arch": "tiny", "requested": "tiny", "tau": 100.0, "embed_dim": 4, "feature_dim": 6}},
+            "build_key": {"teacher": "a"}}
+CLIP = "clip/tiny"  # the one CLIP model's arrays
 
 
 def block_arrays(layout: CacheLayout, block: int) -> dict[str, np.ndarray]:
@@ -46,7 +47,7 @@ def block_arrays(layout: CacheLayout, block: int) -> dict[str, np.ndarray]:
     return {"labels": (idx % layout.num_classes).astype(np.int32),
             "views/params": np.tile(np.array([0, 0, 1, 1, 0], np.float32), (len(idx), 1, 1)),
             "teacher/logits": rows(layout.num_classes, 1), "teacher/features": rows(layout.teacher_dim, 2),
-            "clip/image_embeds": rows(layout.clip_embed_dim, 3), "clip/features": rows(layout.clip_feature_dim, 4)}
+            f"{CLIP}/image_embeds": rows(4, 3), f"{CLIP}/features": rows(6, 4)}
 
 
 def build(url: str, blocks=None, finalize: bool = True) -> None:
@@ -60,7 +61,7 @@ def build(url: str, blocks=None, finalize: bool = True) -> None:
 
 def all_arrays(url: str) -> dict[str, np.ndarray]:
     reader = open_cache(url, require_complete=False)
-    return {name: reader.load(name) for name in LAYOUT.arrays()}
+    return {name: reader.load(name) for name in reader.arrays()}
 
 
 def test_round_trip_out_of_order_and_plain_zarr(tmp_path: Path) -> None:
@@ -122,26 +123,26 @@ def test_unknown_version_and_broken_arrays_are_refused(tmp_path: Path) -> None:
     build(url)
     group = zarr.open_group(url, mode="r+", use_consolidated=False)
     manifest = dict(group.attrs[MANIFEST_KEY])
-    group.attrs[MANIFEST_KEY] = {**manifest, "format_version": 2}
+    group.attrs[MANIFEST_KEY] = {**manifest, "format_version": 3}
     zarr.consolidate_metadata(url)
-    with pytest.raises(CacheError, match="cache format 2 is newer than this richkd-cache understands"):
+    with pytest.raises(CacheError, match="cache format 3 is newer than this richkd-cache understands"):
         open_cache(url)
     with pytest.raises(CacheError, match="upgrade richkd-cache"):
         open_for_write(url)  # an older writer must not touch a newer format
     with pytest.raises(CacheError, match="differs in: format_version"):
         create_cache(url, LAYOUT, MANIFEST)
     group.attrs[MANIFEST_KEY] = manifest
-    del group["clip/features"]
+    del group[f"{CLIP}/features"]
     zarr.consolidate_metadata(url)
-    with pytest.raises(CacheError, match="lacks array clip/features"):
+    with pytest.raises(CacheError, match=f"lacks array {CLIP}/features"):
         open_cache(url)
 
 
 def test_non_finite_outputs_name_the_samples_and_flag_nothing(tmp_path: Path) -> None:
     writer = create_cache(str(tmp_path / "c.zarr"), LAYOUT, MANIFEST)
     arrays = block_arrays(LAYOUT, 2)
-    arrays["clip/features"][3, 0, 1] = np.nan
-    arrays["clip/features"][5, 0, 0] = np.inf
+    arrays[f"{CLIP}/features"][3, 0, 1] = np.nan
+    arrays[f"{CLIP}/features"][5, 0, 0] = np.inf
     with pytest.raises(CacheError, match=r"sample\(s\) 35, 37"):
         writer.write_block(2, arrays)
     assert writer.pending_blocks() == list(range(LAYOUT.num_blocks))
@@ -228,7 +229,7 @@ def test_the_documented_zarr_only_snippet_runs(tmp_path: Path, capsys) -> None:
     snippet = re.sub(r'^CACHE = ".*"$', f"CACHE = {url!r}", snippet, count=1, flags=re.M)
     namespace: dict = {}
     exec(compile(snippet, "cache-format.md", "exec"), namespace)
-    embeds = open_cache(url).load("clip/image_embeds")[:, 0].astype(np.float32)
+    embeds = open_cache(url).load(f"{CLIP}/image_embeds")[:, 0].astype(np.float32)
     expected = 100.0 * embeds @ np.full((10, 4), 0.5, np.float32).T
     assert np.allclose(namespace["clip_logits"], expected, atol=1e-5)
     assert "fused top-1" in capsys.readouterr().out
@@ -249,7 +250,7 @@ def test_fsspec_urls_build_read_verify_and_pack(tmp_path: Path) -> None:
     pack_cache("memory://bucket/c.zarr", packed)
     fsspec.filesystem("memory").pipe("/bucket/m.zip", Path(packed).read_bytes())
     remote_zip = open_cache("memory://bucket/m.zip")  # a packed cache on an object store
-    assert np.array_equal(remote_zip.load("clip/features"), expected["clip/features"])
+    assert np.array_equal(remote_zip.load(f"{CLIP}/features"), expected[f"{CLIP}/features"])
 
 
 def test_files_that_are_not_a_cache_are_never_replaced(tmp_path: Path) -> None:
@@ -301,7 +302,7 @@ def test_write_block_refuses_wrong_blocks_dtypes_and_overflow(tmp_path: Path) ->
     with pytest.raises(CacheError, match="labels must be int32"):
         writer.write_block(6, {**arrays, "labels": arrays["labels"].astype(np.float32)})
     with pytest.raises(CacheError, match="float16's range"):
-        writer.write_block(6, {**arrays, "clip/features": arrays["clip/features"] * 1e6})
+        writer.write_block(6, {**arrays, f"{CLIP}/features": arrays[f"{CLIP}/features"] * 1e6})
     with pytest.raises(CacheError, match=r"need shape \(4, 1, 10\)"):
         writer.write_block(6, {**arrays, "teacher/logits": arrays["teacher/logits"][:3]})
     with pytest.raises(CacheError, match="expected arrays"):
@@ -318,7 +319,7 @@ def test_stored_array_of_the_wrong_dtype_is_named(tmp_path: Path) -> None:
     del group["teacher/features"]
     group.create_array("teacher/features", shape=(100, 1, 8), dtype="float32", fill_value=np.nan)
     zarr.consolidate_metadata(url)
-    with pytest.raises(CacheError, match=r"teacher/features is float32 \(100, 1, 8\), format 1 says float16"):
+    with pytest.raises(CacheError, match=r"teacher/features is float32 \(100, 1, 8\), its manifest says float16"):
         open_cache(url)
     assert "teacher/features" in verify_cache(url).problems[0]
 
@@ -346,7 +347,7 @@ def test_changes_after_completion_stay_consolidated(tmp_path: Path) -> None:
     writer.put_text_embeddings("single", np.full((1, 10, 4), 0.25, np.float32), {"templates": ["{}"]})
     writer.update_manifest(teacher={**MANIFEST["teacher"], "accuracy": 91.5})
     root = json.loads((Path(url) / "zarr.json").read_text())
-    assert "clip/text/single" in root["consolidated_metadata"]["metadata"]
+    assert f"{CLIP}/text/single" in root["consolidated_metadata"]["metadata"]
     reader = open_cache(url)
     assert reader.manifest["teacher"]["accuracy"] == 91.5 and reader.manifest["status"] == "complete"
     assert reader.prompt_sets() == ["multi", "single"]

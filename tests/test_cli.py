@@ -47,7 +47,7 @@ def test_build_writes_a_cache_plain_zarr_can_read(cache: Path) -> None:
     assert logits.dtype == np.float16 and np.isfinite(logits).all()
     manifest = group.attrs["richkd_cache"]
     assert manifest["status"] == "complete"
-    assert set(group["clip/text"].array_keys()) == {"single", "multi"}
+    assert set(group["clip/richkd-tiny/text"].array_keys()) == {"single", "multi"}
 
 
 def test_train_from_cache_writes_checkpoint_and_metrics(cache: Path, tmp_path: Path) -> None:

@@ -29,9 +29,10 @@ def soft_labels_from_zarr(cache: Path, alpha: float, temperature: float, prompt_
     """eq. 2-5 written out: softmax((alpha z_T + (1 - alpha) tau e W^T) / T), W the mean text embedding."""
     group = zarr.open_group(str(cache), mode="r")
     z_t = group["teacher/logits"][:].astype(np.float64)  # (N, V, C)
-    embeds = group["clip/image_embeds"][:].astype(np.float64)  # (N, 1, D)
-    w = group[f"clip/text/{prompt_set}"][:].astype(np.float64).mean(axis=0)  # (C, D)
-    z_c = group.attrs["richkd_cache"]["clip"]["tau"] * embeds @ w.T
+    ((name, clip),) = group.attrs["richkd_cache"]["clip_models"].items()  # the one CLIP model
+    embeds = group[f"clip/{name}/image_embeds"][:].astype(np.float64)  # (N, 1, D)
+    w = group[f"clip/{name}/text/{prompt_set}"][:].astype(np.float64).mean(axis=0)  # (C, D)
+    z_c = clip["tau"] * embeds @ w.T
     z = (alpha * z_t + (1 - alpha) * z_c) / temperature
     p = np.exp(z - z.max(-1, keepdims=True))
     return (p / p.sum(-1, keepdims=True)).reshape(-1, z.shape[-1])

@@ -70,7 +70,7 @@ def test_image_folder_builds_streams_trains_and_verifies(imagenet: Path, imagene
     n = TRAIN_PER_CLASS * len(CLASSES)
     group = zarr.open_group(str(imagenet_cache), mode="r")
     assert group["teacher/topk_indices"].shape == (n, VIEWS, TOPK)
-    assert group["clip/image_embeds"].shape[:2] == (n, 1)  # CLIP on the centre view only
+    assert group["clip/richkd-tiny/image_embeds"].shape[:2] == (n, 1)  # CLIP on the centre view only
     manifest = group.attrs["richkd_cache"]
     assert manifest["dataset"]["options"] == {"image_size": 32, "resize": 36}
     assert manifest["views"]["teacher"]["policy"] == str(VIEWS)
@@ -136,13 +136,13 @@ def test_stage_two_decodes_each_image_once_per_draw(imagenet: Path, imagenet_cac
     assert config["method_params"] == {"ce_weight": 0.5, "weight": 0.5, "temperature": 1.0}
     # RichKD (L) has no feature loss: the pooled features (most of a view's bytes) are never read, streamed
     # or whole
-    assert "teacher/topk_values" in read and not {"teacher/features", "clip/features"} & set(read)
+    assert "teacher/topk_values" in read and not {"teacher/features", "clip/richkd-tiny/features"} & set(read)
     read.clear()
     cfg = TrainConfig(student="tv:resnet18", out=str(tmp_path / "unused"), cache=str(imagenet_cache), feature_loss=None)
     _, targets, _ = next(whole_cache(cfg, open_cache(str(imagenet_cache)), torch.device("cpu"))(
         torch.Generator(), torch.arange(TRAIN_PER_CLASS * len(CLASSES))))
     assert targets.features is None and targets.logits.shape == (TRAIN_PER_CLASS * len(CLASSES) * VIEWS, len(CLASSES))
-    assert "clip/image_embeds" in read and not {"teacher/features", "clip/features"} & set(read)
+    assert "clip/richkd-tiny/image_embeds" in read and not {"teacher/features", "clip/richkd-tiny/features"} & set(read)
     train = sorted(i for split, i in decoded if split == "train")
     val = sorted(i for split, i in decoded if split == "val")
     assert train == list(range(TRAIN_PER_CLASS * len(CLASSES))) and val == list(range(VAL_PER_CLASS * len(CLASSES)))
@@ -209,7 +209,7 @@ def test_info_reports_bytes_per_sample_view_and_the_imagenet_size(imagenet_cache
     # per sample, over the 2 views: the label (int32), richkd-tiny's 32-d embedding and 64-d feature (fp16)
     per_view = TOPK * (2 + 4) + 512 * 2 + 5 * 4 + (4 + 32 * 2 + 64 * 2) / VIEWS
     assert storage["bytes_per_sample_view"] == pytest.approx(per_view) == 1154
-    assert storage["parts"]["teacher/features"] == 1024 and storage["parts"]["clip/features"] == 64
+    assert storage["parts"]["teacher/features"] == 1024 and storage["parts"]["clip/richkd-tiny/features"] == 64
     assert storage["imagenet_1k"]["bytes"] == pytest.approx(1_281_167 * VIEWS * per_view)
     assert [r["bytes_per_sample_view"] for r in storage["references"]] == [44, 65]
     assert storage["references"][0]["imagenet_1k_bytes"] == 1_281_167 * VIEWS * 44

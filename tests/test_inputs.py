@@ -14,6 +14,7 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
+from cache_store.schema import ClipLayout
 from pipelines import build
 from pipelines.cli import app
 from pipelines.config import BuildConfig, TrainConfig
@@ -148,7 +149,7 @@ def test_teacher_target_needs_no_prompt_set(topk_cache: Path, tmp_path: Path) ->
     cache = tmp_path / "no-prompts.zarr"  # as older versions built with --prompts ""
     shutil.copytree(topk_cache, cache)
     group = zarr.open_group(str(cache), mode="r+", use_consolidated=False)
-    del group["clip/text"]
+    del group["clip/richkd-tiny/text"]
     zarr.consolidate_metadata(str(cache))
     train = ["train", "--cache", cache, "--student", "resnet8", "--epochs", "1", "--device", "cpu", "--workers", "0",
              "--quiet"]
@@ -182,12 +183,13 @@ def test_forward_never_runs_more_than_batch_size_views_at_once(monkeypatch: pyte
     for batch_size in (10**6, 4):
         model = _Recorder()
         teacher = build.Teacher(model=model, arch="recorder", manifest={})
-        outputs[batch_size] = build.make_forward(teacher, model, data, torch.device("cpu"), params, clip_views=7,
-                                                 batch_size=batch_size)(batch)
+        clip = ClipLayout("recorder", 3, 12, "clip/recorder", "clip/recorder/written")
+        outputs[batch_size] = build.make_forward(teacher, [(clip, model)], data, torch.device("cpu"), params,
+                                                 clip_views=7, batch_size=batch_size)(batch)
         monkeypatch.setattr(build, "TEACHER_PIXELS_PER_CALL", 0)  # images as large as a CIFAR teacher's budget
         seen = model.seen
     assert max(seen) <= 4 and sum(seen) == 2 * 3 * 7  # each view once through each model, 4 at a time
-    assert outputs[4]["teacher/logits"].shape == (3, 7, 3) and outputs[4]["clip/features"].shape == (3, 7, 12)
+    assert outputs[4]["teacher/logits"].shape == (3, 7, 3) and outputs[4]["clip/recorder/features"].shape == (3, 7, 12)
     for name, value in outputs[10**6].items():
         np.testing.assert_array_equal(outputs[4][name], value, err_msg=name)
 

@@ -109,3 +109,26 @@ def test_online_refuses_a_teacher_file_other_than_the_cached_one(setup, tmp_path
                     "--teacher-checkpoint", other, "--out", tmp_path / "r")
     assert result.exit_code == 2 and "sha256" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_online_runs_the_chosen_clip_models_like_the_cached_ensemble(setup, tmp_path, monkeypatch) -> None:
+    """A second CLIP model added to a copy of the cache (only it runs); --clip-model ensemble online runs
+    both models on each batch and trains towards the same ensembled logits and concatenated features."""
+    import shutil
+
+    cache = tmp_path / "two.zarr"
+    shutil.copytree(setup["all"], cache)
+    added = invoke("build", "--dataset", "cifar10", "--data-root", setup["data"], "--teacher-checkpoint",
+                   setup["teacher"], "--clip", "richkd-tiny2", "--clip-pretrained", "random", "--prompts", "single",
+                   "--teacher-views", "all", "--device", "cpu", "--workers", "0", "--quiet", "--out", cache)
+    assert added.exit_code == 0, added.output
+    flags = [*COMMON, "--target", "richkd", "--feature-loss", "cosine", "--clip-model", "ensemble",
+             "--data-root", setup["data"]]
+    cached = step_losses(monkeypatch, "--cache", cache, *flags, "--out", tmp_path / "cached")
+    online = step_losses(monkeypatch, "--cache", cache, *flags, "--online", "--out", tmp_path / "online")
+    single = step_losses(monkeypatch, "--cache", cache, *flags[:-3], "richkd-tiny", *flags[-2:], "--online",
+                         "--out", tmp_path / "single")
+    for step_c, step_o in zip(cached, online):
+        for name in step_c:
+            assert step_c[name] == pytest.approx(step_o[name], rel=2e-3, abs=2e-4), (name, step_c, step_o)
+    assert abs(single[0]["logit"] - online[0]["logit"]) > 1e-3 * online[0]["logit"]  # the ensemble is not one model

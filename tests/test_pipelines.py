@@ -23,7 +23,8 @@ runner = CliRunner()
 CLI = [sys.executable, "-m", "pipelines.cli"]
 BUILD = ["build", "--dataset", "digits", "--clip", "richkd-tiny", "--clip-pretrained", "random",
          "--prompts", "single", "--teacher-views", "clean", "--device", "cpu", "--workers", "0", "--quiet"]
-ARRAYS = ["labels", "views/params", "teacher/logits", "teacher/features", "clip/image_embeds", "clip/features"]
+ARRAYS = ["labels", "views/params", "teacher/logits", "teacher/features", "clip/richkd-tiny/image_embeds",
+          "clip/richkd-tiny/features"]
 
 
 def invoke(*args) -> object:
@@ -148,7 +149,7 @@ def test_prompt_set_added_later_equals_one_built_with_the_cache(tmp_path: Path, 
     result = invoke("prompts", "add", later, "--file", "multi")
     assert result.exit_code == 0, result.output
     assert np.array_equal(open_cache(str(later)).text_embeddings("multi"), open_cache(str(both)).text_embeddings("multi"))
-    assert "multi" in open_cache(str(later)).manifest["clip"]["zero_shot_accuracy"]
+    assert "multi" in open_cache(str(later)).clip_records["richkd-tiny"]["zero_shot_accuracy"]
 
 
 def _free_port() -> int:

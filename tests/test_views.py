@@ -111,7 +111,7 @@ def test_replayed_views_give_the_cached_targets(all_views_cache) -> None:
     cache = open_cache(str(out))
     assert model_views(cache.manifest) == {"teacher": {"policy": "all", "num_views": 162, "clean_view": 80},
                                            "clip": {"policy": "clean", "num_views": 1, "clean_view": 0}}
-    assert cache.load("teacher/logits").shape == (6, 162, 10) and cache.load("clip/image_embeds").shape[:2] == (6, 1)
+    assert cache.load("teacher/logits").shape == (6, 162, 10) and cache.load("clip/richkd-tiny/image_embeds").shape[:2] == (6, 1)
     params = torch.from_numpy(cache.load("views/params"))
     dataset = create_dataset("cifar10", str(data), "train")
     images = torch.from_numpy(dataset.images.transpose(0, 3, 1, 2).copy())
@@ -125,7 +125,7 @@ def test_replayed_views_give_the_cached_targets(all_views_cache) -> None:
         assert torch.allclose(fresh, cached, rtol=2e-3, atol=2e-3), name  # fp16 storage
     clip = load_clip(resolve_clip("richkd-tiny", "random"))
     embeds, _ = clip.encode_images(images)
-    assert torch.allclose(embeds, torch.from_numpy(cache.load("clip/image_embeds")[:, 0].astype(np.float32)), atol=2e-3)
+    assert torch.allclose(embeds, torch.from_numpy(cache.load("clip/richkd-tiny/image_embeds")[:, 0].astype(np.float32)), atol=2e-3)
 
 
 def test_stage_two_pairs_each_teacher_view_with_the_samples_clip_row(all_views_cache) -> None:
@@ -138,13 +138,13 @@ def test_stage_two_pairs_each_teacher_view_with_the_samples_clip_row(all_views_c
     targets = compute_targets(cfg, arrays, fusion, torch.device("cpu"),
                               cache.load("views/params"))
     z_t = torch.from_numpy(cache.load("teacher/logits").astype(np.float64))  # (6, 162, C)
-    e = torch.from_numpy(cache.load("clip/image_embeds").astype(np.float64))[:, 0]  # (6, D)
+    e = torch.from_numpy(cache.load("clip/richkd-tiny/image_embeds").astype(np.float64))[:, 0]  # (6, D)
     w = torch.from_numpy(cache.text_embeddings("single")).double().mean(0)  # (C, D)
-    z_c = cache.manifest["clip"]["tau"] * e @ w.T  # (6, C)
+    z_c = cache.clip_records["richkd-tiny"]["tau"] * e @ w.T  # (6, C)
     pairs = torch.tensor([[0, 0], [2, 80], [5, 161], [3, 17]])  # (sample i, view v)
     logits, parts = targets.lookup(pairs[:, 0] * 162 + pairs[:, 1], torch.device("cpu"), None, None)
     t_feats = torch.from_numpy(cache.load("teacher/features").astype(np.float32))  # (6, 162, Ft)
-    c_feats = torch.from_numpy(cache.load("clip/features").astype(np.float32))[:, 0]  # (6, Fc)
+    c_feats = torch.from_numpy(cache.load("clip/richkd-tiny/features").astype(np.float32))[:, 0]  # (6, Fc)
     for k, (i, v) in enumerate(pairs.tolist()):
         assert torch.allclose(logits[k].double(), 0.7 * z_t[i, v] + 0.3 * z_c[i], atol=1e-4), (i, v)
         assert torch.allclose(parts["teacher"][k], fusion.space.teacher_part(t_feats[i, v]), atol=1e-5)
@@ -159,7 +159,7 @@ def test_accuracy_reports_read_the_clean_view(all_views_cache) -> None:
     labels, z_t, embeds = clean_view(cache)
     stored = cache.load("teacher/logits").astype(np.float32)
     assert np.array_equal(z_t.numpy(), stored[:, 80]) and not np.array_equal(z_t.numpy(), stored[:, 0])
-    assert np.array_equal(embeds.numpy(), cache.load("clip/image_embeds")[:, 0].astype(np.float32))
+    assert np.array_equal(embeds["richkd-tiny"].numpy(), cache.load("clip/richkd-tiny/image_embeds")[:, 0].astype(np.float32))
     clean_top1 = 100.0 * float((stored[:, 80].argmax(1) == labels.numpy()).mean())
     assert cache.manifest["teacher"]["accuracy"] == pytest.approx(clean_top1)
     info = runner.invoke(app, ["info", str(out), "--json"])
@@ -167,7 +167,7 @@ def test_accuracy_reports_read_the_clean_view(all_views_cache) -> None:
     summary = json.loads(info.output)
     assert summary["prompt_sets"][0]["teacher_top1"] == pytest.approx(clean_top1)
     sizes = summary["bytes_per_sample_view"]
-    assert (sizes["teacher"]["rows"], sizes["clip"]["rows"]) == (6 * 162, 6)
+    assert (sizes["teacher"]["rows"], sizes["richkd-tiny"]["rows"]) == (6 * 162, 6)
     assert sizes["teacher"]["bytes_per_row"] == 2 * (10 + 64)  # fp16 logits + resnet8's 64 pooled features
 
 
@@ -261,13 +261,13 @@ def test_a_cache_with_one_shared_view_policy_still_opens_reports_and_trains(all_
     cache = open_cache(str(out))
     assert cache.layout.clip_num_views == 162 and model_views(cache.manifest)["clip"]["policy"] == "all"
     _, z_t, embeds = clean_view(cache)
-    assert np.array_equal(embeds.numpy(), cache.load("clip/image_embeds")[:, 80].astype(np.float32))
+    assert np.array_equal(embeds["richkd-tiny"].numpy(), cache.load("clip/richkd-tiny/image_embeds")[:, 80].astype(np.float32))
     cfg = TrainConfig(student="resnet8", out="unused", cache=str(out), alpha=0.7)
     targets = compute_targets(cfg, cache.load_many(cached_arrays(cache)), setup_fusion(cfg, cache),
                               torch.device("cpu"), cache.load("views/params"))
     z_t_all = torch.from_numpy(cache.load("teacher/logits").astype(np.float64))
-    e = torch.from_numpy(cache.load("clip/image_embeds").astype(np.float64))
-    z_c = cache.manifest["clip"]["tau"] * e @ torch.from_numpy(cache.text_embeddings("single")).double().mean(0).T
+    e = torch.from_numpy(cache.load("clip/richkd-tiny/image_embeds").astype(np.float64))
+    z_c = cache.clip_records["richkd-tiny"]["tau"] * e @ torch.from_numpy(cache.text_embeddings("single")).double().mean(0).T
     assert torch.allclose(targets.logits[2 * 162 + 40].double(), 0.7 * z_t_all[2, 40] + 0.3 * z_c[2, 40], atol=1e-4)
     assert runner.invoke(app, ["info", str(out)]).exit_code == 0
     trained = runner.invoke(app, ["train", "--cache", str(out), "--data-root", str(data), "--student", "resnet8",

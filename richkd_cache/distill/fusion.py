@@ -85,6 +85,11 @@ def fit_joint_space(teacher_feats: np.ndarray | torch.Tensor, clip_feats: np.nda
     return JointSpace(t_mean, math.sqrt(width / t_energy), c_mean, math.sqrt(width / c_energy), lam)
 
 
+def centred_energy(rows: np.ndarray | torch.Tensor, side: str, chunk_rows: int = _CHUNK_ROWS) -> float:
+    """Mean squared norm of the rows (.., F) about their mean, read chunk by chunk in float32."""
+    return _centre_and_energy(rows, chunk_rows, side)[1]
+
+
 def _centre_and_energy(rows: np.ndarray | torch.Tensor, chunk_rows: int, side: str) -> tuple[torch.Tensor, float]:
     """Mean (F,) float32 and mean squared norm of the centred rows, in two chunked passes (the second
     centres before squaring: no E[x^2] - E[x]^2 cancellation)."""

@@ -1,0 +1,242 @@
+"""Several CLIP models in one cache: built together or added later (only the new model runs, resumable
+after a kill, the cache usable meanwhile), chosen or ensembled at training time; format-1 caches still
+open and train exactly as before."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+import cache_store.schema as schema
+from cache_store import CacheError, open_cache, verify_cache
+from pipelines.cli import app
+from richkd_cache.models import create_model, save_checkpoint
+
+A, B = "richkd-tiny", "richkd-tiny2"  # two tiny CLIP configs of different widths (D 32 / 24, Fc 64 / 48)
+BUILD = ["build", "--dataset", "digits", "--clip-pretrained", "random", "--prompts", "single,multi",
+         "--teacher-views", "clean", "--block-rows", "256", "--batch-size", "256", "--device", "cpu", "--workers", "0",
+         "--quiet"]  # the 1442 training digits in 6 blocks
+TRAIN = ["--student", "resnet8", "--epochs", "1", "--batch-size", "128", "--device", "cpu", "--workers", "0", "--quiet"]
+# Run the CLI in a process that SIGKILLs itself on its 3rd forward batch: a kill in the middle of a build.
+KILLED_AT_THIRD_BATCH = """
+import os, signal, sys
+import pipelines.build as build
+make_forward = build.make_forward
+def dying(*args, **kwargs):
+    forward, calls = make_forward(*args, **kwargs), []
+    def run(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return forward(batch)
+    return run
+build.make_forward = dying
+from pipelines.cli import app
+app(sys.argv[1:])
+"""
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "resnet8.pth"
+    save_checkpoint(str(path), create_model("resnet8", 10), arch="resnet8", num_classes=10)
+    return path
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory, teacher: Path) -> Path:
+    """The training digits with both CLIP models, built in one pass."""
+    out = tmp_path_factory.mktemp("both") / "both.zarr"
+    result = invoke(*BUILD, "--teacher-checkpoint", teacher, "--clip", f"{A},{B}", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def stored(url: Path) -> dict[str, np.ndarray]:
+    reader = open_cache(str(url), require_complete=False)
+    return {name: reader.load(name) for name in reader.arrays()}
+
+
+def teacher_files(url: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file of the teacher's part (labels, views, teacher arrays, their flags): mtime and bytes."""
+    return {str(p.relative_to(url)): (p.stat().st_mtime_ns, p.read_bytes())
+            for node in ("labels", "views", "teacher", "written") for p in (url / node).rglob("*") if p.is_file()}
+
+
+def test_each_model_has_its_own_arrays_flags_prompt_sets_and_manifest_entry(both: Path) -> None:
+    reader = open_cache(str(both))
+    assert reader.manifest["format_version"] == 2 and list(reader.clips) == [A, B]
+    for name, (d, f) in {A: (32, 64), B: (24, 48)}.items():
+        record = reader.clip_records[name]
+        assert (record["status"], record["embed_dim"], record["feature_dim"], record["arch"]) == ("complete", d, f, name)
+        assert set(record["zero_shot_accuracy"]) == {"single", "multi"} and record["activation"] == "quickgelu"
+        assert reader.load(f"clip/{name}/image_embeds").shape == (1442, 1, d)
+        assert reader.text_embeddings("multi", name).shape[1:] == (10, d) and reader.written_mask(name).all()
+    assert verify_cache(str(both)).ok
+    info = json.loads(invoke("info", both, "--json").output)
+    assert {r["clip_model"] for r in info["prompt_sets"]} == {A, B, "ensemble"}
+
+
+def test_adding_a_model_runs_only_it_and_equals_building_both(both: Path, teacher: Path, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    out = tmp_path / "added.zarr"
+    assert invoke(*BUILD, "--teacher-checkpoint", teacher, "--clip", A, "--out", out).exit_code == 0
+    before = teacher_files(out)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran while a CLIP model was added")
+
+    monkeypatch.setattr("pipelines.build.run_teacher", no_teacher)
+    result = invoke(*BUILD, "--teacher-checkpoint", teacher, "--clip", f"{A},{B}", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert teacher_files(out) == before  # not one teacher chunk or flag rewritten
+    joint, added = stored(both), stored(out)
+    assert joint.keys() == added.keys() and all(np.array_equal(joint[k], added[k]) for k in joint)
+    assert open_cache(str(out)).clip_records[B]["zero_shot_accuracy"] == open_cache(str(both)).clip_records[B]["zero_shot_accuracy"]
+
+
+def test_a_killed_add_leaves_the_cache_usable_and_resumes(both: Path, teacher: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed.zarr"
+    assert invoke(*BUILD, "--teacher-checkpoint", teacher, "--clip", A, "--out", out).exit_code == 0
+    before = teacher_files(out)
+    command = [*BUILD, "--teacher-checkpoint", str(teacher), "--clip", B, "--out", str(out)]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_THIRD_BATCH, *command], capture_output=True)
+    assert killed.returncode == -9
+    reader = open_cache(str(out))  # killed before its 6 blocks were written
+    assert reader.clip_records[B]["status"] == "building" and int(reader.written_mask(B).sum()) < 6
+
+    info = invoke("info", out)
+    assert info.exit_code == 0 and f"{B}:" in info.output and "INCOMPLETE" in info.output
+    report = invoke("verify", out)
+    assert report.exit_code == 1 and f"CLIP model {B} is incomplete" in report.output
+    refused = invoke("train", "--cache", out, *TRAIN, "--clip-model", B, "--out", tmp_path / "b")
+    assert refused.exit_code == 2 and "incomplete" in refused.output and "re-run" in refused.output
+    trained = invoke("train", "--cache", out, *TRAIN, "--out", tmp_path / "a")  # the only complete model
+    assert trained.exit_code == 0, trained.output
+
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", *command], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    joint, resumed = stored(both), stored(out)
+    assert all(np.array_equal(joint[k], resumed[k]) for k in joint) and teacher_files(out) == before
+    assert verify_cache(str(out)).ok
+
+
+def test_trains_with_each_model_and_the_ensemble_and_never_guesses(both: Path, tmp_path: Path) -> None:
+    guessed = invoke("train", "--cache", both, *TRAIN, "--out", tmp_path / "none")
+    assert guessed.exit_code == 2 and f"several CLIP models ({A}, {B})" in guessed.output
+    assert "--clip-model" in guessed.output and "Traceback" not in guessed.output
+    summaries = {}
+    for choice in (A, B, "ensemble", f"{B}+{A}"):
+        run = tmp_path / choice
+        result = invoke("train", "--cache", both, *TRAIN, "--clip-model", choice, "--feature-loss", "cosine", "--out", run)
+        assert result.exit_code == 0, result.output
+        summaries[choice] = json.loads((run / "summary.json").read_text())
+    unknown = invoke("train", "--cache", both, *TRAIN, "--clip-model", "ViT-L-14", "--out", tmp_path / "x")
+    assert unknown.exit_code == 2 and f"no CLIP model 'ViT-L-14'; it has {A}, {B}" in unknown.output
+    for command in (["analyze", both, "--clip-model", "ensemble", "--json"],
+                    ["export", both, "--out", tmp_path / "t.npz", "--clip-model", B, "--features"]):
+        assert invoke(*command).exit_code == 0
+
+
+def test_the_ensemble_is_the_mean_of_each_models_probabilities(both: Path) -> None:
+    """--target clip with the ensemble: log of the mean over models of softmax(tau_k e_k W_k^T) (eq. 2-3 per
+    model), recomputed here from the stored arrays; f_C is both models' features, each scaled to unit
+    centred energy, side by side."""
+    from pipelines.config import TrainConfig
+    from pipelines.targets import cached_arrays, compute_targets, setup_fusion
+
+    reader = open_cache(str(both))
+    cfg = TrainConfig(student="resnet8", out="-", cache=str(both), target="clip", clip_model="ensemble",
+                      prompts="multi", feature_loss="mse")
+    fusion = setup_fusion(cfg, reader)
+    arrays = reader.load_many(cached_arrays(reader, list(fusion.clips)))
+    targets = compute_targets(cfg, arrays, fusion, torch.device("cpu"), None)
+    probs, feats = [], []
+    for name in (A, B):
+        e = arrays[f"clip/{name}/image_embeds"][:, 0].astype(np.float64)
+        w = reader.text_embeddings("multi", name).astype(np.float64).mean(0)
+        z = reader.clip_records[name]["tau"] * e @ w.T
+        probs.append(np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+        f = arrays[f"clip/{name}/features"][:, 0].astype(np.float64)
+        feats.append(f / np.sqrt(((f - f.mean(0)) ** 2).sum(1).mean()))
+    expected = np.log(np.mean(probs, axis=0))
+    got = targets.logits.double().log_softmax(1).numpy()
+    assert np.allclose(got, expected, atol=1e-4)
+    assert not np.allclose(got, np.log(probs[0]), atol=1e-2)  # really both models
+    assert np.allclose(targets.features["clip"].numpy(), np.concatenate(feats, axis=1), atol=1e-4)
+
+
+def test_clip_lists_are_checked_in_one_line(teacher: Path, tmp_path: Path) -> None:
+    for args, message in ((["--clip", f"{A},{A}"], f"--clip names {A} more than once"),
+                          (["--clip", f"{A},{B}", "--clip-activation", "gelu,gelu,gelu"],
+                           "--clip-activation gives 3 values for 2 CLIP models")):
+        result = invoke(*BUILD, "--teacher-checkpoint", teacher, *args, "--out", tmp_path / "x.zarr")
+        assert result.exit_code == 2 and message in result.output and not (tmp_path / "x.zarr").exists()
+
+
+# ------------------------------------------------------------------ format 1
+
+def write_format1(source: Path, url: Path) -> None:
+    """The same rows as a format-1 cache, laid out as richkd-cache wrote it before several CLIP models:
+    the one model's arrays under clip/ (flagged by the one `written`), its manifest entry under `clip`,
+    its widths in the layout, consolidated metadata."""
+    reader = open_cache(str(source))
+    manifest = json.loads(json.dumps(reader.manifest))
+    ((name, record),) = manifest.pop("clip_models").items()
+    record.pop("status")
+    manifest.update(format_version=1, clip=record,
+                    layout={**manifest["layout"], "clip_embed_dim": record["embed_dim"],
+                            "clip_feature_dim": record["feature_dim"]},
+                    build_key={**manifest["build_key"], "clip": {k: record.get(k) for k in ("arch", "pretrained",
+                                                                                             "checkpoint_sha256")}})
+    group = zarr.create_group(str(url), zarr_format=3, attributes={"richkd_cache": manifest})
+    paths = {path: path.replace(f"clip/{name}/", "clip/") for path in reader.arrays() if path != f"clip/{name}/written"}
+    paths.update({f"clip/{name}/text/{s}": f"clip/text/{s}" for s in reader.prompt_sets(name)})
+    for path, old in paths.items():
+        array = reader.group[path]
+        copy = group.create_array(old, shape=array.shape, chunks=array.chunks, dtype=array.dtype,
+                                  fill_value=array.fill_value, serializer=BytesCodec(),
+                                  compressors=(ZstdCodec(level=3), Crc32cCodec()), attributes=dict(array.attrs))
+        copy[...] = array[...]
+    zarr.consolidate_metadata(str(url))
+
+
+def test_a_format1_cache_opens_verifies_and_trains_exactly_as_before(digits_cache: Path, teacher: Path,
+                                                                    tmp_path: Path) -> None:
+    old = tmp_path / "format1.zarr"
+    write_format1(digits_cache, old)
+    assert sorted(p.name for p in (old / "clip").iterdir()) == ["features", "image_embeds", "text", "zarr.json"]
+    reader = open_cache(str(old))
+    assert reader.manifest["format_version"] == 1 and reader.select_clip(None) == [A]
+    assert reader.prompt_sets() == ["multi", "single"] and verify_cache(str(old)).ok
+    info = invoke("info", old)
+    assert info.exit_code == 0 and "format 1" in info.output and f"clip     {A}:" in info.output
+    runs = {}
+    for name, cache in (("old", old), ("new", digits_cache)):
+        result = invoke("train", "--cache", cache, *TRAIN, "--feature-loss", "cosine", "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert runs["old"]["best_top1"] == runs["new"]["best_top1"] and runs["old"]["last_top1"] == runs["new"]["last_top1"]
+    refused = invoke(*BUILD, "--teacher-checkpoint", teacher, "--clip", B, "--out", old)
+    assert refused.exit_code == 2 and "format-1 cache" in refused.output and "--overwrite" in refused.output
+
+
+def test_a_reader_of_format1_refuses_format2_in_one_line(digits_cache: Path, monkeypatch) -> None:
+    monkeypatch.setattr(schema, "FORMAT_VERSION", 1)
+    monkeypatch.setattr(schema, "READABLE_FORMATS", (1,))
+    with pytest.raises(CacheError, match=r"cache format 2 is newer than this richkd-cache understands \(1\); upgrade"):
+        open_cache(str(digits_cache))
