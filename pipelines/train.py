@@ -62,7 +62,8 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     optimizer, scheduler = setup_optimizer(cfg, student, objective)
     windows = setup_windows(cfg, cache, train_set, device, cache_device)
     state = run.start(student, objective, optimizer, scheduler, {**asdict(cfg), "target": cfg.resolved_target,
-                                                                      **recorded_method(cfg, method)})
+                                                                      **recorded_method(cfg, method),
+                                                                      "clip_models": used_clip_models(cfg, cache)})
     model, loss = data_parallel(student, ctx), data_parallel(objective, ctx)
     images = setup_images(train_set, device)
     val_images = setup_images(val_set, device) if ctx.is_main else None
@@ -81,6 +82,14 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
             run.end_epoch(state, stats, student, objective, optimizer, scheduler, train_set.num_classes, reporter)
         barrier(ctx)
     return run.finish(state)
+
+
+def used_clip_models(cfg: TrainConfig, cache: CacheReader | None) -> list[str]:
+    """The CLIP models the targets come from, as resolved (--clip-model, or the cache's only one): recorded
+    with the run, so a run says which CLIP it learned from whatever the cache holds later."""
+    if cache is None or cfg.resolved_target == "ce":
+        return []
+    return [c.name for c in selected_clips(cfg, cache)]
 
 
 def setup_windows(cfg: TrainConfig, cache: CacheReader | None, train_set: ImageDataset, device: torch.device,

@@ -5,7 +5,7 @@ open and train exactly as before."""
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,11 +145,30 @@ def test_trains_with_each_model_and_the_ensemble_and_never_guesses(both: Path, t
         result = invoke("train", "--cache", both, *TRAIN, "--clip-model", choice, "--feature-loss", "cosine", "--out", run)
         assert result.exit_code == 0, result.output
         summaries[choice] = json.loads((run / "summary.json").read_text())
+        used = json.loads((run / "config.json").read_text())["clip_models"]
+        assert used == {A: [A], B: [B], "ensemble": [A, B]}.get(choice, [B, A])  # the run records its CLIP
     unknown = invoke("train", "--cache", both, *TRAIN, "--clip-model", "ViT-L-14", "--out", tmp_path / "x")
     assert unknown.exit_code == 2 and f"no CLIP model 'ViT-L-14'; it has {A}, {B}" in unknown.output
     for command in (["analyze", both, "--clip-model", "ensemble", "--json"],
                     ["export", both, "--out", tmp_path / "t.npz", "--clip-model", B, "--features"]):
         assert invoke(*command).exit_code == 0
+
+
+def test_prompt_sets_are_added_per_model(both: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "copy.zarr"
+    shutil.copytree(both, cache)
+    unnamed = invoke("prompts", "add", cache, "--file", "complex")
+    assert unnamed.exit_code == 2 and "--clip-model" in unnamed.output
+    assert invoke("prompts", "add", cache, "--file", "complex", "--clip-model", B).exit_code == 0
+    reader = open_cache(str(cache))
+    assert reader.prompt_sets(B) == ["complex", "multi", "single"] and "complex" not in reader.prompt_sets(A)
+    assert "complex" in reader.clip_records[B]["zero_shot_accuracy"] and reader.prompt_sets() == ["multi", "single"]
+    listed = invoke("prompts", "list", cache).output.splitlines()
+    assert f"{B}: complex" in listed and f"{A}: multi" in listed
+    refused = invoke("train", "--cache", cache, *TRAIN, "--clip-model", "ensemble", "--prompts", "complex",
+                     "--out", tmp_path / "r")
+    assert refused.exit_code == 2 and f"prompt set 'complex' is not in cache {cache} for CLIP model {A}" in refused.output
+    assert verify_cache(str(cache)).ok
 
 
 def test_the_ensemble_is_the_mean_of_each_models_probabilities(both: Path) -> None:
