@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_store import CacheReader
+from cache_store import CacheLayout, CacheReader
 from cache_store.schema import ClipLayout
 from pipelines.cached import clean_views, clip_feature_scales, flatten_views, float_rows, per_view_rows, teacher_logits
 from pipelines.config import TrainConfig
@@ -333,6 +333,17 @@ def check_targets_fit(cfg: TrainConfig, cache: CacheReader, device: torch.device
     raise ConfigError(f"the targets of cache {cache.url} take {human_bytes(needed)} but {device} has "
                       f"{human_bytes(free)} free: stream the cache with --stream-window {window} (write blocks of "
                       f"{layout.block_rows} samples read at a time){host}")
+
+
+def classes_per_window(labels: np.ndarray, layout: CacheLayout, window: int, draws: int = 8) -> float:
+    """Mean count of distinct classes among the samples of `window` write blocks drawn at random, as a
+    streamed epoch draws them: the batches of a window mix only these classes."""
+    rng = np.random.default_rng(0)
+    counts = []
+    for _ in range(draws):
+        blocks = rng.choice(layout.num_blocks, size=min(window, layout.num_blocks), replace=False)
+        counts.append(len(np.unique(np.concatenate([labels[slice(*layout.block_range(int(b)))] for b in blocks]))))
+    return float(np.mean(counts))
 
 
 def streamed_cache(cfg: TrainConfig, cache: CacheReader, device: torch.device) -> Callable[..., Iterator[Window]]:

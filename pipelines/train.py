@@ -22,7 +22,8 @@ from pipelines.distributed import DistContext, barrier, init_distributed, rank_d
 from pipelines.optim import make_optimizer, make_schedule
 from pipelines.progress import Reporter
 from pipelines.run_folder import RunFolder
-from pipelines.targets import Window, augment, selected_clips, streamed_cache, strong_views_needed, whole_cache
+from pipelines.targets import (Window, augment, classes_per_window, selected_clips, streamed_cache, strong_views_needed,
+                               whole_cache)
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.distill import DistillObjective, create_objective
 from richkd_cache.errors import ConfigError, DataError
@@ -60,7 +61,7 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
         student = student.to(memory_format=torch.channels_last)
     objective = setup_objective(cfg, student, cache, train_set, pool, method).to(device)
     optimizer, scheduler = setup_optimizer(cfg, student, objective)
-    windows = setup_windows(cfg, cache, train_set, device, cache_device)
+    windows = setup_windows(cfg, cache, train_set, device, cache_device, reporter)
     state = run.start(student, objective, optimizer, scheduler, {**asdict(cfg), "target": cfg.resolved_target,
                                                                       **recorded_method(cfg, method),
                                                                       "clip_models": used_clip_models(cfg, cache)})
@@ -93,7 +94,7 @@ def used_clip_models(cfg: TrainConfig, cache: CacheReader | None) -> list[str]:
 
 
 def setup_windows(cfg: TrainConfig, cache: CacheReader | None, train_set: ImageDataset, device: torch.device,
-                  cache_device: torch.device) -> Callable[..., Iterator[Window]]:
+                  cache_device: torch.device, reporter: Reporter) -> Callable[..., Iterator[Window]]:
     """Where each epoch's targets come from: the cache read whole (the default), streamed window by window
     (--stream-window), or the teacher and CLIP run on every batch (--online, the reference)."""
     distilled = cache is not None and cfg.resolved_target != "ce"
@@ -106,6 +107,11 @@ def setup_windows(cfg: TrainConfig, cache: CacheReader | None, train_set: ImageD
 
         return online_windows(cfg, cache, train_set, device)
     if cfg.stream_window and distilled:
+        mixed = classes_per_window(cache.load("labels"), cache.layout, cfg.stream_window)
+        if mixed < train_set.num_classes / 2:
+            reporter.info(f"--stream-window {cfg.stream_window}: a window holds samples of about {mixed:.0f} of the "
+                          f"{train_set.num_classes} classes (the cache's rows are in the dataset's order, class by "
+                          "class for image folders), so each batch mixes only those: a larger window mixes more")
         return streamed_cache(cfg, cache, cache_device)
     return whole_cache(cfg, cache, cache_device)
 

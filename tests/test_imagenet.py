@@ -21,7 +21,7 @@ from pipelines.config import TrainConfig
 from pipelines.evaluate import resolve_dataset
 from pipelines import targets
 from pipelines.summary import human_bytes
-from pipelines.targets import whole_cache
+from pipelines.targets import classes_per_window, whole_cache
 from richkd_cache.data.imagefolder import ImageFolderDataset
 
 runner = CliRunner()
@@ -78,9 +78,12 @@ def test_image_folder_builds_streams_trains_and_verifies(imagenet: Path, imagene
     # in a worker process
     out = imagenet / "run"
     result = invoke("train", "--cache", imagenet_cache, "--student", "tv:resnet18", "--epochs", "2",
-                    "--batch-size", "4", "--stream-window", "1", "--workers", "1", "--device", "cpu", "--quiet",
-                    "--out", out)
+                    "--batch-size", "4", "--stream-window", "1", "--workers", "1", "--device", "cpu", "--out", out)
     assert result.exit_code == 0, result.output
+    # rows are in class order and a block is one class here: the run says a window mixes 1 of the 3
+    assert "a window holds samples of about 1 of the 3 classes" in " ".join(result.output.split())
+    reader = open_cache(str(imagenet_cache))
+    assert classes_per_window(reader.load("labels"), reader.layout, 3) == 3
     metrics = pq.read_table(out / "metrics.parquet").to_pylist()
     assert [m["epoch"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
     assert json.loads((out / "config.json").read_text())["stream_window"] == 1
