@@ -83,7 +83,7 @@ class CacheReader:
         """Every fixed-shape array: the teacher's part and every CLIP model's, flags included."""
         return cache_arrays(self.layout, self.clips)
 
-    def _present_arrays(self) -> dict[str, ArraySpec]:
+    def present_arrays(self) -> dict[str, ArraySpec]:
         """The arrays that must be there: a CLIP model still being added may not have created its own."""
         building = {n for n in self.clips if not self.clip_complete(n)}
         return {name: spec for name, spec in self.arrays().items()
@@ -99,7 +99,7 @@ class CacheReader:
         if absent and self.manifest["status"] == STATUS_BUILDING:  # killed while creating them: resumable
             raise CacheError(f"cache {self.url} is incomplete (its build stopped before creating {', '.join(absent)}): "
                              "re-run the same build command to resume")
-        check_array_metadata(self.group, self.layout, self.clips, self._present_arrays(), self.url, self.keys)
+        check_array_metadata(self.group, self.layout, self.clips, self.present_arrays(), self.url, self.keys)
 
     # ------------------------------------------------------------ CLIP models
 
@@ -226,7 +226,7 @@ class CacheReader:
             if clip.own_flags:
                 blocks[clip.written] = self._required_blocks(clip.written, self.clip_complete(name))
         return missing_chunks(self.group, self.keys, {name: blocks[flags_of(name, self.clips)]
-                                                      for name in self._present_arrays()})
+                                                      for name in self.present_arrays()})
 
     def without_checksums(self) -> list[str]:
         """Arrays whose chunks carry no crc32c (written before richkd-cache checksummed chunks)."""
@@ -235,7 +235,7 @@ class CacheReader:
     def all_array_names(self) -> list[str]:
         """Every array there is: the fixed ones and every prompt set array, written or not."""
         texts = [f"{c.text_group}/{p}" for c in self.clips.values() for p in text_arrays(self.group, c)]
-        return list(self._present_arrays()) + texts
+        return list(self.present_arrays()) + texts
 
     # ------------------------------------------------------------ reading
 
@@ -245,8 +245,8 @@ class CacheReader:
     def load(self, name: str) -> np.ndarray:
         """One whole array (the fast way: zarr reads each chunk once)."""
         texts = {f"{c.text_group}/{p}" for n, c in self.clips.items() for p in self.prompt_sets(n)}
-        if name not in self._present_arrays() and name not in texts:
-            raise CacheError(f"cache {self.url} has no array {name!r}; it has {', '.join(self._present_arrays())}")
+        if name not in self.present_arrays() and name not in texts:
+            raise CacheError(f"cache {self.url} has no array {name!r}; it has {', '.join(self.present_arrays())}")
         return self._read(name, slice(None))
 
     def load_many(self, names: Iterable[str]) -> dict[str, np.ndarray]:
@@ -268,7 +268,7 @@ class CacheReader:
     def array_info(self) -> list[dict]:
         texts = [f"{c.text_group}/{p}" for n, c in self.clips.items() for p in self.prompt_sets(n)]
         info = []
-        for name in list(self._present_arrays()) + texts:
+        for name in list(self.present_arrays()) + texts:
             array = self.group[name]
             info.append({"name": name, "dtype": str(array.dtype), "shape": list(array.shape),
                          "chunks": list(array.chunks), "stored_bytes": int(array.nbytes_stored())})

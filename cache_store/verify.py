@@ -93,7 +93,7 @@ def own_metadata_problems(url: str, reader: CacheReader) -> list[str]:
         return []  # nothing consolidated yet: the reader already read every array's own metadata
     try:
         check_array_metadata(open_group_read(url, consolidated=False), reader.layout, reader.clips,
-                             reader._present_arrays(), url)
+                             reader.present_arrays(), url)
     except CacheError as e:
         return [f"{e} (the consolidated copy readers use is intact)"]
     return []
@@ -106,9 +106,9 @@ def _scan_blocks(reader: CacheReader) -> list[str]:
     problems = []
     layout = reader.layout
     flags = {name: np.flatnonzero(reader._read(name, slice(None)))
-             for name in {flags_of(n, reader.clips) for n in reader._present_arrays()}
+             for name in {flags_of(n, reader.clips) for n in reader.present_arrays()}
              if f"{name}/zarr.json" in reader.keys}
-    for name in reader._present_arrays():
+    for name in reader.present_arrays():
         array = reader.group[name]
         is_flags = name in flags
         chunks = range(layout.num_blocks) if is_flags else flags.get(flags_of(name, reader.clips), [])

@@ -25,18 +25,24 @@ def _private_user_cache(tmp_path_factory) -> None:
 
 
 @pytest.fixture(scope="session")
-def digits_cache(tmp_path_factory) -> Path:
+def teacher(tmp_path_factory) -> Path:
+    """An untrained resnet8 for the digits' 10 classes: cache plumbing needs outputs, not skill."""
+    from richkd_cache.models import create_model, save_checkpoint
+
+    path = tmp_path_factory.mktemp("teacher") / "resnet8.pth"
+    save_checkpoint(str(path), create_model("resnet8", 10), arch="resnet8", num_classes=10)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory, teacher: Path) -> Path:
     """One complete cache of the bundled digits that tests only read: an untrained resnet8 teacher, the tiny
     random CLIP, prompt sets single and multi, the clean view, and three write blocks of 512 rows."""
     from typer.testing import CliRunner
 
     from pipelines.cli import app
-    from richkd_cache.models import create_model, save_checkpoint
 
-    root = tmp_path_factory.mktemp("digits-cache")
-    teacher = root / "teacher.pth"
-    save_checkpoint(str(teacher), create_model("resnet8", 10), arch="resnet8", num_classes=10)
-    out = root / "digits.zarr"
+    out = tmp_path_factory.mktemp("digits-cache") / "digits.zarr"
     args = ["build", "--dataset", "digits", "--teacher-checkpoint", str(teacher), "--clip", "richkd-tiny",
             "--clip-pretrained", "random", "--prompts", "single,multi", "--teacher-views", "clean",
             "--block-rows", "512", "--device", "cpu", "--workers", "0", "--quiet", "--out", str(out)]

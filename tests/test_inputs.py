@@ -21,7 +21,7 @@ from pipelines.config import BuildConfig, TrainConfig
 from pipelines.studies import corruption_accuracy
 from richkd_cache.data import create_dataset
 from richkd_cache.errors import ConfigError, DataError
-from richkd_cache.models import create_model, save_checkpoint
+from richkd_cache.models import create_model
 from richkd_cache.views import view_params
 
 runner = CliRunner()
@@ -40,13 +40,6 @@ def refused(result, *words: str) -> None:
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert all(w in lines[0] for w in words), lines[0]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "resnet8.pth"
-    save_checkpoint(str(path), create_model("resnet8", 10), arch="resnet8", num_classes=10)
-    return path
 
 
 @pytest.mark.parametrize("flags, words", [

@@ -20,7 +20,6 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 import cache_store.schema as schema
 from cache_store import CacheError, open_cache, verify_cache
 from pipelines.cli import app
-from richkd_cache.models import create_model, save_checkpoint
 
 A, B = "richkd-tiny", "richkd-tiny2"  # two tiny CLIP configs of different widths (D 32 / 24, Fc 64 / 48)
 BUILD = ["build", "--dataset", "digits", "--clip-pretrained", "random", "--prompts", "single,multi",
@@ -48,13 +47,6 @@ app(sys.argv[1:])
 
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "resnet8.pth"
-    save_checkpoint(str(path), create_model("resnet8", 10), arch="resnet8", num_classes=10)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -32,14 +32,6 @@ def invoke(*args) -> object:
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    """An untrained resnet8: cache plumbing needs outputs, not skill."""
-    path = tmp_path_factory.mktemp("teacher") / "resnet8.pth"
-    save_checkpoint(str(path), create_model("resnet8", 10), arch="resnet8", num_classes=10)
-    return path
-
-
-@pytest.fixture(scope="module")
 def slow_teacher(tmp_path_factory) -> Path:
     """An untrained resnet32x4: slow enough on CPU to kill a build half way."""
     path = tmp_path_factory.mktemp("teacher") / "resnet32x4.pth"
