@@ -135,7 +135,8 @@ def test_torchvision_legacy_weights_file_loads_strictly_and_weights_only(tmp_pat
     assert meta["num_classes"] == 7
     torch.save({"model": reference.state_dict(), "builder": torchvision.models.resnet18}, path,
                _use_new_zipfile_serialization=False)  # a pickled function: never unpickled
-    with pytest.raises(ModelError, match="not a PyTorch checkpoint"):
+    with pytest.raises(ModelError, match=r"stores Python objects besides weights \(torchvision.models.resnet.resnet18\), "
+                                         "which are never unpickled"):
         load_checkpoint(str(path), arch="tv:resnet18")
 
 

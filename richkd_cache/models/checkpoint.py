@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ def _read(path: str, map_location: str) -> dict:
         with torch.serialization.safe_globals(allowed):
             payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        objects = _unsafe_objects(path, allowed) if "Weights only load failed" in str(e) else []
+        objects = _unsafe_objects(path, allowed, str(e)) if "Weights only load failed" in str(e) else []
         if objects:
             raise ModelError(f"{path} stores Python objects besides weights ({', '.join(objects[:3])}), which are "
                              f"never unpickled (that could run code): save only model.state_dict() from the "
@@ -103,13 +104,16 @@ def _read(path: str, map_location: str) -> dict:
     return payload
 
 
-def _unsafe_objects(path: str, allowed: list) -> list[str]:
-    """Names of the pickled globals that weights_only loading refused; [] if the file cannot even be listed."""
+def _unsafe_objects(path: str, allowed: list, message: str) -> list[str]:
+    """Names of the pickled globals that weights_only loading refused; [] if there are none to name. torch
+    lists them for zip files; for a legacy (pre-zip) file, the format of torchvision's published weights,
+    its refusal `message` names the first one."""
     names = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in allowed}
     try:
-        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in names]
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError):
-        return []
+        found = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    return [g for g in found if g not in names]
 
 
 def _first_line(e: Exception) -> str:
