@@ -79,6 +79,8 @@ def test_each_model_has_its_own_arrays_flags_prompt_sets_and_manifest_entry(both
         assert reader.load(f"clip/{name}/image_embeds").shape == (1442, 1, d)
         assert reader.text_embeddings("multi", name).shape[1:] == (10, d) and reader.written_mask(name).all()
     assert verify_cache(str(both)).ok
+    recomputed = invoke("verify", both, "--recompute", "8", "--device", "cpu")  # every model runs again
+    assert recomputed.exit_code == 0, recomputed.output
     info = json.loads(invoke("info", both, "--json").output)
     assert {r["clip_model"] for r in info["prompt_sets"]} == {A, B, "ensemble"}
 
@@ -234,6 +236,8 @@ def test_a_format1_cache_opens_verifies_and_trains_exactly_as_before(digits_cach
     reader = open_cache(str(old))
     assert reader.manifest["format_version"] == 1 and reader.select_clip(None) == [A]
     assert reader.prompt_sets() == ["multi", "single"] and verify_cache(str(old)).ok
+    recomputed = invoke("verify", old, "--recompute", "8", "--device", "cpu")
+    assert recomputed.exit_code == 0, recomputed.output
     info = invoke("info", old)
     assert info.exit_code == 0 and "format 1" in info.output and f"clip     {A}:" in info.output
     runs = {}
