@@ -153,10 +153,11 @@ def render_summary(summary: dict, console: Console) -> None:
         decided = f" (decided by {clip['activation_source']})" if clip["activation_source"] else ""
         console.print(f"         activation {clip['activation']}{decided}")
     arrays = Table(title="arrays")
-    for col in ("array", "dtype", "shape", "chunks", "stored"):
-        arrays.add_column(col)
+    for col in ("array", "dtype", "shape", "chunks", "stored"):  # whole names (clip/<model>/...) on any width
+        arrays.add_column(col, no_wrap=True)
     for a in summary["arrays"]:
-        arrays.add_row(a["name"], str(a["dtype"]), str(tuple(a["shape"])), str(tuple(a["chunks"])), human_bytes(a["stored_bytes"]))
+        arrays.add_row(a["name"], str(a["dtype"]), "x".join(map(str, a["shape"])), "x".join(map(str, a["chunks"])),
+                       human_bytes(a["stored_bytes"]))
     console.print(arrays)
     console.print(views_table(summary))
     console.print(storage_table(summary["storage"]))
@@ -198,9 +199,12 @@ def storage_table(storage: dict) -> Table:
     for name, b in storage["parts"].items():
         table.add_row(f"  {name}", f"{b:.1f}", "")
     at = storage["imagenet_1k"]
-    label = "this cache" if at["bytes_per_sample_view"] == storage["bytes_per_sample_view"] else \
-        "this cache (1,000-class logits at ImageNet)"
-    table.add_row(label, f"{storage['bytes_per_sample_view']:.1f}", human_bytes(at["bytes"]))
+    if at["bytes_per_sample_view"] == storage["bytes_per_sample_view"]:
+        table.add_row("this cache", f"{storage['bytes_per_sample_view']:.1f}", human_bytes(at["bytes"]))
+    else:  # full logits: at ImageNet a row holds 1,000 classes, not this cache's C
+        table.add_row("this cache", f"{storage['bytes_per_sample_view']:.1f}", "")
+        table.add_row("its layout with ImageNet's 1,000 classes", f"{at['bytes_per_sample_view']:.1f}",
+                      human_bytes(at["bytes"]))
     for ref in storage["references"]:
         table.add_row(ref["name"], f"{ref['bytes_per_sample_view']}", human_bytes(ref["imagenet_1k_bytes"]))
     return table

@@ -96,3 +96,15 @@ def test_analyze_and_evaluate_commands(cache: Path, teacher_ckpt: Path, tmp_path
     result = invoke("evaluate", teacher_ckpt, "--no-attacks", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "top-1" in result.output
+
+
+def test_info_names_every_array_whole_and_prices_full_logits_at_imagenets_classes(digits_cache: Path) -> None:
+    """At 80 columns: array names are never cut; a full-logit cache's per-view cost is shown twice, as it is
+    (its C classes) and as its layout would be with ImageNet's 1,000, which the whole-cache size uses."""
+    storage = json.loads(invoke("info", digits_cache, "--json").output)["storage"]
+    at_imagenet = storage["imagenet_1k"]["bytes_per_sample_view"]
+    assert at_imagenet == storage["bytes_per_sample_view"] - storage["parts"]["teacher/logits"] + 1000 * 2
+    table = invoke("info", digits_cache).output
+    assert "clip/richkd-tiny/image_embeds" in table and "…" not in table
+    row = next(line for line in table.splitlines() if "ImageNet's 1,000 classes" in line)
+    assert f"{at_imagenet:.1f}" in row
