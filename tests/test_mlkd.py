@@ -35,21 +35,16 @@ def gram_gap(s: np.ndarray, t: np.ndarray, T: float, over_classes: bool) -> floa
     or sample pairs (i, l) over classes divided by B."""
     ps = np.array([softmax(r / T) for r in s])
     pt = np.array([softmax(r / T) for r in t])
-    n_b, n_c = ps.shape
+    # class pairs correlate columns over the samples; sample pairs are the same on the transposes
+    a_s, a_t = (ps, pt) if over_classes else (ps.T, pt.T)
+    rows, cols = a_s.shape
     total = 0.0
-    if over_classes:
-        for j in range(n_c):
-            for k in range(n_c):
-                g_t = sum(pt[i, j] * pt[i, k] for i in range(n_b))
-                g_s = sum(ps[i, j] * ps[i, k] for i in range(n_b))
-                total += (g_t - g_s) ** 2
-        return total / n_c
-    for i in range(n_b):
-        for m in range(n_b):
-            g_t = sum(pt[i, c] * pt[m, c] for c in range(n_c))
-            g_s = sum(ps[i, c] * ps[m, c] for c in range(n_c))
+    for j in range(cols):
+        for k in range(cols):
+            g_t = sum(a_t[i, j] * a_t[i, k] for i in range(rows))
+            g_s = sum(a_s[i, j] * a_s[i, k] for i in range(rows))
             total += (g_t - g_s) ** 2
-    return total / n_b
+    return total / cols
 
 
 def mlkd_by_hand(s_w, t_w, s_s, t_s, sample_share: float, class_share: float) -> dict[str, float]:
