@@ -49,7 +49,7 @@ _COMMON_FIELDS: dict = {
 MANIFEST_FIELDS: dict = {**_COMMON_FIELDS, "clip_models": dict}  # each entry: CLIP_MODEL_FIELDS
 CLIP_MODEL_FIELDS: dict = {**CLIP_FIELDS, "status": str, "embed_dim": int, "feature_dim": int}
 FORMAT1_FIELDS: dict = {**_COMMON_FIELDS, "clip": CLIP_FIELDS}
-OPTIONAL_LAYOUT_KEYS = ("teacher_topk", "clip_views", "strong_views")  # None when unused; absent in older manifests
+OPTIONAL_LAYOUT_KEYS = ("teacher_topk", "clip_views", "strong_views", "features")  # None when unused; absent in older manifests
 FORMAT1_CLIP_LAYOUT_KEYS = ("clip_embed_dim", "clip_feature_dim")  # format 2 keeps them per model
 MODELS = ("teacher", "clip")
 CLIP_MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -76,6 +76,8 @@ class CacheLayout:
     clean view) or `num_views` (the teacher's views). None, in caches written before the two had their
     own policies, means `num_views`. `strong_views` is K, the strong (RandAugment) views per sample whose
     parameters and teacher logits are stored for methods that train on a second view (MLKD); None: none.
+    `features` False: no pooled features are stored (no `teacher/features`, no CLIP model's `features`),
+    only feature losses (eq. 7-8) read them; None (older caches) or True: they are.
     """
 
     num_samples: int
@@ -87,6 +89,7 @@ class CacheLayout:
     teacher_topk: int | None = None
     clip_views: int | None = None
     strong_views: int | None = None
+    features: bool | None = None
 
     def __post_init__(self) -> None:
         sizes = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in OPTIONAL_LAYOUT_KEYS}
@@ -98,8 +101,14 @@ class CacheLayout:
             wrong.append(f"teacher_topk={self.teacher_topk!r} (must be 1..num_classes or None)")
         if self.strong_views is not None and not (isinstance(self.strong_views, int) and self.strong_views >= 1):
             wrong.append(f"strong_views={self.strong_views!r} (must be a positive integer or None)")
+        if not isinstance(self.features, (bool, type(None))):
+            wrong.append(f"features={self.features!r} (must be true, false or absent)")
         if wrong:
             raise CacheError(f"invalid cache layout: {', '.join(wrong)} (sizes are positive integers)")
+
+    @property
+    def stores_features(self) -> bool:
+        return self.features is not False
 
     @property
     def clip_num_views(self) -> int:
@@ -130,8 +139,9 @@ class CacheLayout:
         specs = [
             ArraySpec("labels", "int32", (self.num_samples,), (self.block_rows,), -1),
             per_view("views/params", "float32", self.view_param_dim),
-            per_view("teacher/features", "float16", self.teacher_dim),
         ]
+        if self.stores_features:
+            specs.append(per_view("teacher/features", "float16", self.teacher_dim))
         if self.teacher_topk:
             specs += [per_view("teacher/topk_values", "float16", self.teacher_topk),
                       per_view("teacher/topk_indices", "int32", self.teacher_topk, fill=-1)]
@@ -181,8 +191,10 @@ class ClipLayout:
 
     def sample_arrays(self, layout: CacheLayout) -> dict[str, ArraySpec]:
         v = layout.clip_num_views
-        return {s.name: s for s in (layout.per_view(self.image_embeds, "float16", self.embed_dim, v),
-                                    layout.per_view(self.features, "float16", self.feature_dim, v))}
+        specs = [layout.per_view(self.image_embeds, "float16", self.embed_dim, v)]
+        if layout.stores_features:  # the cache's choice, the same for every CLIP model
+            specs.append(layout.per_view(self.features, "float16", self.feature_dim, v))
+        return {s.name: s for s in specs}
 
     def arrays(self, layout: CacheLayout) -> dict[str, ArraySpec]:
         """Its arrays, with its flags when they are its own."""
@@ -222,12 +234,14 @@ def clip_layouts(manifest: dict) -> dict[str, ClipLayout]:
 
 
 def layout_record(layout: CacheLayout) -> dict:
-    """The manifest's `layout`: every size, and `strong_views` only when set, so that a cache without strong
-    views records the layout it did before they existed (older readers accept it, a build started by an
-    older version resumes)."""
+    """The manifest's `layout`: every size, `strong_views` only when set and `features` only when false, so
+    that a cache without strong views and with features records the layout it did before either existed
+    (older readers accept it, a build started by an older version resumes)."""
     record = asdict(layout)
     if record["strong_views"] is None:
         del record["strong_views"]
+    if record["features"] is not False:
+        del record["features"]
     return record
 
 

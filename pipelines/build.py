@@ -114,9 +114,11 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
         params = view_params(views["teacher"]["policy"], len(dataset), image_size(dataset), cfg.view_seed)  # (N, V, 5)
         strong = (draw_strong_views(len(dataset), cfg.strong_views, image_size(dataset), cfg.view_seed)
                   if cfg.strong_views else None)  # (N, K, 12): the views MLKD's second input is drawn from
+        existing = existing_layout(cfg)
+        features = cfg.features if cfg.features is not None else existing is None or existing.stores_features
         layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, list(models.values()),
-                              cfg.block_rows or existing_block_rows(cfg), params.shape[1], cfg.topk,
-                              views["clip"]["num_views"], cfg.strong_views or None)
+                              cfg.block_rows or (existing and existing.block_rows), params.shape[1], cfg.topk,
+                              views["clip"]["num_views"], cfg.strong_views or None, features)
         writer, pending = open_cache_for_build(cfg, layout, build_manifest(cfg, dataset, teacher, models),
                                                models, prompt_sets, dataset.classes, ctx)
         clips = [(writer.clips[name], model) for name, model in models.items()]
@@ -172,13 +174,14 @@ def clip_specs(cfg: BuildConfig) -> dict[str, ClipSpec]:
     return {name: resolve_clip(requested, *given) for name, requested, given in zip(stored, names, weights)}
 
 
-def existing_block_rows(cfg: BuildConfig) -> int | None:
-    """The block rows of the cache already at cfg.out (a resumed build, or one adding a CLIP model keeps
-    them, whatever the models' row sizes); None when there is none or it is replaced."""
+def existing_layout(cfg: BuildConfig) -> CacheLayout | None:
+    """The layout of the cache already at cfg.out (a resumed build, or one adding a CLIP model keeps its
+    block rows, whatever the models' row sizes, and whether it stores features); None when there is none
+    or it is replaced."""
     if cfg.overwrite:
         return None
     try:
-        return open_cache(cfg.out, require_complete=False, check_chunks=False).layout.block_rows
+        return open_cache(cfg.out, require_complete=False, check_chunks=False).layout
     except CacheError:
         return None
 
@@ -274,7 +277,7 @@ def check_view_table(num_samples: int, views: int, strong_views: int = 0) -> Non
 
 def layout_bytes(layout: CacheLayout, models: list[ClipTeacher]) -> int:
     """Uncompressed bytes of every array: an upper bound of the disk use (fp16 rows barely compress)."""
-    clip_row = sum(2 * (m.embed_dim + m.feature_dim) for m in models)
+    clip_row = sum(2 * (m.embed_dim + (m.feature_dim if layout.stores_features else 0)) for m in models)
     teacher = sum(math.prod(spec.shape) * np.dtype(spec.dtype).itemsize for spec in layout.arrays().values())
     return teacher + layout.num_samples * layout.clip_num_views * clip_row
 
@@ -299,16 +302,19 @@ def check_space(url: str, needed: int) -> None:
 
 def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, models: list[ClipTeacher],
                  block_rows: int | None = None, num_views: int = 1, topk: int | None = None,
-                 clip_views: int = 1, strong_views: int | None = None) -> CacheLayout:
+                 clip_views: int = 1, strong_views: int | None = None, features: bool = True) -> CacheLayout:
     """Chunks of whole write blocks, a few MB each (DESIGN.md section 3) unless block_rows is given.
     num_views: the teacher's views per sample; clip_views: CLIP's (1, or num_views); strong_views: K strong
     views with the teacher's logits (None: none); `models`: the CLIP models built now (a cache keeps the
-    block rows it was created with: `existing_block_rows`)."""
+    block rows it was created with: `existing_layout`); features: whether the teacher's and CLIP's pooled
+    features are stored (only feature losses, eq. 7-8, read them)."""
     if topk is not None and not 0 < topk <= num_classes:
         raise ConfigError(f"--topk must be between 1 and {num_classes} (the dataset has {num_classes} classes)")
     logit_width = 3 * topk if topk else num_classes  # top-k: fp16 values + int32 indices
-    clip_row = sum(m.embed_dim + m.feature_dim for m in models)
-    row_bytes = 2 * (num_views * (logit_width + teacher_dim) + clip_views * clip_row + (strong_views or 0) * logit_width)
+    feature_width = teacher_dim if features else 0
+    clip_row = sum(m.embed_dim + (m.feature_dim if features else 0) for m in models)
+    row_bytes = 2 * (num_views * (logit_width + feature_width) + clip_views * clip_row
+                     + (strong_views or 0) * logit_width)
     block_rows = block_rows or choose_block_rows(row_bytes)
     return CacheLayout(
         num_samples=num_samples,
@@ -320,6 +326,7 @@ def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, models: l
         teacher_topk=topk,
         clip_views=clip_views,
         strong_views=strong_views,
+        features=None if features else False,  # recorded only when false: older caches read unchanged
     )
 
 
@@ -449,6 +456,8 @@ def forward_blocks(
         in_flight: list[Future] = []
         for block, arrays in zip(pending, assemble_blocks(ranges, map(forward, loader))):
             kl = arrays.pop("topk_kl", None)  # measured here, where the full logits still exist
+            if not writer.layout.stores_features:  # computed with the logits at no extra cost, not kept
+                arrays = {name: rows for name, rows in arrays.items() if not name.endswith("/features")}
             if kl is not None:
                 kl_sum, kl_rows = kl_sum + float(kl.sum()), kl_rows + kl.size
             in_flight.append(pool.submit(writer.write_block, block, arrays))

@@ -136,6 +136,7 @@ def build(
     image_size: Annotated[Optional[int], typer.Option(help="imagefolder: side of the centre crop every view is cut from (default 224).")] = None,
     resize: Annotated[Optional[int], typer.Option(help="imagefolder: shorter side before the centre crop (default 256).")] = None,
     strong_views: Annotated[int, typer.Option(help="K strong (RandAugment) views per sample with the teacher's logits on them, for --method mlkd; 0 stores none.")] = 0,
+    features: Annotated[Optional[bool], typer.Option("--features/--no-features", help="Store the teacher's and CLIP's pooled features, which only feature losses (--feature-loss, export --features) read; --no-features keeps logits-only caches small (default: stored; a cache being resumed or gaining a CLIP model keeps its choice).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Stage one: run the teacher and CLIP once over a split and write the cache."""
@@ -147,7 +148,7 @@ def build(
         clip_checkpoint=clip_checkpoint, clip_activation=clip_activation, prompts=split_list(prompts), out=out,
         batch_size=batch_size, workers=workers, device=device, overwrite=overwrite, block_rows=block_rows,
         teacher_views=teacher_views, clip_views=clip_views, view_seed=view_seed, topk=topk, strong_views=strong_views,
-        image_size=image_size, resize=resize,
+        image_size=image_size, resize=resize, features=features,
     )
     url = run_build(cfg, Reporter(err_console, quiet=quiet))
     out_console.print(f"cache complete: {url}")

@@ -48,6 +48,9 @@ class BuildConfig:
     image_size: int | None = None  # imagefolder: the clean view's side; None: its default (224)
     resize: int | None = None  # imagefolder: the shorter side before the centre crop; None: its default (256)
     strong_views: int = 0  # K strong (RandAugment) views per sample with the teacher's logits, for MLKD; 0: none
+    # store the pooled features only feature losses read (eq. 7-8); None: as the cache at `out` does
+    # (a build adding a CLIP model or resuming keeps its choice), else stored
+    features: bool | None = None
 
     def __post_init__(self) -> None:
         """Flags and scripts are checked alike, before anything is loaded or written."""

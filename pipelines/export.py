@@ -19,7 +19,7 @@ import torch
 
 from cache_store import open_cache
 from pipelines.config import TrainConfig
-from pipelines.targets import cached_arrays, compute_targets, setup_fusion
+from pipelines.targets import cached_arrays, check_features_stored, compute_targets, setup_fusion
 from richkd_cache.errors import ConfigError
 from richkd_cache.files import atomic_path
 
@@ -35,6 +35,8 @@ def run_export(cfg: TrainConfig, out: str, with_features: bool, overwrite: bool)
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists; pass --overwrite to replace it")
     cache = open_cache(cfg.cache)
+    if with_features:
+        check_features_stored(cache, "export --features", "export without --features")
     fusion = setup_fusion(cfg, cache)
     with atomic_path(path) as tmp:
         blocks = export_blocks(cfg, cache, fusion, with_features)

@@ -102,6 +102,14 @@ def features_needed(cfg: TrainConfig) -> bool:
     return cfg.feature_loss is not None and cfg.resolved_target != "ce"
 
 
+def check_features_stored(cache: CacheReader, needs: str, instead: str) -> None:
+    """Refuse, before anything is read or written, a cache built without the pooled features that `needs`
+    (a feature loss, eq. 7-8, or exported features) reads; `instead`: how to do without them."""
+    if not cache.layout.stores_features:
+        raise ConfigError(f"{needs} reads the teacher's and CLIP's features, but cache {cache.url} was built with "
+                          f"--no-features (logits only): {instead}, or rebuild the cache with --features")
+
+
 def strong_views_needed(cfg: TrainConfig, cache: CacheReader | None) -> bool:
     """Whether the method trains on a second, strong view (MLKD); refuses a cache that stores none."""
     if cache is None or cfg.resolved_target == "ce" or not uses_strong_view(cfg.method):

@@ -22,8 +22,8 @@ from pipelines.distributed import DistContext, barrier, init_distributed, rank_d
 from pipelines.optim import make_optimizer, make_schedule
 from pipelines.progress import Reporter
 from pipelines.run_folder import RunFolder
-from pipelines.targets import (Window, augment, classes_per_window, selected_clips, streamed_cache, strong_views_needed,
-                               whole_cache)
+from pipelines.targets import (Window, augment, check_features_stored, classes_per_window, features_needed,
+                               selected_clips, streamed_cache, strong_views_needed, whole_cache)
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.distill import DistillObjective, create_objective
 from richkd_cache.errors import ConfigError, DataError
@@ -53,6 +53,8 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     if cfg.resolved_target != "ce" and not cfg.cache:
         raise ConfigError(f"target {cfg.resolved_target} distills from a cache: pass --cache (or --target ce)")
     cache = open_cache(cfg.cache) if cfg.cache else None
+    if cache is not None and features_needed(cfg):
+        check_features_stored(cache, f"--feature-loss {cfg.feature_loss}", "train with --feature-loss none")
     train_set, val_set = setup_data(cfg, cache)
     pool = setup_pool(cfg, train_set, reporter)
     cache_device = resolve_device(cfg.cache_device, "--cache-device") if cfg.cache_device else device

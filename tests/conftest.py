@@ -38,14 +38,23 @@ def teacher(tmp_path_factory) -> Path:
 def digits_cache(tmp_path_factory, teacher: Path) -> Path:
     """One complete cache of the bundled digits that tests only read: an untrained resnet8 teacher, the tiny
     random CLIP, prompt sets single and multi, the clean view, and three write blocks of 512 rows."""
+    return build_digits(tmp_path_factory.mktemp("digits-cache") / "digits.zarr", teacher)
+
+
+@pytest.fixture(scope="session")
+def digits_logits_cache(tmp_path_factory, teacher: Path) -> Path:
+    """`digits_cache` built with --no-features: the same rows without any pooled features (tests only read it)."""
+    return build_digits(tmp_path_factory.mktemp("digits-logits") / "digits.zarr", teacher, "--no-features")
+
+
+def build_digits(out: Path, teacher: Path, *extra: str) -> Path:
     from typer.testing import CliRunner
 
     from pipelines.cli import app
 
-    out = tmp_path_factory.mktemp("digits-cache") / "digits.zarr"
     args = ["build", "--dataset", "digits", "--teacher-checkpoint", str(teacher), "--clip", "richkd-tiny",
             "--clip-pretrained", "random", "--prompts", "single,multi", "--teacher-views", "clean",
-            "--block-rows", "512", "--device", "cpu", "--workers", "0", "--quiet", "--out", str(out)]
+            "--block-rows", "512", "--device", "cpu", "--workers", "0", "--quiet", "--out", str(out), *extra]
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out
