@@ -171,12 +171,21 @@ def train_settings(recipe: str | None, given: dict[str, Any], command: str, new_
     for key in ("feature_loss", "method"):
         if settings.get(key) == "none":
             settings[key] = None
+    if "feature_loss" not in settings and settings.get("cache") and not cache_stores_features(settings["cache"]):
+        settings["feature_loss"] = None  # the default, cosine, has nothing to distill on a logits-only cache
     if "milestones" in settings:
         settings["milestones"] = tuple(settings["milestones"])
     if "student" not in settings:
         raise ConfigError("--student is required (or a --recipe that names one)")
     check_fields(TrainConfig, settings, command)
     return settings
+
+
+def cache_stores_features(url: str) -> bool:
+    """Whether the cache holds the pooled features a feature loss reads (not one built with --no-features)."""
+    from cache_store import open_cache
+
+    return open_cache(url).layout.stores_features
 
 
 @app.command()
@@ -193,7 +202,7 @@ def train(
     target: Annotated[Optional[str], typer.Option(help="ce, kd (teacher), clip or richkd (fused).")] = None,
     method: Annotated[Optional[str], typer.Option(help="Logit loss: kd, dkd, lskd, normkd, rld, mlkd (needs a cache built with --strong-views K), each with its reference weights (a recipe's method settings are dropped when this changes its method).")] = None,
     method_param: Annotated[Optional[list[str]], typer.Option(help="A parameter of the logit method, NAME=VALUE, repeatable (e.g. DKD's beta=6); an unknown name lists the method's parameters.")] = None,
-    feature_loss: Annotated[Optional[str], typer.Option(help="cosine, mse, crd or none.")] = None,
+    feature_loss: Annotated[Optional[str], typer.Option(help="cosine (the default), mse, crd or none (the default on a --no-features cache).")] = None,
     alpha: Annotated[Optional[str], typer.Option(help="Teacher weight in the fused logits (eq. 4), or an adaptive rule: auto, per-class, confidence.")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="The method's temperature (eq. 5; default its own: kd 3, dkd 4, lskd 2, rld 4, mlkd 4 (with 3, 5, 2, 6); normkd uses t_norm).")] = None,
     lam: Annotated[Optional[float], typer.Option(help="Teacher weight in the fused features (eq. 7).")] = None,

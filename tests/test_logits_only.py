@@ -90,3 +90,11 @@ def test_layout_records_features_only_when_left_out() -> None:
     assert layout_record(logits_only)["features"] is False and "teacher/features" not in logits_only.arrays()
     with pytest.raises(CacheError, match="features"):
         CacheLayout(**sizes, features="no")
+
+
+def test_on_a_logits_only_cache_train_defaults_to_no_feature_loss(digits_logits_cache: Path, tmp_path: Path) -> None:
+    """The feature loss defaults to cosine where a cache has features; on one without, to none, so a plain
+    `train --cache C` works; asking for a feature loss there is still refused (above)."""
+    result = invoke("train", "--cache", digits_logits_cache, *TRAIN, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["feature_loss"] is None
