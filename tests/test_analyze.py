@@ -14,22 +14,16 @@ import pytest
 import torch
 import zarr
 from rich.console import Console
-from typer.testing import CliRunner
 
 from cache_store import CacheError
 from pipelines.analyze import SWEEP, run_analyze, render_analysis
-from pipelines.cli import app
 from pipelines.evaluate import fgsm, model_forward, pgd, render_evaluation, run_evaluate
 from richkd_cache.data import create_dataset
 from richkd_cache.errors import ConfigError
 from richkd_cache.models import create_model, load_checkpoint, save_checkpoint
+from clirun import invoke
 
-runner = CliRunner()
 CPU = ["--device", "cpu", "--workers", "0", "--quiet"]
-
-
-def invoke(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

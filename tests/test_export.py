@@ -9,15 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import zarr
-from typer.testing import CliRunner
-
-from pipelines.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+from clirun import invoke
 
 
 @pytest.fixture

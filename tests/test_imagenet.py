@@ -13,27 +13,21 @@ import torch
 import torchvision
 import zarr
 from PIL import Image
-from typer.testing import CliRunner
 
 from cache_store import CacheReader, open_cache
-from pipelines.cli import app
 from pipelines.config import TrainConfig
 from pipelines.evaluate import resolve_dataset
 from pipelines import targets
 from pipelines.summary import human_bytes
 from pipelines.targets import classes_per_window, whole_cache
 from richkd_cache.data.imagefolder import ImageFolderDataset
+from clirun import invoke
 
-runner = CliRunner()
 CLASSES = ("n01440764", "n01443537", "n01484850")  # ImageNet's synset folder names
 TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 2
 VIEWS, TOPK = 2, 2
 # the clean view (and every stored view) is 32 px: the resnets run at CIFAR cost
 SIZE = ("--image-size", "32", "--resize", "36")
-
-
-def invoke(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -12,27 +12,21 @@ import pytest
 import torch
 import zarr
 from PIL import Image
-from typer.testing import CliRunner
 
 from cache_store.schema import ClipLayout
 from pipelines import build
-from pipelines.cli import app
 from pipelines.config import BuildConfig, TrainConfig
 from pipelines.studies import corruption_accuracy
 from richkd_cache.data import create_dataset
 from richkd_cache.errors import ConfigError, DataError
 from richkd_cache.models import create_model
 from richkd_cache.views import view_params
+from clirun import invoke
 
-runner = CliRunner()
 TRAIN = ["train", "--dataset", "digits", "--student", "resnet8", "--epochs", "1", "--device", "cpu",
          "--workers", "0", "--quiet"]
 BUILD = ["build", "--dataset", "digits", "--split", "val", "--clip", "richkd-tiny", "--clip-pretrained", "random",
          "--prompts", "single", "--teacher-views", "clean", "--device", "cpu", "--workers", "0", "--quiet"]
-
-
-def invoke(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def refused(result, *words: str) -> None:

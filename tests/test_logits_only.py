@@ -9,17 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from cache_store import CacheError, CacheLayout, open_cache, verify_cache
 from cache_store.schema import layout_record
-from pipelines.cli import app
+from clirun import invoke
 
 TRAIN = ["--student", "resnet8", "--epochs", "1", "--batch-size", "128", "--device", "cpu", "--workers", "0", "--quiet"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_logits_only_cache_stores_no_features_and_the_same_logit_rows(digits_cache: Path,

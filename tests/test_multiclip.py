@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from typer.testing import CliRunner
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
 import cache_store.schema as schema
 from cache_store import CacheError, open_cache, verify_cache
-from pipelines.cli import app
+from clirun import invoke
 
 A, B = "richkd-tiny", "richkd-tiny2"  # two tiny CLIP configs of different widths (D 32 / 24, Fc 64 / 48)
 BUILD = ["build", "--dataset", "digits", "--clip-pretrained", "random", "--prompts", "single,multi",
@@ -43,10 +42,6 @@ build.make_forward = dying
 from pipelines.cli import app
 app(sys.argv[1:])
 """
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import pipelines.train
-from pipelines.cli import app
 from richkd_cache.models import create_model, save_checkpoint
+from clirun import invoke
 
-runner = CliRunner()
 TRAIN_STEP = pipelines.train.train_step
 COMMON = ["--student", "resnet8", "--epochs", "1", "--batch-size", "16", "--lr", "0.05", "--device", "cpu",
           "--workers", "0", "--quiet"]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def write_cifar10(root: Path, per_batch: int = 8) -> Path:

@@ -13,22 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from typer.testing import CliRunner
 
 from cache_store import open_cache
-from pipelines.cli import app
 from richkd_cache.models import create_model, save_checkpoint
+from clirun import invoke
 
-runner = CliRunner()
 CLI = [sys.executable, "-m", "pipelines.cli"]
 BUILD = ["build", "--dataset", "digits", "--clip", "richkd-tiny", "--clip-pretrained", "random",
          "--prompts", "single", "--teacher-views", "clean", "--device", "cpu", "--workers", "0", "--quiet"]
 ARRAYS = ["labels", "views/params", "teacher/logits", "teacher/features", "clip/richkd-tiny/image_embeds",
           "clip/richkd-tiny/features"]
-
-
-def invoke(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

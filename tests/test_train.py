@@ -8,18 +8,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from pipelines.cli import app
 from pipelines.config import TrainConfig, list_recipes, load_recipe, logit_params
 from richkd_cache.models import create_model, load_checkpoint, save_checkpoint
+from clirun import invoke
 
-runner = CliRunner()
 FAST = ["--student", "resnet8", "--device", "cpu", "--workers", "0", "--quiet"]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture
