@@ -185,7 +185,7 @@ def cache_stores_features(url: str) -> bool:
     """Whether the cache holds the pooled features a feature loss reads (not one built with --no-features)."""
     from cache_store import open_cache
 
-    return open_cache(url).layout.stores_features
+    return open_cache(url, check_chunks=False).layout.stores_features  # train checks the chunks when it opens it
 
 
 @app.command()

@@ -240,6 +240,7 @@ RANGES: dict[str, Range] = {
     "seed": Range(0, None, integer=True),
     "view_seed": Range(0, None, integer=True),
     "workers": Range(0, None, integer=True),
+    "jobs": Range(1, None, integer=True),  # sweep's runs at once
     "stream_window": Range(1, None, integer=True),
     "block_rows": Range(1, None, integer=True),
     "topk": Range(1, None, integer=True),

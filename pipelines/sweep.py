@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import TrainConfig, logit_params
+from pipelines.config import TrainConfig, check_range, logit_params
 from pipelines.progress import Reporter
 from pipelines.run_folder import write_json
 from pipelines.summary import mean_std
@@ -84,8 +84,7 @@ def run_name(point: dict[str, Any]) -> str:
 
 def run_sweep(sweep: Sweep, reporter: Reporter, jobs: int = 1) -> dict:
     """Train every (point, seed) not finished yet, `jobs` at a time, then tabulate and plot. Returns the results."""
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    check_range("jobs", jobs)
     root = Path(sweep.base.out)
     for point in sweep.points():  # a setting one point's method does not use fails now, not runs later
         logit_params(replace(sweep.base, **point))
