@@ -225,8 +225,7 @@ def train(
     min_lr: Annotated[Optional[float], typer.Option(help="cosine: the lr it ends at.")] = None,
     seeds: Annotated[str, typer.Option(help="One seed, or several (0,1,2): runs each, reports mean +- std.")] = "0",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    cache_device: Annotated[Optional[str], typer.Option(help="Where cached targets live (default: the training device; cpu keeps GPU memory free).")] = None,
-    stream_window: Annotated[Optional[int], typer.Option(help="For caches larger than memory: read this many chunks at a time, shuffling within them.")] = None,
+    cache_device: Annotated[Optional[str], typer.Option(help="Where the cache's compact rows live: cpu (default: the machine's shared, memory-mapped local copy, each batch gathered ahead of its step) or cuda (a copy on the GPU, when it fits).")] = None,
     workers: int = 4,
     online: Annotated[bool, typer.Option(help="Reference mode: run the cache's teacher and CLIP on every batch instead of reading the cache (slow).")] = False,
     teacher_checkpoint: Annotated[Optional[str], typer.Option(help="--online: the teacher's file here (default: the path the cache records).")] = None,
@@ -251,7 +250,7 @@ def train(
     }
     params = parse_method_params(method_param) if method_param else None
     settings = train_settings(recipe, {**given, "feature_loss": feature_loss, "method_params": params}, "train")
-    base = TrainConfig(out=out, device=device, cache_device=cache_device, stream_window=stream_window,
+    base = TrainConfig(out=out, device=device, cache_device=cache_device,
                        workers=workers, resume=resume, overwrite=overwrite, quiet=quiet, online=online,
                        teacher_checkpoint=teacher_checkpoint, clip_checkpoint=clip_checkpoint, **settings)
     seed_list = parse_seeds(seeds)

@@ -107,8 +107,7 @@ class TrainConfig:
     min_lr: float = 0.0  # cosine only: the floor the cosine ends at
     seed: int = 0
     device: str = "auto"
-    cache_device: str | None = None  # where cached targets live; None: the training device
-    stream_window: int | None = None  # stream the cache, this many write blocks at a time; None: read it whole
+    cache_device: str | None = None  # where the cache's compact rows live; None: the host's shared local copy
     workers: int = 4
     online: bool = False  # run the teacher and CLIP on every batch instead of reading their cached outputs
     # torch.compile the step (CUDA graphs on a GPU). Off by default until measured on a GPU; on a CPU the
@@ -241,7 +240,6 @@ RANGES: dict[str, Range] = {
     "view_seed": Range(0, None, integer=True),
     "workers": Range(0, None, integer=True),
     "jobs": Range(1, None, integer=True),  # sweep's runs at once
-    "stream_window": Range(1, None, integer=True),
     "block_rows": Range(1, None, integer=True),
     "topk": Range(1, None, integer=True),
     "image_size": Range(1, None, integer=True, meaning="pixels"),

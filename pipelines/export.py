@@ -9,6 +9,7 @@ block, so a cache larger than memory exports to Parquet in bounded memory; `.npz
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,14 +20,18 @@ import torch
 
 from cache_store import open_cache
 from pipelines.config import TrainConfig
-from pipelines.targets import cached_arrays, check_features_stored, compute_targets, setup_fusion
+from pipelines.progress import Reporter
+from pipelines.targets import (StageTwoTargets, check_features_stored, chosen_prompt_set, row_plan, selected_clips,
+                               setup_targets)
+from richkd_cache.distill.batch import fuse_batch
 from richkd_cache.errors import ConfigError
 from richkd_cache.files import atomic_path
 
 FORMATS = (".parquet", ".npz")
 
 
-def run_export(cfg: TrainConfig, out: str, with_features: bool, overwrite: bool) -> dict:
+def run_export(cfg: TrainConfig, out: str, with_features: bool, overwrite: bool,
+               reporter: Reporter | None = None) -> dict:
     """Write the targets `cfg` describes (target, alpha, prompts, temperature, lam) to `out`."""
     check_export_settings(cfg, with_features)
     path = Path(out)
@@ -37,36 +42,52 @@ def run_export(cfg: TrainConfig, out: str, with_features: bool, overwrite: bool)
     cache = open_cache(cfg.cache)
     if with_features:
         check_features_stored(cache, "export --features", "export without --features")
-    fusion = setup_fusion(cfg, cache)
+    plan = row_plan(cfg, cache, selected_clips(cfg, cache), features=with_features, views=False)
+    plan = dataclasses.replace(plan, teacher=(*plan.teacher, "views/params"))
+    labels = cache.load("labels")
+    cpu = torch.device("cpu")
+    source = setup_targets(cfg, cache, labels, torch.arange(len(labels)), cpu, cpu,
+                           reporter or Reporter(quiet=True), plan)
     with atomic_path(path) as tmp:
-        blocks = export_blocks(cfg, cache, fusion, with_features)
+        blocks = export_blocks(cfg, cache.layout.block_rows, source, labels)
         rows = write_parquet(tmp, blocks) if path.suffix == ".parquet" else write_npz(tmp, blocks)
+    clips = [c.name for c in source.state.clips]
     return {"out": str(path), "rows": rows, "target": cfg.resolved_target, "alpha": cfg.alpha,
             "temperature": cfg.temperature,
-            "prompts": cfg.prompts or cache.prompt_sets_of([c.name for c in fusion.clips])[0] if fusion.clips else None,
-            "clip_models": [c.name for c in fusion.clips], "features": with_features}
+            "prompts": chosen_prompt_set(cfg, cache.prompt_sets_of(clips)) if clips else None,
+            "clip_models": clips, "features": with_features}
 
 
-def export_blocks(cfg: TrainConfig, cache, fusion, with_features: bool) -> Iterator[dict[str, np.ndarray]]:
-    """Per write block: sample (R,) int64, view (R,) int32, params (R, 5), soft_labels (R, C) float32 and
-    optionally features (R, F) float32, one row per (sample, teacher view)."""
-    layout = cache.layout
-    for block in range(layout.num_blocks):
-        a, b = layout.block_range(block)
-        arrays = {k: cache.load_rows(k, a, b)
-                  for k in (*cached_arrays(cache, list(fusion.clips), features=with_features), "views/params")}
-        targets = compute_targets(cfg, arrays, fusion, torch.device("cpu"), arrays["views/params"])
-        views = arrays["views/params"]  # (n, V, 5)
-        n, v = views.shape[:2]
+def export_blocks(cfg: TrainConfig, block_rows: int, source: StageTwoTargets,
+                  labels: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+    """Per block of samples: sample (R,) int64, view (R,) int32, params (R, 5), soft_labels (R, C) float32
+    and optionally features (R, F) float32, one row per (sample, teacher view), each teacher view paired
+    with its CLIP row as training pairs them (the clean view's, or the same view's)."""
+    arrays, plan = source.rows.arrays, source.rows.plan
+    views = arrays["views/params"]  # (N, V, 5)
+    total, v = views.shape[:2]
+    for a in range(0, total, block_rows):
+        b = min(a + block_rows, total)
+        n = b - a
+        rows = {name: flat_views(arrays[name][a:b], v) for name in (*plan.teacher, *plan.clip)}
+        y = torch.from_numpy(np.repeat(labels[a:b].astype(np.int64), v))
+        logits, parts = fuse_batch(source.state, rows, y)
         part = {
             "sample": np.repeat(np.arange(a, b, dtype=np.int64), v),
             "view": np.tile(np.arange(v, dtype=np.int32), n),
-            "params": views.reshape(n * v, -1).astype(np.float32),
-            "soft_labels": torch.softmax(targets.logits / cfg.temperature, dim=1).numpy(),  # eq. 5's target side
+            "params": rows["views/params"].numpy().astype(np.float32),
+            "soft_labels": torch.softmax(logits / cfg.temperature, dim=1).numpy(),  # eq. 5's target side
         }
-        if with_features:
-            part["features"] = torch.cat([targets.features[k] for k in ("teacher", "clip")], dim=1).numpy()
+        if "teacher" in parts:
+            part["features"] = torch.cat([parts[k] for k in ("teacher", "clip")], dim=1).numpy()
         yield part
+
+
+def flat_views(rows: np.ndarray, views: int) -> torch.Tensor:
+    """(n, V or 1, X) -> (n * V, X): one row per (sample, teacher view), a per-sample row repeated."""
+    n, stored, x = rows.shape
+    out = np.array(rows) if stored == views else np.repeat(np.asarray(rows), views, axis=1)  # a writable copy
+    return torch.from_numpy(out.reshape(n * views, x))
 
 
 def write_parquet(path: Path, blocks: Iterator[dict[str, np.ndarray]]) -> int:

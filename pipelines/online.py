@@ -3,9 +3,9 @@
 `train --online` trains exactly as a cached run does except for where the targets come from. Instead of
 gathering cached rows, each batch's drawn views go through the teacher and the images through CLIP (its
 clean view, or the same views when the cache stores CLIP per view), both loaded from the files the
-cache's manifest names and checked against its sha256s; the same `compute_targets` then turns their
-outputs into targets (eq. 2-4, 7). The cache supplies only what does not depend on the image: the prompt
-sets' text embeddings, tau, and the view table the draws replay. With a cache whose teacher views match
+cache's manifest names and checked against its sha256s; the same `fuse_batch` then turns their outputs
+into targets (eq. 2-4, 7). The cache supplies only what does not depend on the image: the prompt sets'
+text embeddings, tau, the statistics over its rows, and the view parameters the draws replay. With a cache whose teacher views match
 the student's draws (CIFAR's 162 crop+flip views), a cached and an online run see the same pixels and the
 same random draws, so their per-step losses agree to within the cache's fp16 storage
 (tests/test_online.py). It is also the online baseline of benchmarks/stage_two.py.
@@ -13,16 +13,15 @@ same random draws, so their per-step losses agree to within the cache's fp16 sto
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from cache_store import CacheReader
-from pipelines.build import Clip, Teacher, clip_forward, recorded_teacher, setup_teacher, teacher_forward
+from pipelines.build import clip_forward, recorded_teacher, setup_teacher, teacher_forward, Teacher
 from pipelines.config import TrainConfig
-from pipelines.targets import Fusion, Targets, Window, compute_targets, setup_fusion
+from pipelines.targets import CachedRows, StageTwoTargets
 from richkd_cache.clip import ClipTeacher, load_clip, recorded_activation, resolve_clip
 from richkd_cache.data import ImageDataset
 from richkd_cache.errors import ConfigError
@@ -30,55 +29,33 @@ from richkd_cache.files import file_sha256
 from richkd_cache.models import resolve_checkpoint
 
 
-@dataclass
-class OnlineTargets(Targets):
-    """Targets computed per batch from the models; `views` is the cache's view table, so `augment` draws
-    and replays exactly what a cached run would."""
-
-    cfg: TrainConfig | None = None
-    fusion: Fusion | None = None
-    teacher: Teacher | None = None
-    clips: list[Clip] | None = None  # the chosen CLIP models (--clip-model), with the array names they fill
-    dataset: ImageDataset | None = None
-    clip_per_view: bool = False  # the cache stores CLIP on the teacher's views, not on the clean image
-
-    @torch.no_grad()
-    def lookup(self, rows: torch.Tensor, device: torch.device, clean: torch.Tensor,
-               pixels: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """Teacher on `pixels`, each CLIP model on `clean` (or on `pixels`), then eq. 2-4 and 7 on those rows."""
-        z_t, f_t = teacher_forward(self.teacher, self.dataset, pixels, device)
-        outputs = [("teacher/logits", z_t), ("teacher/features", f_t)]
-        for layout, clip in self.clips or []:
-            embeds, f_c = clip_forward(clip, pixels if self.clip_per_view else clean, device)
-            outputs += [(layout.image_embeds, embeds), (layout.features, f_c)]
-        # (B, 1, X): one view per row, as a cache stores it
-        arrays = {name: t.float().cpu().numpy()[:, None] for name, t in outputs}
-        batch = compute_targets(self.cfg, arrays, self.fusion, device, None)
-        return Targets.lookup(batch, torch.arange(len(pixels), device=device), device, clean, pixels)
-
-
-def online_windows(cfg: TrainConfig, cache: CacheReader, dataset: ImageDataset,
-                   device: torch.device) -> Callable[..., Iterator[Window]]:
-    """One window per epoch, as for a cache read whole, with targets computed per batch."""
-    manifest = cache.manifest
-    views = cache.load("views/params")  # (N, V, 5) the teacher's views
-    fusion = setup_fusion(cfg, cache)
-    if cfg.clip_checkpoint and len(fusion.clips) > 1:
+def online_source(cfg: TrainConfig, cache: CacheReader, dataset: ImageDataset, cached: StageTwoTargets,
+                  device: torch.device) -> StageTwoTargets:
+    """`cached` with its rows replaced by the models' outputs: only the view parameters are still gathered
+    (they replay the pixels the models then see); the fusion state (prompt sets, tau, statistics) is the
+    cached run's."""
+    if cfg.clip_checkpoint and len(cached.state.clips) > 1:
         raise ConfigError("--clip-checkpoint is one CLIP model's weights; with several --clip-model models the "
                           "files their manifest entries record are used")
-    targets = OnlineTargets(
-        logits=None, features=None,
-        views=torch.from_numpy(views).to(device) if views.shape[1] > 1 else None,
-        cfg=cfg, fusion=fusion, dataset=dataset,
-        teacher=online_teacher(cfg, manifest["teacher"], dataset, device),
-        clips=[(c, online_clip(cfg, cache.clip_records[c.name], device)) for c in fusion.clips],
-        clip_per_view=cache.layout.clip_num_views == views.shape[1] > 1,
-    )
+    teacher = online_teacher(cfg, cache.manifest["teacher"], dataset, device)
+    clips = [(part, online_clip(cfg, cache.clip_records[part.name], device)) for part in cached.state.clips]
+    per_view = cached.rows.plan.clip_per_view
+    names = {"logits": "teacher/logits", "features": "teacher/features"}
 
-    def windows(generator: torch.Generator, pool: torch.Tensor) -> Iterator[Window]:
-        yield pool[torch.randperm(len(pool), generator=generator, device=generator.device).cpu()], targets, None
+    @torch.no_grad()
+    def run_models(clean: torch.Tensor, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Teacher on `pixels`, each CLIP model on `clean` (or on `pixels`): rows as a cache stores them."""
+        z_t, f_t = teacher_forward(teacher, dataset, pixels, device)
+        rows = {names["logits"]: z_t, names["features"]: f_t}
+        for part, clip in clips:
+            embeds, f_c = clip_forward(clip, pixels if per_view else clean, device)
+            rows.update({part.embeds: embeds, part.features: f_c})
+        return {n: t.float() for n, t in rows.items()}
 
-    return windows
+    plan = cached.rows.plan
+    views_only = dataclasses.replace(plan, teacher=tuple(n for n in plan.teacher if n == "views/params"), clip=())
+    rows = CachedRows(views_only, cached.rows.arrays, cached.rows.device)
+    return StageTwoTargets(rows, cached.state, online=run_models)
 
 
 def online_teacher(cfg: TrainConfig, recorded: dict, dataset: ImageDataset, device: torch.device) -> Teacher:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
@@ -22,8 +22,9 @@ from pipelines.distributed import DistContext, barrier, init_distributed, rank_d
 from pipelines.optim import make_optimizer, make_schedule
 from pipelines.progress import Reporter
 from pipelines.run_folder import RunFolder
-from pipelines.targets import (Window, augment, check_features_stored, classes_per_window, features_needed,
-                               selected_clips, streamed_cache, strong_views_needed, whole_cache)
+from pipelines.targets import (Draws, StageTwoTargets, augment, check_features_stored, features_needed,
+                               prefetched, selected_clips, setup_targets, strong_pixels, strong_views_needed,
+                               to_device)
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.distill import DistillObjective, create_objective
 from richkd_cache.errors import ConfigError, DataError
@@ -57,13 +58,14 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
         check_features_stored(cache, f"--feature-loss {cfg.feature_loss}", "train with --feature-loss none")
     train_set, val_set = setup_data(cfg, cache)
     pool = setup_pool(cfg, train_set, reporter)
-    cache_device = resolve_device(cfg.cache_device, "--cache-device") if cfg.cache_device else device
+    # the compact rows: the shared memory-mapped copy on the host unless --cache-device puts a copy elsewhere
+    cache_device = resolve_device(cfg.cache_device, "--cache-device") if cfg.cache_device else torch.device("cpu")
     student = create_model(cfg.student, train_set.num_classes).to(device)  # its weights: from the seed alone
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
     objective = setup_objective(cfg, student, cache, train_set, pool, method).to(device)
     optimizer, scheduler = setup_optimizer(cfg, student, objective)
-    windows = setup_windows(cfg, cache, train_set, device, cache_device, reporter)
+    source = setup_source(cfg, cache, train_set, pool, device, cache_device, reporter)
     state = run.start(student, objective, optimizer, scheduler, {**asdict(cfg), "target": cfg.resolved_target,
                                                                       **recorded_method(cfg, method),
                                                                       "clip_models": used_clip_models(cfg, cache)})
@@ -75,7 +77,7 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
         generator.manual_seed(cfg.seed * 100_003 + epoch)  # per epoch: a resumed run draws what a straight one did
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains with (the scheduler steps after it)
-        stats = train_epoch(model, loss, optimizer, images, train_set, windows, cfg, epoch, generator,
+        stats = train_epoch(model, loss, optimizer, images, train_set, source, cfg, epoch, generator,
                             reporter, ctx, pool)
         scheduler.step()
         state.epoch = epoch + 1
@@ -95,27 +97,23 @@ def used_clip_models(cfg: TrainConfig, cache: CacheReader | None) -> list[str]:
     return [c.name for c in selected_clips(cfg, cache)]
 
 
-def setup_windows(cfg: TrainConfig, cache: CacheReader | None, train_set: ImageDataset, device: torch.device,
-                  cache_device: torch.device, reporter: Reporter) -> Callable[..., Iterator[Window]]:
-    """Where each epoch's targets come from: the cache read whole (the default), streamed window by window
-    (--stream-window), or the teacher and CLIP run on every batch (--online, the reference)."""
+def setup_source(cfg: TrainConfig, cache: CacheReader | None, train_set: ImageDataset, pool: torch.Tensor,
+                 device: torch.device, cache_device: torch.device, reporter: Reporter) -> StageTwoTargets | None:
+    """Where each batch's targets come from: the cache's rows, gathered per batch (None: plain cross-entropy),
+    or the teacher and CLIP run on every batch (--online, the reference)."""
     distilled = cache is not None and cfg.resolved_target != "ce"
+    if cfg.online and not distilled:
+        raise ConfigError("--online computes distillation targets: it needs --cache and a target other than ce")
+    if not distilled:
+        return None
+    if cfg.online and strong_views_needed(cfg, cache):
+        raise ConfigError(f"--online runs no teacher on strong views: train {cfg.method} from the cache")
+    source = setup_targets(cfg, cache, train_set.labels, pool, device, cache_device, reporter)
     if cfg.online:
-        if not distilled:
-            raise ConfigError("--online computes distillation targets: it needs --cache and a target other than ce")
-        if strong_views_needed(cfg, cache):
-            raise ConfigError(f"--online runs no teacher on strong views: train {cfg.method} from the cache")
-        from pipelines.online import online_windows  # builds models: imported only when asked for
+        from pipelines.online import online_source  # builds models: imported only when asked for
 
-        return online_windows(cfg, cache, train_set, device)
-    if cfg.stream_window and distilled:
-        mixed = classes_per_window(cache.load("labels"), cache.layout, cfg.stream_window)
-        if mixed < train_set.num_classes / 2:
-            reporter.info(f"--stream-window {cfg.stream_window}: a window holds samples of about {mixed:.0f} of the "
-                          f"{train_set.num_classes} classes (the cache's rows are in the dataset's order, class by "
-                          "class for image folders), so each batch mixes only those: a larger window mixes more")
-        return streamed_cache(cfg, cache, cache_device)
-    return whole_cache(cfg, cache, cache_device)
+        return online_source(cfg, cache, train_set, source, device)
+    return source
 
 
 def setup_pool(cfg: TrainConfig, train_set: ImageDataset, reporter: Reporter) -> torch.Tensor:
@@ -255,7 +253,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor | None,
     dataset: ImageDataset,
-    windows: Callable[..., Iterator[Window]],
+    source: StageTwoTargets | None,
     cfg: TrainConfig,
     epoch: int,
     generator: torch.Generator,
@@ -263,9 +261,9 @@ def train_epoch(
     ctx: DistContext = DistContext(),
     pool: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One epoch over `pool` (sample indices; default all), window by window (one window unless the
-    cache is streamed). With several ranks each takes every world_size-th sample of each shuffled
-    window (training statistics are then rank 0's share)."""
+    """One epoch over `pool` (sample indices; default all) in a fresh full shuffle, each sample at one
+    drawn view. With several ranks each takes every world_size-th draw (training statistics are then rank
+    0's share). The next batch's cached rows are gathered while this one trains (`prefetched`)."""
     student.train()
     objective.train()
     device = next(student.parameters()).device
@@ -273,34 +271,37 @@ def train_epoch(
     compiled = compiled_step(device.type) if cfg.compile else None
     sums: dict[str, torch.Tensor | float] = {}
     correct = seen = 0
-    with reporter.task(f"epoch {epoch + 1}", total=len(pool) // ctx.world_size) as advance:
-        for shuffled, targets, local in windows(generator, pool):
-            order = shuffled[ctx.rank :: ctx.world_size]
-            if images is not None:
-                order = order.to(device)  # once per window, not a host-to-device copy per batch
-            rows_in = None if local is None else local.to(device)
-            for index, x, y in batches(images, dataset, cfg.batch_size, order, cfg.workers):
-                x, y, index = x.to(device), y.to(device), index.to(device)
-                rows_of = index if rows_in is None else rows_in[index]  # this window's rows
-                pixels, rows = augment(x, rows_of, targets, generator)  # (B, 3, H, W) uint8: the drawn views
-                target_logits, target_feats = targets.lookup(rows, device, clean=x, pixels=pixels)
-                # a two-view method's (MLKD) second input: a stored strong view's pixels and its targets
-                strong = None if targets.strong is None else targets.strong.draw(x, rows_of, generator, device)
-                x = model_input(pixels, dataset)
-                if strong is not None:
-                    strong = (model_input(strong[0], dataset), strong[1])
-                # The compiled step sees one static batch shape. The epoch's last, partial batch runs eagerly
-                # on the same weights and optimiser instead of being padded: padded rows would enter
-                # BatchNorm's batch statistics and CRD's memory banks, and every loss would need row
-                # weights. One eager step per epoch (CIFAR: 50,000 = 781 x 64 + 16) costs nothing.
-                step = compiled if compiled is not None and len(y) == cfg.batch_size else train_step
-                terms, logits = step(student, objective, optimizer, x, y, index, target_logits, target_feats, epoch,
-                                     strong)
-                for name, value in terms.items():  # summed on the device: no sync per step
-                    sums[name] = sums.get(name, 0.0) + value * len(y)
-                correct = correct + (logits.argmax(1) == y).sum()
-                seen += len(y)
-                advance(len(y))
+    if source is None:
+        draws = Draws(pool[torch.randperm(len(pool), generator=generator, device=generator.device).cpu()])
+    else:
+        draws = source.rows.draw(pool, generator)
+    draws = draws.share(ctx.rank, ctx.world_size)
+    order = draws.index.to(device) if images is not None else draws.index  # one copy per epoch, not per batch
+    cached = prefetched(draws, cfg.batch_size, None if source is None else source.gather)
+    with reporter.task(f"epoch {epoch + 1}", total=len(draws.index)) as advance:
+        for (index, x, y), (_, rows, strong_rows) in zip(batches(images, dataset, cfg.batch_size, order, cfg.workers),
+                                                         cached):
+            x, y, index = x.to(device), y.to(device), index.to(device)
+            rows, strong_rows = to_device(rows, device), to_device(strong_rows, device)
+            pixels = augment(x, rows.pop("views/params", None), generator)  # (B, 3, H, W) uint8: the drawn views
+            target_logits, target_feats = (None, {}) if source is None else source.targets(rows, x, pixels, y)
+            # a two-view method's (MLKD) second input: the drawn strong view's pixels and its targets
+            strong = None
+            if strong_rows:
+                strong = (model_input(strong_pixels(x, strong_rows), dataset), source.strong_targets(strong_rows, y))
+            x = model_input(pixels, dataset)
+            # The compiled step sees one static batch shape. The epoch's last, partial batch runs eagerly
+            # on the same weights and optimiser instead of being padded: padded rows would enter
+            # BatchNorm's batch statistics and CRD's memory banks, and every loss would need row
+            # weights. One eager step per epoch (CIFAR: 50,000 = 781 x 64 + 16) costs nothing.
+            step = compiled if compiled is not None and len(y) == cfg.batch_size else train_step
+            terms, logits = step(student, objective, optimizer, x, y, index, target_logits, target_feats, epoch,
+                                 strong)
+            for name, value in terms.items():  # summed on the device: no sync per step
+                sums[name] = sums.get(name, 0.0) + value * len(y)
+            correct = correct + (logits.argmax(1) == y).sum()
+            seen += len(y)
+            advance(len(y))
     stats = {f"train_{k}" if k != "loss" else "loss": float(v) / seen for k, v in sums.items()}
     if not math.isfinite(stats["loss"]):
         raise ConfigError(f"the loss became {stats['loss']} in epoch {epoch + 1}; lower --lr or the loss weights")

@@ -78,30 +78,24 @@ def test_bad_alpha_is_refused(text: str) -> None:
 
 
 def test_training_targets_use_each_rows_adaptive_alpha() -> None:
-    """compute_targets with --alpha per-class: every (sample, view) row is fused with its class's alpha*,
-    the clean CLIP row paired with each teacher view."""
-    from cache_store.schema import ClipLayout
-    from pipelines.config import TrainConfig
-    from pipelines.targets import Fusion, compute_targets
+    """fuse_batch with --alpha per-class: every (sample, view) row is fused with its class's alpha*, the clean
+    CLIP row paired with each teacher view."""
+    from richkd_cache.distill.batch import ClipPart, FusionState, fuse_batch
 
     g = torch.Generator().manual_seed(1)
     n, v, c, d = 40, 3, 4, 8
-    labels = (torch.arange(n) % c).numpy().astype(np.int32)
+    y = torch.arange(n) % c
     text = torch.nn.functional.normalize(torch.randn(2, c, d, generator=g), dim=-1)
-    arrays = {"teacher/logits": torch.randn(n, v, c, generator=g).numpy().astype(np.float16),
-              "teacher/features": torch.randn(n, v, 5, generator=g).numpy().astype(np.float16),
-              "clip/image_embeds": torch.nn.functional.normalize(torch.randn(n, 1, d, generator=g), dim=-1)
-              .numpy().astype(np.float16),
-              "clip/features": torch.randn(n, 1, 6, generator=g).numpy().astype(np.float16), "labels": labels}
-    z_t = torch.from_numpy(arrays["teacher/logits"].astype(np.float32))
-    z_c = 10.0 * torch.from_numpy(arrays["clip/image_embeds"].astype(np.float32)) @ text.mean(0).T  # eq. 3
-    y = torch.from_numpy(labels.astype(np.int64))
+    z_t = torch.randn(n, v, c, generator=g).half().float()
+    embeds = torch.nn.functional.normalize(torch.randn(n, 1, d, generator=g), dim=-1).half()
+    z_c = 10.0 * embeds.float() @ text.mean(0).T  # eq. 3
     sums = adaptive.error_sums(z_t.reshape(-1, c), z_c.expand(n, v, c).reshape(-1, c), y.repeat_interleave(v))
-    cfg = TrainConfig(student="resnet8", out="-", cache="-", alpha="per-class", feature_loss=None)
-    clip = ClipLayout("m", d, 6, "clip", "written")  # the arrays above: one model under clip/
-    targets = compute_targets(cfg, arrays, Fusion((clip,), {"m": text}, {"m": 10.0}, None, c, sums),
-                              torch.device("cpu"), None)
     per_class = adaptive.class_alphas(sums)
+    state = FusionState("richkd", c, (ClipPart("m", "clip/image_embeds", "clip/features", text, 10.0),),
+                        alpha="per-class", alpha_table=per_class)
+    rows = {"teacher/logits": z_t.reshape(n * v, c).half(),  # each (sample, view) row with its sample's CLIP row
+            "clip/image_embeds": embeds.expand(n, v, d).reshape(n * v, d)}
+    logits, parts = fuse_batch(state, rows, y.repeat_interleave(v))
     expected = per_class[y][:, None, None] * z_t + (1 - per_class[y][:, None, None]) * z_c  # eq. 4 per row
-    assert torch.allclose(targets.logits, expected.reshape(n * v, c), atol=1e-5)
+    assert torch.allclose(logits, expected.reshape(n * v, c), atol=1e-5) and parts == {}
     assert per_class.unique().numel() > 1  # the rule really varies by class

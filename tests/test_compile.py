@@ -16,7 +16,8 @@ from pipelines.cli import app
 from pipelines.config import TrainConfig
 from pipelines.distributed import DistContext
 from pipelines.progress import Reporter
-from pipelines.targets import Targets
+from pipelines.targets import CachedRows, RowPlan, StageTwoTargets
+from richkd_cache.distill.batch import ClipPart, FusionState
 from richkd_cache.data._base import ArrayImageDataset
 from richkd_cache.distill import create_objective
 
@@ -45,6 +46,19 @@ class TinyStudent(nn.Module):
         return self.fc(feats), feats
 
 
+def random_source() -> StageTwoTargets:
+    """Random fp16 rows of one view per sample (the teacher's logits and features, a CLIP model's embeddings
+    and features) fused as RichKD (L+F) with raw feature parts."""
+    rows = {"teacher/logits": torch.randn(N, 1, CLASSES), "teacher/features": torch.randn(N, 1, 8),
+            "clip/m/image_embeds": nn.functional.normalize(torch.randn(N, 1, 6), dim=-1),
+            "clip/m/features": torch.randn(N, 1, 4)}
+    arrays = {name: t.numpy().astype(np.float16) for name, t in rows.items()}
+    plan = RowPlan(("teacher/logits", "teacher/features"), ("clip/m/image_embeds", "clip/m/features"))
+    clip = ClipPart("m", "clip/m/image_embeds", "clip/m/features", torch.randn(2, CLASSES, 6), 10.0)
+    state = FusionState("richkd", CLASSES, (clip,), alpha=0.7, features=True)
+    return StageTwoTargets(CachedRows(plan, arrays, torch.device("cpu")), state)
+
+
 def run_epochs(compiled: bool, epochs: int, monkeypatch) -> list[dict]:
     """Train a fresh tiny RichKD (L+F) run (KD + cosine towards fixed random targets); every step recorded as
     {"compiled", "index", terms...}."""
@@ -53,15 +67,12 @@ def run_epochs(compiled: bool, epochs: int, monkeypatch) -> list[dict]:
                                 rng.integers(0, CLASSES, N), [f"c{i}" for i in range(CLASSES)],
                                 (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     torch.manual_seed(0)
-    targets = Targets(torch.randn(N, CLASSES), {"teacher": torch.randn(N, 8), "clip": torch.randn(N, 4)})
+    source = random_source()
     student = TinyStudent()
     objective = create_objective("richkd", "kd", "cosine", student_dim=16, teacher_dim=8, clip_dim=4)
     cfg = TrainConfig(student="tiny", out="-", batch_size=BATCH, workers=0, compile=compiled)
     optimizer, _ = pipelines.train.setup_optimizer(cfg, student, objective)
     images = pipelines.train.setup_images(dataset, torch.device("cpu"))
-
-    def windows(generator: torch.Generator, pool: torch.Tensor):
-        yield pool[torch.randperm(len(pool), generator=generator)], targets, None
 
     steps: list[dict] = []
 
@@ -82,7 +93,7 @@ def run_epochs(compiled: bool, epochs: int, monkeypatch) -> list[dict]:
         if epoch == 2:  # by now the step is compiled and the epoch counter is no longer a constant in it
             torch._dynamo.config.error_on_recompile = True
         try:
-            pipelines.train.train_epoch(student, objective, optimizer, images, dataset, windows, cfg, epoch,
+            pipelines.train.train_epoch(student, objective, optimizer, images, dataset, source, cfg, epoch,
                                         generator, Reporter(quiet=True), DistContext())
         finally:
             torch._dynamo.config.error_on_recompile = False

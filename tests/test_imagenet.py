@@ -14,12 +14,8 @@ import torchvision
 import zarr
 from PIL import Image
 
-from cache_store import CacheReader, open_cache
-from pipelines.config import TrainConfig
+from cache_store import CacheReader
 from pipelines.evaluate import resolve_dataset
-from pipelines import targets
-from pipelines.summary import human_bytes
-from pipelines.targets import classes_per_window, whole_cache
 from richkd_cache.data.imagefolder import ImageFolderDataset
 from clirun import invoke
 
@@ -59,7 +55,7 @@ def imagenet_cache(imagenet: Path) -> Path:
     return out
 
 
-def test_image_folder_builds_streams_trains_and_verifies(imagenet: Path, imagenet_cache: Path,
+def test_image_folder_builds_trains_and_verifies(imagenet: Path, imagenet_cache: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     n = TRAIN_PER_CLASS * len(CLASSES)
     group = zarr.open_group(str(imagenet_cache), mode="r")
@@ -68,19 +64,13 @@ def test_image_folder_builds_streams_trains_and_verifies(imagenet: Path, imagene
     manifest = group.attrs["richkd_cache"]
     assert manifest["dataset"]["options"] == {"image_size": 32, "resize": 36}
     assert manifest["views"]["teacher"]["policy"] == str(VIEWS)
-    # stage two takes the image size from the cache; 3 write blocks streamed one at a time; JPEGs decoded
-    # in a worker process
+    # stage two takes the image size from the cache; JPEGs decoded in a worker process
     out = imagenet / "run"
     result = invoke("train", "--cache", imagenet_cache, "--student", "tv:resnet18", "--epochs", "2",
-                    "--batch-size", "4", "--stream-window", "1", "--workers", "1", "--device", "cpu", "--out", out)
+                    "--batch-size", "4", "--workers", "1", "--device", "cpu", "--out", out)
     assert result.exit_code == 0, result.output
-    # rows are in class order and a block is one class here: the run says a window mixes 1 of the 3
-    assert "a window holds samples of about 1 of the 3 classes" in " ".join(result.output.split())
-    reader = open_cache(str(imagenet_cache))
-    assert classes_per_window(reader.load("labels"), reader.layout, 3) == 3
     metrics = pq.read_table(out / "metrics.parquet").to_pylist()
     assert [m["epoch"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
-    assert json.loads((out / "config.json").read_text())["stream_window"] == 1
     result = invoke("verify", imagenet_cache, "--recompute", "4", "--device", "cpu")
     assert result.exit_code == 0 and result.output.strip().endswith("ok"), result.output
     # evaluate reopens the run's images at the size it trained on, decoding them in workers
@@ -124,22 +114,19 @@ def test_stage_two_decodes_each_image_once_per_draw(imagenet: Path, imagenet_cac
 
     for name in ("load", "load_rows"):
         monkeypatch.setattr(CacheReader, name, recorded(getattr(CacheReader, name)))
+    monkeypatch.setenv("RICHKD_CACHE_LOCAL", str(tmp_path / "local"))  # a first run: it makes the local copy
     result = invoke("train", "--recipe", "imagenet-resnet34-resnet18", "--cache", imagenet_cache, "--epochs", "1",
-                    "--batch-size", "6", "--stream-window", "2", "--workers", "0", "--device", "cpu", "--quiet",
-                    "--out", tmp_path / "run")
+                    "--batch-size", "6", "--workers", "0", "--device", "cpu", "--quiet", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())  # the recipe's mdistiller ImageNet KD
     assert (config["student"], config["feature_loss"], config["weight_decay"]) == ("tv:resnet18", None, 1e-4)
     assert config["method_params"] == {"ce_weight": 0.5, "weight": 0.5, "temperature": 1.0}
-    # RichKD (L) has no feature loss: the pooled features (most of a view's bytes) are never read, streamed
-    # or whole
-    assert "teacher/topk_values" in read and not {"teacher/features", "clip/richkd-tiny/features"} & set(read)
-    read.clear()
-    cfg = TrainConfig(student="tv:resnet18", out=str(tmp_path / "unused"), cache=str(imagenet_cache), feature_loss=None)
-    _, targets, _ = next(whole_cache(cfg, open_cache(str(imagenet_cache)), torch.device("cpu"))(
-        torch.Generator(), torch.arange(TRAIN_PER_CLASS * len(CLASSES))))
-    assert targets.features is None and targets.logits.shape == (TRAIN_PER_CLASS * len(CLASSES) * VIEWS, len(CLASSES))
-    assert "clip/richkd-tiny/image_embeds" in read and not {"teacher/features", "clip/richkd-tiny/features"} & set(read)
+    # RichKD (L) has no feature loss: the pooled features (most of a view's bytes) are never read nor copied
+    assert {"teacher/topk_values", "clip/richkd-tiny/image_embeds"} <= set(read)
+    assert not {"teacher/features", "clip/richkd-tiny/features"} & set(read)
+    copied = {f.name for f in (tmp_path / "local").rglob("*.npy")}
+    assert copied == {"teacher__topk_values.npy", "teacher__topk_indices.npy", "views__params.npy",
+                      "clip__richkd-tiny__image_embeds.npy"}
     train = sorted(i for split, i in decoded if split == "train")
     val = sorted(i for split, i in decoded if split == "val")
     assert train == list(range(TRAIN_PER_CLASS * len(CLASSES))) and val == list(range(VAL_PER_CLASS * len(CLASSES)))
@@ -212,20 +199,3 @@ def test_info_reports_bytes_per_sample_view_and_the_imagenet_size(imagenet_cache
     assert storage["references"][0]["imagenet_1k_bytes"] == 1_281_167 * VIEWS * 44
     table = invoke("info", imagenet_cache).output
     assert "ImageNet-1k (1,281,167 images x 2 view(s))" in table and "2.8 GiB" in table and "TinyViT" in table
-
-
-def test_a_cache_too_large_for_memory_is_refused_naming_a_stream_window(imagenet_cache: Path, tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    # 18 samples x (2 views x 3 classes + 2 views x 512 teacher features + 64 CLIP features) float32
-    needed = 18 * (2 * 3 + 2 * 512 + 64) * 4
-    monkeypatch.setattr(targets, "free_memory", lambda device: needed - 1)
-    result = invoke("train", "--cache", imagenet_cache, "--student", "tv:resnet18", "--epochs", "1",
-                    "--device", "cpu", "--workers", "0", "--quiet", "--out", tmp_path / "run")
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1, result.output
-    # one write block's targets (6 samples: 26,256 B) exceed a quarter of the 78,767 B free: the smallest window
-    assert f"take {human_bytes(needed)}" in lines[0] and "--stream-window 1 " in lines[0]
-    assert not (tmp_path / "run" / "last.pth").exists()
-    result = invoke("train", "--cache", imagenet_cache, "--student", "tv:resnet18", "--epochs", "1", "--stream-window",
-                    "1", "--device", "cpu", "--workers", "0", "--quiet", "--out", tmp_path / "run")
-    assert result.exit_code == 0, result.output

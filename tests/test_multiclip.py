@@ -165,14 +165,13 @@ def test_the_ensemble_is_the_mean_of_each_models_probabilities(both: Path) -> No
     model), recomputed here from the stored arrays; f_C is both models' features, each scaled to unit
     centred energy, side by side."""
     from pipelines.config import TrainConfig
-    from pipelines.targets import cached_arrays, compute_targets, setup_fusion
+    from stagetwo import Batches
 
     reader = open_cache(str(both))
     cfg = TrainConfig(student="resnet8", out="-", cache=str(both), target="clip", clip_model="ensemble",
                       prompts="multi", feature_loss="mse")
-    fusion = setup_fusion(cfg, reader)
-    arrays = reader.load_many(cached_arrays(reader, list(fusion.clips)))
-    targets = compute_targets(cfg, arrays, fusion, torch.device("cpu"), None)
+    arrays = reader.load_many([f"clip/{name}/{kind}" for name in (A, B) for kind in ("image_embeds", "features")])
+    logits, parts, _ = Batches(cfg)(torch.arange(reader.layout.num_samples))
     probs, feats = [], []
     for name in (A, B):
         e = arrays[f"clip/{name}/image_embeds"][:, 0].astype(np.float64)
@@ -182,10 +181,10 @@ def test_the_ensemble_is_the_mean_of_each_models_probabilities(both: Path) -> No
         f = arrays[f"clip/{name}/features"][:, 0].astype(np.float64)
         feats.append(f / np.sqrt(((f - f.mean(0)) ** 2).sum(1).mean()))
     expected = np.log(np.mean(probs, axis=0))
-    got = targets.logits.double().log_softmax(1).numpy()
+    got = logits.double().log_softmax(1).numpy()
     assert np.allclose(got, expected, atol=1e-4)
     assert not np.allclose(got, np.log(probs[0]), atol=1e-2)  # really both models
-    assert np.allclose(targets.features["clip"].numpy(), np.concatenate(feats, axis=1), atol=1e-4)
+    assert np.allclose(parts["clip"].numpy(), np.concatenate(feats, axis=1), atol=1e-4)
 
 
 def test_clip_lists_are_checked_in_one_line(teacher: Path, tmp_path: Path) -> None:

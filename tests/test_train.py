@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipelines.config import TrainConfig, list_recipes, load_recipe, logit_params
-from richkd_cache.models import create_model, load_checkpoint, save_checkpoint
+from richkd_cache.models import load_checkpoint
 from clirun import invoke
 
 FAST = ["--student", "resnet8", "--device", "cpu", "--workers", "0", "--quiet"]
@@ -151,31 +151,33 @@ def test_every_target_trains_and_records_the_weights_it_used(cache: Path, tmp_pa
     assert config["temperature"] == 4.0 and config["beta"] is None  # DKD's T; no overall weight (not KD's 3)
 
 
-def test_streamed_cache_reads_whole_blocks_window_by_window(tmp_path: Path, monkeypatch) -> None:
+def test_a_second_run_reuses_the_local_copy(cache: Path, tmp_path: Path, monkeypatch) -> None:
+    """The first run copies each array it reads out of the Zarr chunks once, into the local copy; a second
+    run (another seed) reads no chunk of them, creates no file, and maps the very same files."""
+    from cache_store.local import LocalCopy
     from cache_store.reader import CacheReader
-    from pipelines.config import TrainConfig
-    from pipelines.progress import Reporter
-    from pipelines.train import run_train
 
-    teacher = tmp_path / "teacher.pth"
-    save_checkpoint(str(teacher), create_model("resnet8", 10), arch="resnet8", num_classes=10)
-    cache = tmp_path / "blocks.zarr"
-    assert invoke("build", "--dataset", "digits", "--teacher-checkpoint", teacher, "--clip", "richkd-tiny",
-                  "--clip-pretrained", "random", "--prompts", "single", "--teacher-views", "clean", "--device", "cpu",
-                  "--workers", "0", "--block-rows", "256", "--quiet", "--out", cache).exit_code == 0
-    reads: list[tuple[str, int, int]] = []
-    whole: list[str] = []
-    original_rows, original_load = CacheReader.load_rows, CacheReader.load
-    monkeypatch.setattr(CacheReader, "load_rows", lambda self, n, a, b: reads.append((n, a, b)) or original_rows(self, n, a, b))
-    monkeypatch.setattr(CacheReader, "load", lambda self, n: whole.append(n) or original_load(self, n))
-    cfg = TrainConfig(student="resnet8", out=str(tmp_path / "run"), cache=str(cache), epochs=2, device="cpu",
-                      workers=0, quiet=True, stream_window=2)
-    summary = run_train(cfg, Reporter(quiet=True))
-    assert summary["epochs"] == 2
-    assert not {"teacher/logits", "clip/richkd-tiny/image_embeds"} & set(whole)  # never the whole array
-    logit_reads = [(a, b) for n, a, b in reads if n == "teacher/logits"]
-    blocks = [(s, min(s + 256, 1442)) for s in range(0, 1442, 256)]
-    assert sorted(logit_reads) == sorted(blocks * 2)  # every block once per epoch, as whole chunks
+    monkeypatch.setenv("RICHKD_CACHE_LOCAL", str(tmp_path / "local"))
+    reads: list[str] = []
+    mapped: list[str] = []
+    original_rows, original_open = CacheReader.load_rows, LocalCopy.open
+    monkeypatch.setattr(CacheReader, "load_rows", lambda self, n, a, b: reads.append(n) or original_rows(self, n, a, b))
+    monkeypatch.setattr(LocalCopy, "open", lambda self, n: (lambda m: mapped.append(str(m.filename)) or m)(original_open(self, n)))
+
+    def run(seed: int) -> tuple[set[str], dict[str, tuple[int, int]]]:
+        reads.clear(), mapped.clear()
+        result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--seeds", str(seed),
+                        "--out", tmp_path / f"run{seed}")
+        assert result.exit_code == 0, result.output
+        files = {str(f): (f.stat().st_ino, f.stat().st_mtime_ns) for f in (tmp_path / "local").rglob("*.npy")}
+        return set(reads), files
+
+    first_reads, first_files = run(0)
+    assert {"teacher/logits", "clip/richkd-tiny/image_embeds", "teacher/features"} <= first_reads
+    assert set(mapped) == set(first_files) and len(first_files) >= 4  # logits, features, CLIP's embeddings, features
+    second_reads, second_files = run(1)
+    assert second_reads == set() and second_files == first_files  # nothing read from Zarr, nothing written
+    assert set(mapped) == set(first_files)
 
 
 # ---------------------------------------------------------------- the run folder

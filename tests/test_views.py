@@ -19,7 +19,8 @@ from pipelines.cli import app
 from cache_store.schema import model_views
 from pipelines.cached import clean_view
 from pipelines.config import TrainConfig
-from pipelines.targets import Targets, augment, cached_arrays, compute_targets, setup_fusion
+from pipelines.targets import augment
+from stagetwo import Batches
 from richkd_cache.clip import load_clip, resolve_clip
 from richkd_cache.data import create_dataset, normalize
 from richkd_cache.models import create_model, load_checkpoint, save_checkpoint
@@ -133,23 +134,20 @@ def test_stage_two_pairs_each_teacher_view_with_the_samples_clip_row(all_views_c
     out, _, _ = all_views_cache
     cache = open_cache(str(out))
     cfg = TrainConfig(student="resnet8", out="unused", cache=str(out), alpha=0.7)
-    arrays = cache.load_many(cached_arrays(cache))
-    fusion = setup_fusion(cfg, cache, arrays)
-    targets = compute_targets(cfg, arrays, fusion, torch.device("cpu"),
-                              cache.load("views/params"))
+    batches = Batches(cfg)
+    space = batches.source.state.space
     z_t = torch.from_numpy(cache.load("teacher/logits").astype(np.float64))  # (6, 162, C)
     e = torch.from_numpy(cache.load("clip/richkd-tiny/image_embeds").astype(np.float64))[:, 0]  # (6, D)
     w = torch.from_numpy(cache.text_embeddings("single")).double().mean(0)  # (C, D)
     z_c = cache.clip_records["richkd-tiny"]["tau"] * e @ w.T  # (6, C)
     pairs = torch.tensor([[0, 0], [2, 80], [5, 161], [3, 17]])  # (sample i, view v)
-    logits, parts = targets.lookup(pairs[:, 0] * 162 + pairs[:, 1], torch.device("cpu"), None, None)
+    logits, parts, _ = batches(pairs[:, 0], pairs[:, 1])
     t_feats = torch.from_numpy(cache.load("teacher/features").astype(np.float32))  # (6, 162, Ft)
     c_feats = torch.from_numpy(cache.load("clip/richkd-tiny/features").astype(np.float32))[:, 0]  # (6, Fc)
     for k, (i, v) in enumerate(pairs.tolist()):
         assert torch.allclose(logits[k].double(), 0.7 * z_t[i, v] + 0.3 * z_c[i], atol=1e-4), (i, v)
-        assert torch.allclose(parts["teacher"][k], fusion.space.teacher_part(t_feats[i, v]), atol=1e-5)
-        assert torch.allclose(parts["clip"][k], fusion.space.clip_part(c_feats[i]), atol=1e-5)
-    assert targets.logits.shape == (6 * 162, 10) and targets.features["clip"].shape[0] == 6  # one CLIP row per sample
+        assert torch.allclose(parts["teacher"][k], space.teacher_part(t_feats[i, v]), atol=1e-5)
+        assert torch.allclose(parts["clip"][k], space.clip_part(c_feats[i]), atol=1e-5)
 
 
 def test_accuracy_reports_read_the_clean_view(all_views_cache) -> None:
@@ -172,16 +170,16 @@ def test_accuracy_reports_read_the_clean_view(all_views_cache) -> None:
 
 
 def test_training_draws_cover_every_stored_view(all_views_cache) -> None:
+    """Each epoch draws one stored view per sample; over epochs every (sample, view) row is drawn."""
     out, _, _ = all_views_cache
-    params = torch.from_numpy(open_cache(str(out)).load("views/params"))
-    targets = Targets(None, None, params)
-    images = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)  # only the rows matter here
+    rows = Batches(TrainConfig(student="resnet8", out="unused", cache=str(out), target="kd",
+                               feature_loss=None)).source.rows
     generator = torch.Generator().manual_seed(0)
     seen: set[tuple[int, int]] = set()
     for _ in range(3000):
-        index = torch.arange(6)
-        _, rows = augment(images, index, targets, generator)
-        seen.update((int(r) // 162, int(r) % 162) for r in rows)
+        draws = rows.draw(torch.arange(6), generator)
+        assert sorted(draws.index.tolist()) == list(range(6))  # a full shuffle: every sample once
+        seen.update(zip(draws.index.tolist(), draws.view.tolist()))
     assert seen == {(n, v) for n in range(6) for v in range(162)}
 
 
@@ -263,12 +261,11 @@ def test_a_cache_with_one_shared_view_policy_still_opens_reports_and_trains(all_
     _, z_t, embeds = clean_view(cache)
     assert np.array_equal(embeds["richkd-tiny"].numpy(), cache.load("clip/richkd-tiny/image_embeds")[:, 80].astype(np.float32))
     cfg = TrainConfig(student="resnet8", out="unused", cache=str(out), alpha=0.7)
-    targets = compute_targets(cfg, cache.load_many(cached_arrays(cache)), setup_fusion(cfg, cache),
-                              torch.device("cpu"), cache.load("views/params"))
+    logits, _, _ = Batches(cfg)([2], [40])
     z_t_all = torch.from_numpy(cache.load("teacher/logits").astype(np.float64))
     e = torch.from_numpy(cache.load("clip/richkd-tiny/image_embeds").astype(np.float64))
     z_c = cache.clip_records["richkd-tiny"]["tau"] * e @ torch.from_numpy(cache.text_embeddings("single")).double().mean(0).T
-    assert torch.allclose(targets.logits[2 * 162 + 40].double(), 0.7 * z_t_all[2, 40] + 0.3 * z_c[2, 40], atol=1e-4)
+    assert torch.allclose(logits[0].double(), 0.7 * z_t_all[2, 40] + 0.3 * z_c[2, 40], atol=1e-4)
     assert runner.invoke(app, ["info", str(out)]).exit_code == 0
     trained = runner.invoke(app, ["train", "--cache", str(out), "--data-root", str(data), "--student", "resnet8",
                                   "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--workers", "0",
@@ -311,9 +308,9 @@ def test_larger_images_without_stored_views_get_random_resized_crops() -> None:
     stays constant (a padded crop would bring in black borders), and the crops zoom in."""
     generator = torch.Generator().manual_seed(0)
     flat_grey = torch.full((32, 3, 64, 64), 200, dtype=torch.uint8)
-    out, rows = augment(flat_grey, torch.arange(32), Targets(None, None), generator)
-    assert torch.equal(out, flat_grey) and torch.equal(rows, torch.arange(32))
+    out = augment(flat_grey, None, generator)
+    assert torch.equal(out, flat_grey)
     ramp = torch.arange(64, dtype=torch.uint8).mul(4).expand(32, 3, 64, 64).contiguous()  # column c is 4c
-    out, _ = augment(ramp, torch.arange(32), Targets(None, None), generator)
+    out = augment(ramp, None, generator)
     spans = (out[:, 0, 0, -1].int() - out[:, 0, 0, 0].int()).abs()  # a whole-width view spans 252
     assert (spans < 150).float().mean() > 0.3  # scale 0.08-1: many crops are narrower than half the image

@@ -77,12 +77,32 @@ def fit_joint_space(teacher_feats: np.ndarray | torch.Tensor, clip_feats: np.nda
     read chunk by chunk in float32; only (F,) sums are kept in float64, so 8.1M x 1024 fp16 rows need
     one chunk of working memory, never a float64 copy of all rows.
     """
+    return joint_space_from_moments(feature_moments(teacher_feats, "teacher", chunk_rows),
+                                    feature_moments(clip_feats, "CLIP", chunk_rows), lam)
+
+
+def joint_space_from_moments(teacher: tuple[torch.Tensor, float], clip: tuple[torch.Tensor, float],
+                             lam: float) -> JointSpace:
+    """JointSpace from each side's (mean (F,), mean squared centred norm), as `feature_moments` gives them."""
     if not 0.0 <= lam <= 1.0:
         raise ConfigError(f"lambda (eq. 7) must lie in [0, 1], got {lam}")
-    width = teacher_feats.shape[-1] + clip_feats.shape[-1]
-    t_mean, t_energy = _centre_and_energy(teacher_feats, chunk_rows, "teacher")
-    c_mean, c_energy = _centre_and_energy(clip_feats, chunk_rows, "CLIP")
+    (t_mean, t_energy), (c_mean, c_energy) = teacher, clip
+    width = len(t_mean) + len(c_mean)
     return JointSpace(t_mean, math.sqrt(width / t_energy), c_mean, math.sqrt(width / c_energy), lam)
+
+
+def scaled_concat_moments(moments: list[tuple[torch.Tensor, float]], scales: list[float]) -> tuple[torch.Tensor, float]:
+    """The moments of several features side by side, each multiplied by its scale: the means concatenate
+    and the centred energies add (blocks are orthogonal coordinates), without forming the concatenation."""
+    mean = torch.cat([m * s for (m, _), s in zip(moments, scales)])
+    return mean, sum(e * s * s for (_, e), s in zip(moments, scales))
+
+
+def feature_moments(rows: np.ndarray | torch.Tensor, side: str,
+                    chunk_rows: int = _CHUNK_ROWS) -> tuple[torch.Tensor, float]:
+    """Mean (F,) float32 and mean squared norm about it of the rows (.., F), read chunk by chunk in float32
+    (a memory-mapped array is streamed, never copied whole)."""
+    return _centre_and_energy(rows, chunk_rows, side)
 
 
 def centred_energy(rows: np.ndarray | torch.Tensor, side: str, chunk_rows: int = _CHUNK_ROWS) -> float:
@@ -113,7 +133,7 @@ def _chunks(rows: np.ndarray | torch.Tensor, chunk_rows: int) -> Iterator[torch.
     """(n, F) -> float32 CPU tensors of at most chunk_rows rows (only one chunk converted at a time)."""
     for start in range(0, len(rows), chunk_rows):
         part = rows[start : start + chunk_rows]
-        part = torch.from_numpy(np.ascontiguousarray(part)) if isinstance(part, np.ndarray) else part
+        part = torch.from_numpy(np.array(part, dtype=np.float32)) if isinstance(part, np.ndarray) else part
         yield part.detach().to("cpu", torch.float32)
 
 
