@@ -261,13 +261,14 @@ class CachedRows:
     """A run's compact rows, (N, V, X) in their stored dtypes: memory-mapped on the host (shared with every
     run on the machine), or tensors on `--cache-device cuda`. `gather` takes one batch's rows."""
 
-    def __init__(self, plan: RowPlan, arrays: dict[str, np.ndarray], device: torch.device) -> None:
+    def __init__(self, plan: RowPlan, arrays: dict[str, np.ndarray], device: torch.device,
+                 resident: bool | None = None) -> None:
         self.plan = plan
         self.device = device
-        self.on_device = device.type != "cpu"
+        # resident: a copy of the rows in `device` memory (by default on a GPU), gathered there without the host
+        self.on_device = device.type != "cpu" if resident is None else resident
         self.arrays: dict[str, np.ndarray | torch.Tensor] = {
-            n: torch.from_numpy(np.ascontiguousarray(arrays[n])).to(device) if self.on_device else arrays[n]
-            for n in plan.arrays}
+            n: resident_copy(arrays[n], device) if self.on_device else arrays[n] for n in plan.arrays}
         self.pin = not self.on_device and torch.cuda.is_available()  # host rows that feed a GPU are pinned
 
     def draw(self, pool: torch.Tensor, generator: torch.Generator) -> Draws:
@@ -304,6 +305,17 @@ class CachedRows:
             return source[index.to(self.device), view.to(self.device)]
         rows = torch.from_numpy(np.asarray(source[index.numpy(), view.numpy()]))
         return rows.pin_memory() if self.pin else rows
+
+
+def resident_copy(array: np.ndarray, device: torch.device, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """A copy of a mapped array in `device` memory, filled 64 MB of rows at a time: the host never holds
+    more than one chunk of it besides the page cache."""
+    dtype = torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
+    out = torch.empty(array.shape, dtype=dtype, device=device)
+    step = max(1, chunk_bytes // max(1, array[:1].nbytes))
+    for start in range(0, len(array), step):
+        out[start : start + step] = torch.from_numpy(np.array(array[start : start + step])).to(device)
+    return out
 
 
 def to_device(rows: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

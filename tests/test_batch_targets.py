@@ -166,3 +166,20 @@ def test_targets_fused_per_batch_equal_every_rows_targets_at_once(caches: dict[s
             assert np.allclose(strong_logits.numpy(), expected["strong"][s, k], atol=2e-4, rtol=1e-4), case
     if cfg.alpha in ("auto", "per-class"):  # the rule is really at work: alpha* is not the fixed 0.7
         assert not np.allclose(expected["alpha"], 0.7, atol=1e-3)
+
+
+def test_rows_resident_on_the_cache_device_gather_what_the_mapped_rows_do(caches: dict[str, Path]) -> None:
+    """`--cache-device cuda` copies the mapped rows into device memory chunk by chunk and gathers there; the
+    same code path, resident on this CPU, gathers the very rows the memory map gives."""
+    from pipelines.targets import CachedRows, Draws
+
+    cfg = TrainConfig(student="resnet8", out="-", cache=str(caches["full"]), method="mlkd", feature_loss="crd",
+                      clip_model=A)
+    mapped = Batches(cfg).source.rows
+    resident = CachedRows(mapped.plan, mapped.arrays, torch.device("cpu"), resident=True)
+    assert all(isinstance(a, torch.Tensor) for a in resident.arrays.values())
+    generator = torch.Generator().manual_seed(0)
+    draws = mapped.draw(torch.arange(100), generator)
+    for got, want in zip(resident.gather(draws), mapped.gather(draws)):
+        assert got.keys() == want.keys() and len(got) > 0
+        assert all(torch.equal(got[n], want[n]) for n in got)
