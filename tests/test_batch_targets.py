@@ -171,7 +171,7 @@ def test_targets_fused_per_batch_equal_every_rows_targets_at_once(caches: dict[s
 def test_rows_resident_on_the_cache_device_gather_what_the_mapped_rows_do(caches: dict[str, Path]) -> None:
     """`--cache-device cuda` copies the mapped rows into device memory chunk by chunk and gathers there; the
     same code path, resident on this CPU, gathers the very rows the memory map gives."""
-    from pipelines.targets import CachedRows, Draws
+    from pipelines.targets import CachedRows
 
     cfg = TrainConfig(student="resnet8", out="-", cache=str(caches["full"]), method="mlkd", feature_loss="crd",
                       clip_model=A)
