@@ -30,6 +30,8 @@ peaks plus one shared copy), and what that comes to for full CIFAR-100 and Image
     python benchmarks/stage_two.py --epochs --quick              # CPU whole epochs (small synthetic sets)
     python benchmarks/stage_two.py --seeds 2 --quick             # CPU concurrent runs
     python benchmarks/stage_two.py --memory --quick              # CPU private memory, 20,000 samples
+    python benchmarks/stage_two.py --memory --clip ViT-L/14 --val-samples 256 --timed-epochs 1 \
+        --memory-steps 5 --memory-runs 0                         # CPU: the full CIFAR-100 shape (6.1 GB)
     python benchmarks/stage_two.py --device cuda --clip ViT-L/14 --rounds 5 --steps 20
     python benchmarks/stage_two.py --epochs --device cuda --clip ViT-L/14 --compile
     python benchmarks/stage_two.py --seeds 4 --device cuda --clip ViT-L/14 --compile
@@ -51,7 +53,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +100,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=0, help="N processes training at once vs one alone")
     p.add_argument("--memory", action="store_true", help="peak private memory of cached RichKD vs CE")
     p.add_argument("--memory-runs", type=int, default=4, help="--memory: cached runs at once on one copy")
+    p.add_argument("--memory-repeats", type=int, default=1, help="--memory: CE and cached alone, alternately, "
+                   "this many times each (medians: a run's peak varies by ~0.1 GB)")
     p.add_argument("--memory-steps", type=int, default=0, help="--memory: steps per epoch (0: whole epochs)")
     p.add_argument("--compile", action="store_true", help="--epochs/--seeds: train with the compiled step")
     p.add_argument("--feature-loss", default=None, choices=("crd", "cosine"),
@@ -623,8 +627,8 @@ def run_watched(args: argparse.Namespace, folder: Path, variants: list[str]) -> 
     """One child per variant, started together and watched; each child's output goes to a file (a pipe
     would fill while the parent polls)."""
     threads = child_threads(args, len(variants))
-    with tempfile.TemporaryDirectory(prefix="richkd-memory-") as logs:
-        outs = [open(Path(logs) / f"{i}.out", "w+") for i in range(len(variants))]
+    with tempfile.TemporaryDirectory(prefix="richkd-memory-") as logs, ExitStack() as files:
+        outs = [files.enter_context(open(Path(logs) / f"{i}.out", "w+")) for i in range(len(variants))]
         children = [subprocess.Popen([*child_command(args, v, folder, threads), "--seed", str(i)], stdout=out)
                     for i, (v, out) in enumerate(zip(variants, outs))]
         watched = watch(children)
@@ -632,7 +636,6 @@ def run_watched(args: argparse.Namespace, folder: Path, variants: list[str]) -> 
         for out in outs:
             out.seek(0)
             texts.append(out.read())
-            out.close()
     if any(child.returncode for child in children):
         raise SystemExit(f"stage_two: a --memory run failed (exit codes {[c.returncode for c in children]})")
     epochs = [child_result(text, "--memory")["variants"][v]["epoch_s"] for text, v in zip(texts, variants)]
@@ -640,8 +643,9 @@ def run_watched(args: argparse.Namespace, folder: Path, variants: list[str]) -> 
 
 
 def memory_mode(args: argparse.Namespace) -> dict:
-    """CE alone, cached RichKD alone, then --memory-runs cached runs at once, all on one folder of rows
-    made before the children start (they share it through the page cache, as runs share the local copy)."""
+    """CE alone and cached RichKD alone (--memory-repeats times, alternately; medians), then --memory-runs
+    cached runs at once, all on one folder of rows made before the children start (they share it through
+    the page cache, as runs share the local copy)."""
     args.views = "all"
     with rows_folder(None) as folder:
         shapes = cache_shapes(args, args.train_samples)
@@ -649,14 +653,17 @@ def memory_mode(args: argparse.Namespace) -> dict:
         write_rows(folder, shapes)
         write_s = time.perf_counter() - t0
         compact = compact_bytes(folder)
-        ce = run_watched(args, folder, ["ce"])
-        cached = run_watched(args, folder, ["cached"])
+        alone = [(run_watched(args, folder, ["ce"]), run_watched(args, folder, ["cached"]))
+                 for _ in range(max(1, args.memory_repeats))]
         together = run_watched(args, folder, ["cached"] * args.memory_runs) if args.memory_runs else None
-    ce_peak, cached_peak = ce["peaks"][0], cached["peaks"][0]
+    ce_peaks, cached_peaks = [ce["peaks"][0] for ce, _ in alone], [cached["peaks"][0] for _, cached in alone]
+    ce_peak, cached_peak = int(statistics.median(ce_peaks)), int(statistics.median(cached_peaks))
+    ce, cached = alone[-1]
     overhead = cached_peak - ce_peak
     result = {
         "ce_peak": ce_peak, "cached_peak": cached_peak, "compact_bytes": compact, "overhead": overhead,
-        "ratio": overhead / compact, "cached_file_peak": cached["file_peaks"][0], "threads_alone": cached["threads"],
+        "ratio": overhead / compact, "ce_peaks": ce_peaks, "cached_peaks": cached_peaks,
+        "cached_file_peak": cached["file_peaks"][0], "threads_alone": cached["threads"],
         "epoch_s": {"ce": ce["epoch_s"][0], "cached": cached["epoch_s"][0]}, "write_s": write_s,
         "shapes": dataclasses.asdict(shapes), "memory_steps": args.memory_steps,
     }
@@ -698,8 +705,8 @@ def overhead_model(args: argparse.Namespace, shapes: Shapes, overhead: int) -> d
     """The measured overhead split into the terms that scale (above) and a fixed rest (the objective's
     heads and optimiser state, the fusion's temporaries, allocator slack), which a projection keeps."""
     row = 2 * (shapes.classes + shapes.teacher_dim + shapes.embed_dim + shapes.clip_dim) + 4 * 5
-    terms = scaling_terms(shapes.samples, shapes.classes, shapes.teacher_dim, row, args.batch_size, True,
-                          4 * PROMPTS * shapes.classes * shapes.embed_dim)
+    terms = scaling_terms(shapes.samples, shapes.classes, shapes.teacher_dim, row, args.batch_size,
+                          args.feature_loss == "crd", 4 * PROMPTS * shapes.classes * shapes.embed_dim)
     return {"terms": terms, "fixed": overhead - sum(terms.values()), "batch_size": args.batch_size}
 
 

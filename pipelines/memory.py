@@ -102,6 +102,38 @@ def host_limits() -> HostLimits:
                       _status_kb(status, "VmSize"), own)
 
 
+def training_bytes(student: torch.nn.Module, trainable: list[torch.nn.Parameter], image_side: int,
+                   batch: int, eval_batch: int, images: int = 0, loss_step: int = 0) -> int:
+    """Host bytes a run allocates once training starts, beyond what the process holds when it is checked:
+    the images as one uint8 tensor (`images`: CIFAR-sized sets; image folders decode per batch), a gradient
+    and a momentum per trained weight, the activations of a step (each layer's output, kept for the backward
+    pass, as much again for their gradients, and half as much for the convolutions' backward workspace: 2.5x,
+    measured on CIFAR students, benchmarks/RESULTS.md) and the
+    largest layers of an evaluation batch (no gradients: a layer's input and output at a time), and the
+    losses' own working memory of a step (`loss_step`: CRD's negatives). Activation sizes come from one forward of
+    two images through `student`, measured with hooks, scaled to the batch. Nothing is counted for a GPU
+    run, whose activations live on the device."""
+    if next(student.parameters()).device.type != "cpu":
+        return images  # the rest lives in device memory
+    outputs: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel() * out.element_size() // 2)
+                                     if isinstance(out, torch.Tensor) else None)
+             for m in student.modules() if not list(m.children())]
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            student(torch.zeros(2, 3, image_side, image_side))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        student.train(was_training)
+    per_sample, largest = sum(outputs), max(outputs, default=0)
+    weights = sum(p.numel() * p.element_size() for p in trainable)
+    step = 5 * per_sample * batch // 2 + loss_step
+    return images + 2 * weights + max(step, 3 * largest * eval_batch)  # a step and an evaluation never overlap
+
+
 def device_free(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]

@@ -165,7 +165,7 @@ def setup_fusion(cfg: TrainConfig, cache: CacheReader, copy: LocalCopy, arrays: 
             (cache.layout.num_classes,), alpha_from_sums(sums.sum(0)), dtype=torch.float32)
         state = dataclasses.replace(state, alpha_table=table)
         if reporter is not None:
-            report_alpha(reporter, cfg.alpha, table, sums)
+            report_alpha(reporter, cfg.alpha, table)
     return state
 
 
@@ -225,7 +225,7 @@ def alpha_error_sums(arrays: dict[str, np.ndarray], labels: np.ndarray, state: F
     return total
 
 
-def report_alpha(reporter: Reporter, rule: str, table: torch.Tensor, sums: torch.Tensor) -> None:
+def report_alpha(reporter: Reporter, rule: str, table: torch.Tensor) -> None:
     """Say when alpha* comes out near 1 and why: on the rows it trains on, the teacher is rarely wrong."""
     mean = float(table.mean())
     if mean >= 0.9:
@@ -410,9 +410,10 @@ def private_growth(cfg: TrainConfig, cache: CacheReader, plan: RowPlan, pool_siz
 
 def setup_targets(cfg: TrainConfig, cache: CacheReader, labels: np.ndarray, pool: torch.Tensor,
                   device: torch.device, cache_device: torch.device, reporter: Reporter,
-                  plan: RowPlan | None = None) -> StageTwoTargets:
+                  plan: RowPlan | None = None, working: int = 0) -> StageTwoTargets:
     """Check the run fits, make (or reuse) the local copy of the arrays it reads (`plan`, by default what
-    `cfg` needs), map them, and compute the fusion state; every check comes before a row is read."""
+    `cfg` needs), map them, and compute the fusion state; every check comes before a row is read.
+    `working`: private bytes the caller will add besides (the training's own, `training_bytes`)."""
     from cache_store.local import disk_free
     from pipelines.memory import RunNeeds, check_run_memory, device_free, host_limits
 
@@ -420,7 +421,7 @@ def setup_targets(cfg: TrainConfig, cache: CacheReader, labels: np.ndarray, pool
     copy = LocalCopy(cache)
     mapped = sum(copy.nbytes(n) for n in plan.arrays)
     missing = copy.missing_bytes(list(plan.arrays))
-    needs = RunNeeds(private_growth(cfg, cache, plan, len(pool), missing == 0), mapped, missing,
+    needs = RunNeeds(working + private_growth(cfg, cache, plan, len(pool), missing == 0), mapped, missing,
                      disk_free(copy.folder) if missing else None,
                      mapped if cache_device.type == "cuda" else 0, device_free(cache_device), str(copy.folder))
     check_run_memory(needs, host_limits(), lighter_run(cfg, cache))

@@ -18,6 +18,7 @@ import torch
 
 from cache_store import CacheReader, open_cache
 from pipelines.config import TrainConfig, logit_params, recorded_method, resolve_device
+from pipelines.memory import training_bytes
 from pipelines.distributed import DistContext, barrier, init_distributed, rank_device, shutdown
 from pipelines.optim import make_optimizer, make_schedule
 from pipelines.progress import Reporter
@@ -65,7 +66,10 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
         student = student.to(memory_format=torch.channels_last)
     objective = setup_objective(cfg, student, cache, train_set, pool, method).to(device)
     optimizer, scheduler = setup_optimizer(cfg, student, objective)
-    source = setup_source(cfg, cache, train_set, pool, device, cache_device, reporter)
+    working = training_bytes(student, [p for g in optimizer.param_groups for p in g["params"]], image_side(train_set),
+                             cfg.batch_size, min(max(cfg.batch_size, 1024), len(val_set)),
+                             held_images(train_set, val_set, ctx), objective.step_bytes(cfg.batch_size))
+    source = setup_source(cfg, cache, train_set, pool, device, cache_device, reporter, working)
     state = run.start(student, objective, optimizer, scheduler, {**asdict(cfg), "target": cfg.resolved_target,
                                                                       **recorded_method(cfg, method),
                                                                       "clip_models": used_clip_models(cfg, cache)})
@@ -98,9 +102,11 @@ def used_clip_models(cfg: TrainConfig, cache: CacheReader | None) -> list[str]:
 
 
 def setup_source(cfg: TrainConfig, cache: CacheReader | None, train_set: ImageDataset, pool: torch.Tensor,
-                 device: torch.device, cache_device: torch.device, reporter: Reporter) -> StageTwoTargets | None:
+                 device: torch.device, cache_device: torch.device, reporter: Reporter,
+                 working: int = 0) -> StageTwoTargets | None:
     """Where each batch's targets come from: the cache's rows, gathered per batch (None: plain cross-entropy),
-    or the teacher and CLIP run on every batch (--online, the reference)."""
+    or the teacher and CLIP run on every batch (--online, the reference). `working`: the private bytes the
+    training itself will add (`training_bytes`), checked with the cache's."""
     distilled = cache is not None and cfg.resolved_target != "ce"
     if cfg.online and not distilled:
         raise ConfigError("--online computes distillation targets: it needs --cache and a target other than ce")
@@ -108,12 +114,24 @@ def setup_source(cfg: TrainConfig, cache: CacheReader | None, train_set: ImageDa
         return None
     if cfg.online and strong_views_needed(cfg, cache):
         raise ConfigError(f"--online runs no teacher on strong views: train {cfg.method} from the cache")
-    source = setup_targets(cfg, cache, train_set.labels, pool, device, cache_device, reporter)
+    source = setup_targets(cfg, cache, train_set.labels, pool, device, cache_device, reporter, working=working)
     if cfg.online:
         from pipelines.online import online_source  # builds models: imported only when asked for
 
         return online_source(cfg, cache, train_set, source, device)
     return source
+
+
+def image_side(dataset: ImageDataset) -> int:
+    """The side of the square images the student sees (the stored array's, or the folder's crop)."""
+    images = getattr(dataset, "images", None)
+    return images.shape[1] if images is not None else int(dataset.options.get("image_size", 224))
+
+
+def held_images(train_set: ImageDataset, val_set: ImageDataset, ctx: DistContext) -> int:
+    """Bytes of the channels-first copies `setup_images` makes of in-memory sets (rank 0 also of validation's)."""
+    sets = (train_set, val_set) if ctx.is_main else (train_set,)
+    return sum(getattr(s, "images", np.empty(0, np.uint8)).nbytes for s in sets)
 
 
 def setup_pool(cfg: TrainConfig, train_set: ImageDataset, reporter: Reporter) -> torch.Tensor:

@@ -110,6 +110,13 @@ class CRDLoss(nn.Module):
         self._update(self.memory_t, rows[:, 0], v_t)
         return self._nce(out_s) + self._nce(out_t)
 
+    def step_bytes(self, batch: int) -> int:
+        """Working memory of one step at `batch` rows: the random keys over every bank row (B, P) float32,
+        the negatives' indices (B, K) int64, and on each side the gathered bank rows (B, K + 1, D) float32,
+        kept for the backward pass, and their scores' gradient (as large)."""
+        dim = self.memory_s.shape[1]
+        return batch * (4 * self.num_rows + 8 * self.k + 2 * 2 * 4 * (self.k + 1) * dim)
+
     def target_embedding(self, target: dict[str, torch.Tensor]) -> torch.Tensor:
         """The fused teacher's embedding (B, D): eq. 7 after embedding, normalised (RichKD.py)."""
         parts = []

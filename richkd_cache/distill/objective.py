@@ -33,6 +33,11 @@ class DistillObjective(nn.Module):
         # the batch must carry a strong view of each image, the student's logits and the targets on it (MLKD)
         self.strong_view = self.logit_loss is not None and uses_strong_view(logit_loss)
 
+    def step_bytes(self, batch: int) -> int:
+        """Working memory a step of the losses needs beyond the student's (CRD's negatives; 0 for the others)."""
+        step_bytes = getattr(self.feature_loss, "step_bytes", None)
+        return step_bytes(batch) if step_bytes is not None else 0
+
     def forward(self, student_logits: torch.Tensor, student_feats: torch.Tensor, labels: torch.Tensor, *,
                 target_logits: torch.Tensor | None = None, target_feats: dict[str, torch.Tensor] | None = None,
                 index: torch.Tensor | None = None, epoch: int = 0, strong_logits: torch.Tensor | None = None,
