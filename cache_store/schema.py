@@ -23,6 +23,7 @@ MANIFEST_KEY = "richkd_cache"
 STATUS_BUILDING, STATUS_COMPLETE = "building", "complete"
 CLIP_GROUP = "clip"
 CLASS_INDEX_ARRAYS = ("labels", "teacher/topk_indices", "teacher/strong_topk_indices")  # class indices 0..C-1
+STORED_BYTE_ORDER = "<"  # every multi-byte value is stored little-endian (the `bytes` codec's endian)
 CHECKSUM_CODEC = "crc32c"  # zarr v3's core checksum codec, last in every array's codec chain
 # The top-level nodes a cache is made of: `build --overwrite` deletes, and `pack` copies, only keys under
 # these that are zarr metadata or chunk keys (every array of CacheLayout lives under one of them).
@@ -386,11 +387,20 @@ def describe_samples(samples: np.ndarray, shown: int = 10) -> str:
 
 
 def check_array(name: str, spec: ArraySpec, dtype: np.dtype, shape: tuple[int, ...], url: str) -> None:
-    if np.dtype(dtype) != np.dtype(spec.dtype) or tuple(shape) != spec.shape:
+    """The stored dtype (byte order included) and shape are the layout's."""
+    if np.dtype(dtype) != np.dtype(spec.dtype).newbyteorder(STORED_BYTE_ORDER) or tuple(shape) != spec.shape:
         raise CacheError(
-            f"cache {url}: array {name} is {np.dtype(dtype)} {tuple(shape)}, "
+            f"cache {url}: array {name} is {describe_dtype(dtype)} {tuple(shape)}, "
             f"its manifest says {spec.dtype} {spec.shape}"
         )
+
+
+def describe_dtype(dtype: np.dtype) -> str:
+    """`float16`, or `float16 (big-endian)` when the byte order is not the one caches are stored in."""
+    dtype = np.dtype(dtype)
+    if dtype.itemsize == 1 or dtype.str[0] == STORED_BYTE_ORDER:
+        return dtype.name
+    return f"{dtype.name} ({'big' if dtype.str[0] == '>' else 'little'}-endian)"
 
 
 def cache_arrays(layout: CacheLayout, clips: dict[str, ClipLayout]) -> dict[str, ArraySpec]:

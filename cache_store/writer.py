@@ -61,6 +61,7 @@ COMPRESSOR = ZstdCodec(level=3)
 # crc32c over the compressed chunk, last in the chain: checked before zstd sees the bytes, and a flipped
 # bit in a block zstd stored raw (float16 model outputs barely compress) no longer reads as a wrong value
 COMPRESSORS = (COMPRESSOR, Crc32cCodec())
+STORED_BYTES = BytesCodec(endian="little")  # schema.STORED_BYTE_ORDER, whatever the machine's
 STORE_PACKAGES = ("zarr", "numpy", "numcodecs")
 PROMPT_SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # one array name under a model's text group, no nesting
 # What makes two CLIP entries under one name the same model (and so a resumable, not a clashing, one).
@@ -142,7 +143,7 @@ def _create_missing_arrays(group: zarr.Group, arrays: dict, replace: bool = Fals
         if replace or f"{spec.name}/zarr.json" not in existing:
             group.create_array(
                 spec.name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill_value,
-                serializer=BytesCodec(), compressors=COMPRESSORS, overwrite=True,
+                serializer=STORED_BYTES, compressors=COMPRESSORS, overwrite=True,
             )
 
 
@@ -363,7 +364,7 @@ class CacheWriter:
         # stored: a kill between creating and writing leaves an unwritten set the next run writes
         array = self.group.create_array(
             path, shape=embeds.shape, chunks=embeds.shape, dtype="float32", fill_value=np.nan,
-            serializer=BytesCodec(), compressors=COMPRESSORS, attributes=attrs, overwrite=True,
+            serializer=STORED_BYTES, compressors=COMPRESSORS, attributes=attrs, overwrite=True,
         )
         array[...] = embeds
         self._keep_consolidated()

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from typer.testing import CliRunner
 
 from cache_store import CacheError, create_cache, open_cache, open_for_write, pack_cache, verify_cache
 from cache_store import writer as cache_writer
@@ -324,9 +323,9 @@ def built(tmp_path_factory) -> Path:
 
 
 def cli(*args: object):
-    from pipelines.cli import app
+    from clirun import invoke
 
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return invoke(*args)
 
 
 def test_every_command_names_a_damaged_chunk_in_one_line_before_training(built: Path, tmp_path: Path) -> None:
@@ -364,3 +363,57 @@ def test_pack_command_keeps_an_existing_zip_unless_told(built: Path, tmp_path: P
     assert packed.read_bytes() == b"mine"
     assert cli("pack", built, packed, "--overwrite").exit_code == 0
     assert cli("verify", packed).exit_code == 0
+
+
+def write_under_checksum(cache: Path, name: str, row: int, value: float) -> None:
+    """Store `value` in one row of an array as the writer would: a new chunk with a valid crc32c."""
+    array = zarr.open_array(str(cache / name), mode="r+")
+    array[row, 0, 0] = value
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_info_export_and_train_refuse_a_nan_written_under_a_valid_checksum(built: Path, tmp_path: Path,
+                                                                           value: float) -> None:
+    cache = tmp_path / "nan.zarr"
+    shutil.copytree(built, cache)
+    write_under_checksum(cache, "teacher/logits", 130, value)
+    named = "array teacher/logits holds non-finite values (NaN or Inf) in row(s) 130 (chunk c/2/0/0, rows 128..191)"
+    export = tmp_path / "soft.parquet"
+    for command in (["info", cache], ["export", cache, "--out", export],
+                    ["train", "--cache", cache, "--student", "resnet8", "--epochs", "1", "--device", "cpu",
+                     "--workers", "0", "--quiet", "--out", tmp_path / "run"]):
+        result = cli(*command)
+        assert result.exit_code == 2 and named in result.output, result.output
+        assert "Traceback" not in result.output and "epoch" not in result.output and "complete" not in result.output
+    assert not export.exists() and not (tmp_path / "run" / "last.pth").exists()
+    result = cli("verify", cache)
+    assert result.exit_code == 1 and "teacher/logits: non-finite values in sample(s) 130" in result.output
+
+
+def test_a_nan_in_an_unwritten_block_is_the_fill_value_and_one_in_a_written_block_is_refused(tmp_path: Path) -> None:
+    url = tmp_path / "c.zarr"
+    build(str(url), blocks=[0, 1], finalize=False)  # blocks 2.. hold the NaN fill value: not damage
+    reader = open_cache(str(url), require_complete=False)
+    assert np.isnan(reader.load("teacher/features")[32:]).all()
+    write_under_checksum(url, "clip/tiny/features", 20, np.nan)
+    with pytest.raises(CacheError, match=r"array clip/tiny/features holds non-finite values .* row\(s\) 20 "):
+        open_cache(str(url), require_complete=False).load("clip/tiny/features")
+    zarr.open_array(str(url / "labels"), mode="r+")[3] = 10  # a class index no dataset of 10 classes has
+    with pytest.raises(CacheError, match=r"array labels holds class indices out of range in row\(s\) 3 "):
+        open_cache(str(url), require_complete=False).load("labels")
+
+
+def test_a_byte_order_flipped_in_the_consolidated_metadata_is_refused(built: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "swapped.zarr"
+    shutil.copytree(built, cache)
+    root = json.loads((cache / "zarr.json").read_text())
+    codecs = root["consolidated_metadata"]["metadata"]["teacher/logits"]["codecs"]
+    next(c for c in codecs if c["name"] == "bytes")["configuration"]["endian"] = "big"  # '<f2' -> '>f2'
+    (cache / "zarr.json").write_text(json.dumps(root))
+    named = "array teacher/logits is float16 (big-endian) (1442, 1, 10), its manifest says float16"
+    for command in (["info", cache], ["train", "--cache", cache, "--student", "resnet8", "--epochs", "1",
+                                      "--device", "cpu", "--workers", "0", "--quiet", "--out", tmp_path / "run"]):
+        result = cli(*command)
+        assert result.exit_code == 2 and named in result.output, result.output
+    result = cli("verify", cache)
+    assert result.exit_code == 1 and named in result.output
