@@ -54,6 +54,8 @@ OPTIONAL_LAYOUT_KEYS = ("teacher_topk", "clip_views", "strong_views", "features"
 FORMAT1_CLIP_LAYOUT_KEYS = ("clip_embed_dim", "clip_feature_dim")  # format 2 keeps them per model
 MODELS = ("teacher", "clip")
 CLIP_MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# A prompt set's name: one array under a model's text group, so no nesting, no "." or "..", no hidden name
+PROMPT_SET_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 # A strong view's parameters: crop and flip, two (op, magnitude) pairs, the cutout square
 # (richkd_cache/strong_views.py STRONG_PARAM_NAMES; the manifest's views.strong lists them)
 STRONG_PARAM_DIM = 12
