@@ -212,3 +212,45 @@ def test_malformed_corruption_file_through_evaluate(tmp_path: Path, teacher: Pat
     result = invoke("evaluate", teacher, "--dataset", "digits", "--no-attacks", "--device", "cpu",
                     "--corruptions", folder)
     refused(result, "fog.npy")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--target", "ce", "--alpha", "0.3"], ["--alpha", "target richkd", "target ce"]),
+    (["--target", "ce", "--temperature", "4", "--beta", "2"], ["--temperature", "--beta", "would not use them"]),
+    (["--target", "ce", "--method", "dkd"], ["--method", "a target that distills"]),
+    (["--target", "ce", "--method-param", "beta=6"], ["--method-param", "a target that distills"]),
+    (["--target", "ce", "--feature-loss", "mse"], ["--feature-loss", "target ce"]),
+    (["--target", "ce", "--prompts", "multi"], ["--prompts", "CLIP's logits"]),
+    (["--target", "kd", "--alpha", "0.3"], ["--alpha", "target kd, feature loss cosine"]),
+    (["--target", "kd", "--clip-tau", "50"], ["--clip-tau", "CLIP's logits"]),
+    (["--target", "clip", "--lam", "0.5"], ["--lam", "eq. 7"]),
+    (["--feature-loss", "none", "--gamma", "2"], ["--gamma", "a feature loss", "feature loss none"]),
+    (["--teacher-checkpoint", "teacher.pth"], ["--teacher-checkpoint", "--online"]),
+])
+def test_a_setting_the_run_would_not_use_is_refused(digits_cache: Path, tmp_path: Path, flags: list[str],
+                                                    words: list[str]) -> None:
+    refused(invoke(*TRAIN, "--cache", digits_cache, *flags, "--out", tmp_path / "run"), *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_settings_follow_the_target_the_flags_choose_and_defaults_never_count(monkeypatch) -> None:
+    from pipelines import cli
+    from pipelines.cli import train_settings
+
+    recipe = "cifar100-r32x4-r8x4-dkd"  # target richkd, DKD's weights, alpha 0.7
+    settings = train_settings(recipe, {"target": "ce"}, "train")
+    assert settings["target"] == "ce" and not {"alpha", "method", "method_params"} & set(settings)
+    with pytest.raises(ConfigError, match="--alpha .*target ce"):
+        train_settings(recipe, {"target": "ce", "alpha": 0.5}, "train")
+    assert train_settings(None, {"student": "resnet8", "target": "ce"}, "train") == {"student": "resnet8",
+                                                                                    "target": "ce"}
+    monkeypatch.setattr(cli, "load_recipe", lambda name: {"student": "resnet8", "target": "kd", "alpha": 0.5})
+    with pytest.raises(ConfigError, match="the recipe setting alpha .*target kd"):  # a recipe at odds with itself
+        train_settings("odd", {}, "train")
+
+
+def test_a_swept_setting_the_runs_would_not_use_is_refused(digits_cache: Path, tmp_path: Path) -> None:
+    result = invoke("sweep", "--cache", digits_cache, "--student", "resnet8", "--lam", "0.5,0.7", "--feature-loss",
+                    "none", "--epochs", "1", "--device", "cpu", "--workers", "0", "--out", tmp_path / "sweep")
+    refused(result, "--lam", "feature loss none")
+    assert not (tmp_path / "sweep").exists()

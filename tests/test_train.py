@@ -123,7 +123,7 @@ def test_table4_recipes_carry_the_pairs_reference_weights() -> None:
     (["--method", "kd", "--method-param", "alpha=1"], "kd has no parameter alpha"),
     (["--method", "kd", "--beta", "2", "--method-param", "weight=2"], "set twice"),
     (["--method", "dkd", "--method-param", "beta"], "--method-param wants NAME=VALUE"),
-    (["--target", "ce", "--temperature", "3"], "no logit loss is trained"),
+    (["--target", "ce", "--temperature", "3"], "--temperature (read only with a target that distills"),
     (["--method", "none", "--method-param", "beta=6"], "no logit loss is trained"),
     # a KD recipe's temperature and beta are dropped when --method changes its method: only warmup is wrong
     (["--recipe", "cifar100-resnet32x4-resnet8x4", "--method", "dkd", "--method-param", "warmup=0"], "warmup must be > 0"),
