@@ -7,8 +7,10 @@ the same name, and our files load back into mdistiller, which reads only the "mo
 from __future__ import annotations
 
 import argparse
+import errno
 import pickle
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,22 @@ def save_checkpoint(path: str, model: nn.Module, *, arch: str, num_classes: int,
         # our keys last, so `extra` cannot make the file misstate what it holds
         "richkd": {**(extra or {}), "format": FORMAT, "arch": canonical_name(arch), "num_classes": num_classes},
     }
+    atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(obj: dict, path: str | Path) -> None:
+    """torch.save through a temporary file and a rename. torch's own file writer reports a full disk
+    as a RuntimeError from its C++ stream writer ("[enforce fail at inline_container.cc] ... unexpected
+    pos"): it is raised as the OSError it is, with the space left, so callers name the file in one line."""
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+                raise
+            free = shutil.disk_usage(Path(tmp).parent).free
+            raise OSError(errno.ENOSPC if free < (1 << 20) else errno.EIO,
+                          f"torch's writer failed with {free:,} bytes free on that disk") from None
 
 
 def resolve_checkpoint(spec: str, arch: str | None) -> str:
