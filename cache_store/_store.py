@@ -22,7 +22,9 @@ from cache_store.errors import CacheError
 LOCAL_SCHEME = "file://"
 # What zarr raises for a location that holds no group, and for one whose metadata or zip is damaged.
 _NOT_THERE = (GroupNotFoundError, FileNotFoundError, KeyError)
-_DAMAGED = (ValueError, zipfile.BadZipFile, NotADirectoryError)
+# zarr parses zarr.json without checking its shape: a list where an object belongs raises TypeError, and a
+# document nested thousands of levels deep exhausts the JSON parser's recursion.
+_DAMAGED = (ValueError, TypeError, AttributeError, RecursionError, zipfile.BadZipFile, NotADirectoryError)
 
 
 def is_remote(url: str) -> bool:

@@ -52,13 +52,14 @@ def check_array_metadata(group: zarr.Group, layout: CacheLayout, clips: dict[str
         if array is None or (keys is not None and f"{name}/zarr.json" not in keys):
             raise CacheError(f"cache {url} lacks array {name}; the cache is damaged, rebuild it")
         if name in arrays:
-            check_array(name, arrays[name], stored_dtype(array), array.shape, url)
+            check_array(name, arrays[name], stored_dtype(array), array.shape, array.chunks, url)
             continue
         d = text[name].embed_dim
         if stored_dtype(array) != np.dtype(f"{STORED_BYTE_ORDER}f4") or array.ndim != 3 \
-                or array.shape[1:] != (layout.num_classes, d):
-            raise CacheError(f"cache {url}: prompt set {name} is {describe_dtype(stored_dtype(array))} {array.shape}, "
-                             f"its manifest says float32 (M, {layout.num_classes}, {d})")
+                or array.shape[1:] != (layout.num_classes, d) or array.chunks != array.shape:
+            raise CacheError(f"cache {url}: prompt set {name} is {describe_dtype(stored_dtype(array))} {array.shape} "
+                             f"in chunks of {array.chunks}, its manifest says float32 (M, {layout.num_classes}, {d}) "
+                             "in one chunk")
 
 
 def stored_dtype(array: zarr.Array) -> np.dtype:

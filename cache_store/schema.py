@@ -388,13 +388,18 @@ def describe_samples(samples: np.ndarray, shown: int = 10) -> str:
     return text + (" ..." if len(samples) > shown else "")
 
 
-def check_array(name: str, spec: ArraySpec, dtype: np.dtype, shape: tuple[int, ...], url: str) -> None:
-    """The stored dtype (byte order included) and shape are the layout's."""
+def check_array(name: str, spec: ArraySpec, dtype: np.dtype, shape: tuple[int, ...], chunks: tuple[int, ...],
+                url: str) -> None:
+    """The stored dtype (byte order included), shape and chunks are the layout's (a chunk per write block:
+    other chunks would mix writers' blocks, and a chunk of 0 rows holds nothing)."""
     if np.dtype(dtype) != np.dtype(spec.dtype).newbyteorder(STORED_BYTE_ORDER) or tuple(shape) != spec.shape:
         raise CacheError(
             f"cache {url}: array {name} is {describe_dtype(dtype)} {tuple(shape)}, "
             f"its manifest says {spec.dtype} {spec.shape}"
         )
+    if tuple(chunks) != spec.chunks:
+        raise CacheError(f"cache {url}: array {name} is stored in chunks of {tuple(chunks)}, its layout says "
+                         f"{spec.chunks}; the cache is damaged, rebuild it")
 
 
 def describe_dtype(dtype: np.dtype) -> str:

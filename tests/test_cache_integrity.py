@@ -417,3 +417,29 @@ def test_a_byte_order_flipped_in_the_consolidated_metadata_is_refused(built: Pat
         assert result.exit_code == 2 and named in result.output, result.output
     result = cli("verify", cache)
     assert result.exit_code == 1 and named in result.output
+
+
+def chunk_shape_zero(cache: Path) -> None:
+    root = json.loads((cache / "zarr.json").read_text())
+    root["consolidated_metadata"]["metadata"]["teacher/logits"]["chunk_grid"]["configuration"]["chunk_shape"] = [0, 1, 10]
+    (cache / "zarr.json").write_text(json.dumps(root))
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda c: (c / "zarr.json").write_text("[1, 2]"), ["is not a readable zarr group", "TypeError"]),
+    (lambda c: (c / "zarr.json").write_text("[" * 100_000 + "]" * 100_000), ["is not a readable zarr group",
+                                                                              "RecursionError"]),
+    (chunk_shape_zero, ["array teacher/logits is stored in chunks of (0, 1, 10), its layout says (64, 1, 10)"]),
+])
+def test_a_root_zarr_json_of_the_wrong_shape_or_a_chunk_of_zero_rows_is_one_line(built: Path, tmp_path: Path,
+                                                                                  damage, words) -> None:
+    cache = tmp_path / "odd.zarr"
+    shutil.copytree(built, cache)
+    damage(cache)
+    for command in (["info", cache], ["train", "--cache", cache, "--student", "resnet8", "--epochs", "1",
+                                      "--device", "cpu", "--workers", "0", "--quiet", "--out", tmp_path / "run"]):
+        result = cli(*command)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), result.output
+    result = cli("verify", cache)
+    assert result.exit_code == 1 and all(w in result.output for w in words), result.output
