@@ -254,3 +254,29 @@ def test_a_swept_setting_the_runs_would_not_use_is_refused(digits_cache: Path, t
                     "none", "--epochs", "1", "--device", "cpu", "--workers", "0", "--out", tmp_path / "sweep")
     refused(result, "--lam", "feature loss none")
     assert not (tmp_path / "sweep").exists()
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that says it is width x height 1-bit pixels, with almost no pixel data (PIL checks the size
+    when it opens a file, before decoding anything)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_in_an_image_folder_is_one_line_naming_it(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            Image.new("RGB", (12, 12), (10, 20, 30)).save(root / split / cls / "a.png")
+    png_header_only(root / "train/dog/huge.png", 20_000, 20_000)
+    result = invoke("train", "--dataset", "imagefolder", "--data-root", root, "--image-size", "8", "--resize", "8",
+                    *TRAIN[3:], "--out", tmp_path / "run")
+    refused(result, "huge.png", "too large to decode safely", "400000000 pixels")
