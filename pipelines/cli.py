@@ -110,6 +110,8 @@ def parse_seeds(value: str) -> tuple[int, ...]:
     seeds = parse_numbers("--seeds", value, int)
     if not seeds or len(set(seeds)) < len(seeds):
         raise ConfigError(f"--seeds takes one or more distinct seeds (e.g. 0,1,2), got {value!r}")
+    for seed in seeds:  # every one before the first is trained
+        check_range("seed", seed)
     return seeds
 
 

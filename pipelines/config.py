@@ -254,8 +254,9 @@ class Range:
     meaning: str = ""
 
     def __str__(self) -> str:
-        low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high:g}"
+        number = "{:d}" if self.integer else "{:g}"  # a seed's bound in full, not 4.29497e+09
+        low = "-inf" if self.low is None else number.format(self.low)
+        high = "inf" if self.high is None else number.format(self.high)
         left = "(" if self.open_low or self.low is None else "["
         right = ")" if self.open_high or self.high is None else "]"
         return f"{left}{low}, {high}{right}"
@@ -289,7 +290,8 @@ RANGES: dict[str, Range] = {
     "milestones": Range(1, None, integer=True, meaning="epochs"),
     "warmup_epochs": Range(0, None, integer=True),
     "min_lr": Range(0, None),
-    "seed": Range(0, None, integer=True),
+    # torch and numpy take 64-bit seeds; per-epoch streams are derived as seed x 100,003 + epoch
+    "seed": Range(0, 2**32 - 1, integer=True, meaning="a 32-bit seed"),
     "view_seed": Range(0, None, integer=True),
     "workers": Range(0, None, integer=True),
     "jobs": Range(1, None, integer=True),  # sweep's runs at once

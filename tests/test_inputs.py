@@ -55,7 +55,8 @@ def refused(result, *words: str) -> None:
     (["--weight-decay", "-0.1"], ["--weight-decay"]),
     (["--clip-tau", "0"], ["--clip-tau"]),
     (["--milestones", "0,10"], ["--milestones", "[1, inf)"]),
-    (["--seeds", "-1"], ["--seed", "[0, inf)"]),
+    (["--seeds", "-1"], ["--seed", "[0, 4294967295]"]),
+    (["--seeds", "0,12345678901234567890"], ["--seed", "[0, 4294967295]", "12345678901234567890"]),  # before seed 0
 ])
 def test_bad_training_flags_are_one_line_and_write_nothing(tmp_path: Path, flags: list[str], words: list[str]) -> None:
     refused(invoke(*TRAIN, *flags, "--out", tmp_path / "run"), *words)
