@@ -34,7 +34,7 @@ from cache_store import (
     open_cache,
     open_for_write,
 )
-from cache_store._store import is_remote, local_path
+from cache_store._store import check_filesystem, is_remote, local_path
 from cache_store.schema import ClipLayout, clip_model_name
 from pipelines.cached import clean_views
 from pipelines.config import BuildConfig, resolve_device
@@ -107,6 +107,7 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
     computes a contiguous share of the pending blocks."""
     ctx = init_distributed(cfg.device)
     try:
+        check_filesystem(cfg.out)  # an s3:// cache without s3fs fails here, not after the models load
         device = resolve_device(rank_device(cfg.device, ctx))
         dataset = create_dataset(cfg.dataset, cfg.data_root, cfg.split, image_size=cfg.image_size, resize=cfg.resize)
         views = view_policies(cfg, image_size(dataset))

@@ -281,3 +281,19 @@ def test_a_decompression_bomb_in_an_image_folder_is_one_line_naming_it(tmp_path:
     result = invoke("train", "--dataset", "imagefolder", "--data-root", root, "--image-size", "8", "--resize", "8",
                     *TRAIN[3:], "--out", tmp_path / "run")
     refused(result, "huge.png", "too large to decode safely", "400000000 pixels")
+
+
+def test_an_object_store_location_without_its_package_is_one_line_before_any_model(tmp_path: Path, teacher: Path,
+                                                                                   monkeypatch) -> None:
+    import importlib
+
+    registry = importlib.import_module("fsspec.registry")  # s3fs as if it were not installed
+    monkeypatch.setitem(registry.known_implementations, "s3", {"class": "s3fs_not_installed.S3FileSystem",
+                                                               "err": "Install s3fs to access S3"})
+    monkeypatch.delitem(registry._registry, "s3", raising=False)
+    monkeypatch.setattr(build, "setup_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(build, "load_clip", lambda *a, **k: pytest.fail("CLIP was loaded"))
+    result = invoke(*BUILD, "--teacher-checkpoint", teacher, "--out", "s3://bucket/digits.zarr")
+    refused(result, "s3://bucket/digits.zarr", "Install s3fs", "richkd-cache[s3]")
+    refused(invoke(*TRAIN, "--cache", "s3://bucket/digits.zarr", "--out", tmp_path / "run"), "Install s3fs")
+    refused(invoke("info", "nosuch://bucket/digits.zarr"), "Protocol not known: nosuch")
