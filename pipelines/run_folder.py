@@ -21,13 +21,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from pipelines.config import TrainConfig
 from richkd_cache.errors import ConfigError
 from richkd_cache.files import atomic_path
 from richkd_cache.models import save_checkpoint
-from richkd_cache.models.checkpoint import atomic_torch_save
+from richkd_cache.models.checkpoint import atomic_torch_save, holds_code, load_plain_data
 
 # Settings that do not change what a run computes; everything else must match to resume.
 _NOT_IDENTITY = ("resume", "overwrite", "quiet", "epochs", "workers", "device", "cache_device", "out",
@@ -130,7 +129,7 @@ def _is_run_record(path: Path) -> bool:
 def _is_run_checkpoint(path: Path) -> bool:
     """Loaded as plain data only (a file in --out is untrusted), memory-mapped: its tensors are not read."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        payload = load_plain_data(path, mmap=True)  # its tensors are never read
     except Exception:  # not a checkpoint torch can read as plain data: not one of ours
         return False
     meta = payload.get("richkd") if isinstance(payload, dict) else None
@@ -182,9 +181,11 @@ def restore(path: Path, identity: str, student, objective, optimizer, scheduler)
     if not path.exists():
         return None
     try:
-        with torch.serialization.safe_globals(_RESUME_TYPES):
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_plain_data(path, "cpu", _RESUME_TYPES)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        refusal = holds_code(path, e, _RESUME_TYPES)
+        if refusal:
+            raise ConfigError(f"{refusal}; use --overwrite to start the run again") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path} is damaged or not a resume file ({first}); "
                           "use --overwrite to start the run again") from e

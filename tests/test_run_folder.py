@@ -75,3 +75,23 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_files(d
     assert "inline_container" not in result.output
     assert (out / name).read_bytes() == saved[name]
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+class _Marker:
+    """Unpickling this object would create a file: a crafted checkpoint must never get that far."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_crafted_checkpoint_is_refused_as_code_without_torchs_advice(tmp_path: Path, legacy: bool) -> None:
+    crafted, marker = tmp_path / "crafted.pth", tmp_path / "marker"
+    torch.save({"model": create_model("resnet8", 10).state_dict(), "hook": _Marker(str(marker))}, crafted,
+               _use_new_zipfile_serialization=not legacy)
+    result = invoke("evaluate", crafted, "--dataset", "digits", "--no-attacks", "--device", "cpu", "--workers", "0")
+    refused(result, str(crafted), "holds Python objects besides weights (", "open)", "it will not be loaded")
+    assert "weights_only" not in result.output and not marker.exists()
