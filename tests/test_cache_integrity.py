@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -120,6 +121,13 @@ def test_a_corrupt_array_zarr_json_is_reported_and_a_rebuild_keeps_the_cache(cac
     (lambda m: m["dataset"].update(num_classes=True), r"field dataset.num_classes is a boolean"),
     (lambda m: m["clip_models"]["tiny"].update(tau=-1.0), r"clip_models.tiny.tau is -1.0, not a positive number"),
     (lambda m: m["clip_models"]["tiny"].update(status="half"), r"CLIP model tiny has unknown status 'half'"),
+    # a manifest that contradicts itself
+    (lambda m: m["dataset"].update(classes=["c0"]),
+     r"contradicts itself \(dataset.classes 1, dataset.num_classes 10, layout.num_classes 10\)"),
+    (lambda m: m["dataset"].update(classes=list(range(10))), r"dataset.classes holds an integer \(0\), not a class name"),
+    (lambda m: m["layout"].update(num_views=True), r"invalid cache layout: num_views=True"),
+    (lambda m: m["layout"].update(clip_views=True), r"invalid cache layout: clip_views=True"),
+    (lambda m: m["dataset"].update(num_samples=99), r"dataset.num_samples 99, layout.num_samples 100"),
 ])
 def test_a_manifest_of_the_wrong_shape_is_refused_naming_the_field(cache: Path, change, field: str) -> None:
     group = zarr.open_group(str(cache), mode="r+", use_consolidated=False)
@@ -130,6 +138,8 @@ def test_a_manifest_of_the_wrong_shape_is_refused_naming_the_field(cache: Path, 
     with pytest.raises(CacheError, match=field):
         open_cache(str(cache))
     assert len(verify_cache(str(cache)).problems) == 1
+    result = cli("verify", cache)
+    assert result.exit_code == 1 and re.search(field, result.output), result.output
 
 
 # ------------------------------------------------------------------ kill windows
@@ -443,3 +453,16 @@ def test_a_root_zarr_json_of_the_wrong_shape_or_a_chunk_of_zero_rows_is_one_line
         assert result.exit_code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), result.output
     result = cli("verify", cache)
     assert result.exit_code == 1 and all(w in result.output for w in words), result.output
+
+
+def test_verify_flags_zip_entries_outside_the_cache_and_stray_files(built: Path, tmp_path: Path) -> None:
+    packed = tmp_path / "digits.zip"
+    assert cli("pack", built, packed).exit_code == 0
+    with zipfile.ZipFile(packed, "a") as zf:
+        for name in ("../x", "/etc/y", "teacher/../../z", "notes.txt"):
+            zf.writestr(name, b"not the cache's")
+    result = cli("verify", packed)
+    assert result.exit_code == 1, result.output
+    assert "entries that point outside the cache (../x, /etc/y, teacher/../../z)" in result.output
+    assert "files that are not part of the cache (notes.txt)" in result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
