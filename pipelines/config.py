@@ -170,7 +170,12 @@ def unused_settings(settings: dict[str, Any]) -> list[tuple[str, str]]:
     say "no such loss" and are always consistent."""
     target, feature_loss = resolved_losses(settings)
     return [(key, needs) for key, (needs, used) in _USED_WHEN.items()
-            if settings.get(key) not in (None, {}) and not used(target, feature_loss)]
+            if not _off(settings.get(key)) and not used(target, feature_loss)]
+
+
+def _off(value: object) -> bool:
+    """Not given, or given as "nothing" (no method parameters, --no-clip-renormalize); 0 is a value."""
+    return value is None or value is False or (isinstance(value, dict) and not value)
 
 
 def check_used(settings: dict[str, Any], flags: set[str]) -> None:
@@ -290,7 +295,7 @@ RANGES: dict[str, Range] = {
     "milestones": Range(1, None, integer=True, meaning="epochs"),
     "warmup_epochs": Range(0, None, integer=True),
     "min_lr": Range(0, None),
-    # torch and numpy take 64-bit seeds; per-epoch streams are derived as seed x 100,003 + epoch
+    # torch takes 64-bit seeds and each epoch's stream is seed x 100,003 + epoch: 32 bits keep that in range
     "seed": Range(0, 2**32 - 1, integer=True, meaning="a 32-bit seed"),
     "view_seed": Range(0, None, integer=True),
     "workers": Range(0, None, integer=True),

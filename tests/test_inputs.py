@@ -224,6 +224,7 @@ def test_malformed_corruption_file_through_evaluate(tmp_path: Path, teacher: Pat
     (["--target", "ce", "--prompts", "multi"], ["--prompts", "CLIP's logits"]),
     (["--target", "kd", "--alpha", "0.3"], ["--alpha", "target kd, feature loss cosine"]),
     (["--target", "kd", "--clip-tau", "50"], ["--clip-tau", "CLIP's logits"]),
+    (["--target", "kd", "--alpha", "0"], ["--alpha", "target richkd"]),  # 0 is a value, not "off"
     (["--target", "clip", "--lam", "0.5"], ["--lam", "eq. 7"]),
     (["--feature-loss", "none", "--gamma", "2"], ["--gamma", "a feature loss", "feature loss none"]),
     (["--teacher-checkpoint", "teacher.pth"], ["--teacher-checkpoint", "--online"]),
@@ -245,6 +246,8 @@ def test_recipe_settings_follow_the_target_the_flags_choose_and_defaults_never_c
         train_settings(recipe, {"target": "ce", "alpha": 0.5}, "train")
     assert train_settings(None, {"student": "resnet8", "target": "ce"}, "train") == {"student": "resnet8",
                                                                                     "target": "ce"}
+    off = {"student": "resnet8", "target": "ce", "clip_renormalize": False, "method": "none", "feature_loss": "none"}
+    assert train_settings(None, off, "train")["method"] is None  # switching an unused thing off is consistent
     monkeypatch.setattr(cli, "load_recipe", lambda name: {"student": "resnet8", "target": "kd", "alpha": 0.5})
     with pytest.raises(ConfigError, match="the recipe setting alpha .*target kd"):  # a recipe at odds with itself
         train_settings("odd", {}, "train")
