@@ -154,8 +154,8 @@ def check_values(array: zarr.Array, name: str, values: np.ndarray, start: int, u
             what = "non-finite values (NaN or Inf)" if floating else "class indices out of range"
             coords = block_coords(array, int(rows[0]) // step)
             raise CacheError(f"cache {url}: array {name} holds {what} in row(s) {describe_samples(rows)} "
-                             f"(chunk {array.metadata.encode_chunk_key(coords)}, {chunk_rows(array, coords)}) "
-                             "though its checksum holds; the cache is damaged: rebuild it")
+                             f"(chunk {array.metadata.encode_chunk_key(coords)}, {chunk_rows(array, coords)})"
+                             "; no model writes these, so the cache is damaged: rebuild it")
 
 
 def damage(array: zarr.Array, name: str, coords: tuple[int, ...], error: Exception) -> str:

@@ -251,7 +251,7 @@ class CacheReader:
         value); None when every row does (a complete part, a prompt set, a flags array)."""
         spec = self.arrays().get(name)
         flags = flags_of(name, self.clips)
-        if spec is None or len(spec.shape) == 1 and spec.dtype == "bool" or self._flags_complete(flags):
+        if spec is None or spec.dtype == "bool" or self._flags_complete(flags):
             return None
         if flags not in self._flags:
             self._flags[flags] = read_checked(self.group[flags], flags, slice(None), self.url)
