@@ -22,7 +22,9 @@ from cache_store.errors import CacheError
 LOCAL_SCHEME = "file://"
 # What zarr raises for a location that holds no group, and for one whose metadata or zip is damaged.
 _NOT_THERE = (GroupNotFoundError, FileNotFoundError, KeyError)
-_DAMAGED = (ValueError, zipfile.BadZipFile, NotADirectoryError)
+# zarr parses zarr.json without checking its shape: a list where an object belongs raises TypeError, and a
+# document nested thousands of levels deep exhausts the JSON parser's recursion.
+_DAMAGED = (ValueError, TypeError, AttributeError, RecursionError, zipfile.BadZipFile, NotADirectoryError)
 
 
 def is_remote(url: str) -> bool:
@@ -34,7 +36,23 @@ def local_path(url: str) -> str:
     return url[len(LOCAL_SCHEME) :] if url.startswith(LOCAL_SCHEME) else url
 
 
+def check_filesystem(url: str) -> None:
+    """The fsspec filesystem a remote location needs is known and installed (s3fs for s3://, gcsfs for
+    gs://): said in one line before anything reads or computes, not when the first write fails."""
+    if not is_remote(url):
+        return
+    protocol = url.split("::")[-1].split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as e:
+        raise CacheError(f"{url} needs a package that is not installed ({e}; for object stores: "
+                         "pip install 'richkd-cache[s3]' or 'richkd-cache[gcs]')") from None
+    except ValueError as e:
+        raise CacheError(f"{url}: {e} (local paths, s3://, gs:// and other fsspec URLs are understood)") from None
+
+
 def open_store(url: str, read_only: bool) -> Store:
+    check_filesystem(url)
     if url.endswith(".zip"):
         if not read_only:
             raise CacheError(f"{url} is a packed cache, which is read-only; build into a directory and pack it")

@@ -15,7 +15,17 @@ import numpy as np
 import zarr
 
 from cache_store.errors import CacheError
-from cache_store.schema import CHECKSUM_CODEC, ArraySpec, CacheLayout, ClipLayout, check_array
+from cache_store.schema import (
+    CHECKSUM_CODEC,
+    STORED_BYTE_ORDER,
+    ArraySpec,
+    CacheLayout,
+    ClipLayout,
+    bad_rows,
+    check_array,
+    describe_dtype,
+    describe_samples,
+)
 
 
 def text_arrays(group: zarr.Group, clip: ClipLayout) -> list[str]:
@@ -42,12 +52,26 @@ def check_array_metadata(group: zarr.Group, layout: CacheLayout, clips: dict[str
         if array is None or (keys is not None and f"{name}/zarr.json" not in keys):
             raise CacheError(f"cache {url} lacks array {name}; the cache is damaged, rebuild it")
         if name in arrays:
-            check_array(name, arrays[name], array.dtype, array.shape, url)
+            check_array(name, arrays[name], stored_dtype(array), array.shape, array.chunks, url)
             continue
         d = text[name].embed_dim
-        if array.dtype != np.float32 or array.ndim != 3 or array.shape[1:] != (layout.num_classes, d):
-            raise CacheError(f"cache {url}: prompt set {name} is {array.dtype} {array.shape}, "
-                             f"its manifest says float32 (M, {layout.num_classes}, {d})")
+        if stored_dtype(array) != np.dtype(f"{STORED_BYTE_ORDER}f4") or array.ndim != 3 \
+                or array.shape[1:] != (layout.num_classes, d) or array.chunks != array.shape:
+            raise CacheError(f"cache {url}: prompt set {name} is {describe_dtype(stored_dtype(array))} {array.shape} "
+                             f"in chunks of {array.chunks}, its manifest says float32 (M, {layout.num_classes}, {d}) "
+                             "in one chunk")
+
+
+def stored_dtype(array: zarr.Array) -> np.dtype:
+    """The dtype as the chunks hold it, byte order included: zarr reports the native dtype whatever byte
+    order its `bytes` codec declares, so a flipped `endian` would read every value byte-swapped."""
+    dtype = np.dtype(array.dtype)
+    for codec in array.metadata.codecs:
+        config = codec.to_dict()
+        if config.get("name") == "bytes":
+            endian = (config.get("configuration") or {}).get("endian")
+            return dtype.newbyteorder({"little": "<", "big": ">"}.get(endian, "="))
+    return dtype
 
 
 def has_checksum(array: zarr.Array) -> bool:
@@ -90,16 +114,48 @@ def missing_chunks(group: zarr.Group, keys: set[str], arrays: dict[str, np.ndarr
     return problems
 
 
-def read_checked(array: zarr.Array, name: str, selection: Any, url: str) -> np.ndarray:
-    """array[selection]; a chunk that fails its checksum or does not decode is named in one line."""
+def read_checked(array: zarr.Array, name: str, selection: Any, url: str, written: np.ndarray | None = None,
+                 num_classes: int | None = None) -> np.ndarray:
+    """array[selection]; a chunk that fails its checksum or does not decode is named in one line, and so
+    are values no model or dataset produces (NaN/Inf, with `num_classes` a class index out of range) in
+    the rows of written blocks (`written`: [num_blocks] bool flags; None: every row is written). A valid
+    checksum only says the bytes are those written: a NaN written under it must not reach training."""
     try:
-        return array[selection]
+        values = array[selection]
     except Exception as error:  # zarr's codecs raise ValueError, RuntimeError, ... on damaged bytes
         coords = damaged_chunk(array, selection)
         if coords is None:
             raise
         raise CacheError(f"cache {url}: {damage(array, name, coords, error)}; "
                          "the cache is damaged: copy it again or rebuild it") from None
+    check_values(array, name, values, first_row(array, selection), url, written, num_classes)
+    return values
+
+
+def first_row(array: zarr.Array, selection: Any) -> int:
+    """The first-axis index of the first row `array[selection]` returns (a slice or (slice, ...) selection)."""
+    rows = selection[0] if isinstance(selection, tuple) else selection
+    return rows.indices(array.shape[0])[0] if isinstance(rows, slice) else 0
+
+
+def check_values(array: zarr.Array, name: str, values: np.ndarray, start: int, url: str,
+                 written: np.ndarray | None, num_classes: int | None) -> None:
+    """Refuse rows of written blocks that hold what no model writes, chunk by chunk (the scan's temporary
+    memory is one chunk's, and it stops at the first damaged chunk). `values` are rows start.. of `array`."""
+    floating = np.issubdtype(values.dtype, np.floating)
+    if values.ndim == 0 or not (floating or num_classes is not None):
+        return
+    step = array.chunks[0]
+    for offset in range(0, len(values), step):
+        rows = bad_rows(name, values[offset : offset + step], num_classes or 0) + start + offset
+        if written is not None:
+            rows = rows[written[rows // step]]  # unwritten blocks hold the fill value (NaN, -1) by design
+        if rows.size:
+            what = "non-finite values (NaN or Inf)" if floating else "class indices out of range"
+            coords = block_coords(array, int(rows[0]) // step)
+            raise CacheError(f"cache {url}: array {name} holds {what} in row(s) {describe_samples(rows)} "
+                             f"(chunk {array.metadata.encode_chunk_key(coords)}, {chunk_rows(array, coords)})"
+                             "; no model writes these, so the cache is damaged: rebuild it")
 
 
 def damage(array: zarr.Array, name: str, coords: tuple[int, ...], error: Exception) -> str:

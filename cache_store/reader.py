@@ -76,6 +76,7 @@ class CacheReader:
         self.clips: dict[str, ClipLayout] = clip_layouts(manifest)  # every CLIP model, by name
         self.clip_records: dict[str, dict] = clip_records(manifest)  # their manifest entries, with `status`
         self.keys = keys  # every key stored when the cache was opened
+        self._flags: dict[str, np.ndarray] = {}  # flags arrays read, by name (the reader never writes)
 
     # ------------------------------------------------------------ structure
 
@@ -240,7 +241,27 @@ class CacheReader:
     # ------------------------------------------------------------ reading
 
     def _read(self, name: str, selection: slice | tuple) -> np.ndarray:
-        return read_checked(self.group[name], name, selection, self.url)
+        """Chunks checked (crc32c) as they decode, and every row of a written block checked for values no
+        model writes (NaN/Inf, class indices out of range), so no reader trains on or exports them."""
+        return read_checked(self.group[name], name, selection, self.url, self._written_blocks(name),
+                            self.layout.num_classes)
+
+    def _written_blocks(self, name: str) -> np.ndarray | None:
+        """[num_blocks] bool: the blocks of sample-axis array `name` that hold data (the others hold the fill
+        value); None when every row does (a complete part, a prompt set, a flags array)."""
+        spec = self.arrays().get(name)
+        flags = flags_of(name, self.clips)
+        if spec is None or spec.dtype == "bool" or self._flags_complete(flags):
+            return None
+        if flags not in self._flags:
+            self._flags[flags] = read_checked(self.group[flags], flags, slice(None), self.url)
+        return self._flags[flags]
+
+    def _flags_complete(self, flags: str) -> bool:
+        """The part flagged by `flags` (the teacher's, or a CLIP model's own) is complete: every block is written."""
+        if flags == "written":
+            return self.manifest["status"] == STATUS_COMPLETE
+        return all(self.clip_complete(n) for n, c in self.clips.items() if c.written == flags)
 
     def load(self, name: str) -> np.ndarray:
         """One whole array (the fast way: zarr reads each chunk once)."""

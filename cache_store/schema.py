@@ -23,6 +23,7 @@ MANIFEST_KEY = "richkd_cache"
 STATUS_BUILDING, STATUS_COMPLETE = "building", "complete"
 CLIP_GROUP = "clip"
 CLASS_INDEX_ARRAYS = ("labels", "teacher/topk_indices", "teacher/strong_topk_indices")  # class indices 0..C-1
+STORED_BYTE_ORDER = "<"  # every multi-byte value is stored little-endian (the `bytes` codec's endian)
 CHECKSUM_CODEC = "crc32c"  # zarr v3's core checksum codec, last in every array's codec chain
 # The top-level nodes a cache is made of: `build --overwrite` deletes, and `pack` copies, only keys under
 # these that are zarr metadata or chunk keys (every array of CacheLayout lives under one of them).
@@ -53,6 +54,8 @@ OPTIONAL_LAYOUT_KEYS = ("teacher_topk", "clip_views", "strong_views", "features"
 FORMAT1_CLIP_LAYOUT_KEYS = ("clip_embed_dim", "clip_feature_dim")  # format 2 keeps them per model
 MODELS = ("teacher", "clip")
 CLIP_MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# A prompt set's name: one array under a model's text group, so no nesting, no "." or "..", no hidden name
+PROMPT_SET_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 # A strong view's parameters: crop and flip, two (op, magnitude) pairs, the cutout square
 # (richkd_cache/strong_views.py STRONG_PARAM_NAMES; the manifest's views.strong lists them)
 STRONG_PARAM_DIM = 12
@@ -93,13 +96,12 @@ class CacheLayout:
 
     def __post_init__(self) -> None:
         sizes = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in OPTIONAL_LAYOUT_KEYS}
-        wrong = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or v < 1]
-        if self.clip_views not in (None, 1, self.num_views):
+        wrong = [f"{k}={v!r}" for k, v in sizes.items() if not _is_count(v)]  # JSON true is no count
+        if self.clip_views is not None and not (_is_count(self.clip_views) and self.clip_views in (1, self.num_views)):
             wrong.append(f"clip_views={self.clip_views!r} (must be 1 or num_views={self.num_views})")
-        if self.teacher_topk is not None and not (isinstance(self.teacher_topk, int)
-                                                  and 1 <= self.teacher_topk <= self.num_classes):
+        if self.teacher_topk is not None and not (_is_count(self.teacher_topk) and self.teacher_topk <= self.num_classes):
             wrong.append(f"teacher_topk={self.teacher_topk!r} (must be 1..num_classes or None)")
-        if self.strong_views is not None and not (isinstance(self.strong_views, int) and self.strong_views >= 1):
+        if self.strong_views is not None and not _is_count(self.strong_views):
             wrong.append(f"strong_views={self.strong_views!r} (must be a positive integer or None)")
         if not isinstance(self.features, (bool, type(None))):
             wrong.append(f"features={self.features!r} (must be true, false or absent)")
@@ -158,6 +160,11 @@ class CacheLayout:
     def arrays(self) -> dict[str, ArraySpec]:
         """The teacher's part, its flags `written` included."""
         return {**self.sample_arrays(), "written": self.flags("written")}
+
+
+def _is_count(value: object) -> bool:
+    """A positive integer, and not a boolean (Python's True is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -295,7 +302,7 @@ def validate_manifest(manifest: object, url: str = "cache") -> None:
             f"{url}: unknown status {manifest['status']!r} (expected {STATUS_BUILDING} or {STATUS_COMPLETE})"
         )
     _check_layout_keys(manifest["layout"], version, url)
-    read_layout(manifest)  # sizes must be valid too
+    _check_dataset(manifest["dataset"], read_layout(manifest), url)  # sizes must be valid too
     if version == 1:
         _check_tau(manifest["clip"]["tau"], "clip.tau", url)
         return
@@ -308,6 +315,23 @@ def _check_layout_keys(layout: object, version: int, url: str) -> None:
     if not isinstance(layout, dict) or not expected - set(OPTIONAL_LAYOUT_KEYS) <= set(layout) <= expected:
         got = sorted(layout) if isinstance(layout, dict) else type(layout).__name__
         raise CacheError(f"{url}: the manifest's layout has keys {got}, format {version} needs {sorted(expected)}")
+
+
+def _check_dataset(dataset: dict, layout: CacheLayout, url: str) -> None:
+    """The manifest agrees with itself: one class name (a string) per class, and the dataset's sizes are
+    the layout's (readers index classes and rows by them)."""
+    classes = dataset["classes"]
+    if not all(isinstance(c, str) for c in classes):
+        odd = next(c for c in classes if not isinstance(c, str))
+        raise CacheError(f"{url}: the manifest's dataset.classes holds {_json_type(odd)} ({odd!r}), not a class "
+                         "name; the cache is damaged, rebuild it")
+    counts = {"dataset.classes": len(classes), "dataset.num_classes": dataset["num_classes"],
+              "layout.num_classes": layout.num_classes}
+    samples = {"dataset.num_samples": dataset["num_samples"], "layout.num_samples": layout.num_samples}
+    for sizes in (counts, samples):
+        if len(set(sizes.values())) > 1:
+            said = ", ".join(f"{k} {v}" for k, v in sizes.items())
+            raise CacheError(f"{url}: the manifest contradicts itself ({said}); the cache is damaged, rebuild it")
 
 
 def _check_clip_model(name: str, record: object, url: str) -> None:
@@ -385,12 +409,26 @@ def describe_samples(samples: np.ndarray, shown: int = 10) -> str:
     return text + (" ..." if len(samples) > shown else "")
 
 
-def check_array(name: str, spec: ArraySpec, dtype: np.dtype, shape: tuple[int, ...], url: str) -> None:
-    if np.dtype(dtype) != np.dtype(spec.dtype) or tuple(shape) != spec.shape:
+def check_array(name: str, spec: ArraySpec, dtype: np.dtype, shape: tuple[int, ...], chunks: tuple[int, ...],
+                url: str) -> None:
+    """The stored dtype (byte order included), shape and chunks are the layout's (a chunk per write block:
+    other chunks would mix writers' blocks, and a chunk of 0 rows holds nothing)."""
+    if np.dtype(dtype) != np.dtype(spec.dtype).newbyteorder(STORED_BYTE_ORDER) or tuple(shape) != spec.shape:
         raise CacheError(
-            f"cache {url}: array {name} is {np.dtype(dtype)} {tuple(shape)}, "
+            f"cache {url}: array {name} is {describe_dtype(dtype)} {tuple(shape)}, "
             f"its manifest says {spec.dtype} {spec.shape}"
         )
+    if tuple(chunks) != spec.chunks:
+        raise CacheError(f"cache {url}: array {name} is stored in chunks of {tuple(chunks)}, its layout says "
+                         f"{spec.chunks}; the cache is damaged, rebuild it")
+
+
+def describe_dtype(dtype: np.dtype) -> str:
+    """`float16`, or `float16 (big-endian)` when the byte order is not the one caches are stored in."""
+    dtype = np.dtype(dtype)
+    if dtype.itemsize == 1 or dtype.str[0] == STORED_BYTE_ORDER:
+        return dtype.name
+    return f"{dtype.name} ({'big' if dtype.str[0] == '>' else 'little'}-endian)"
 
 
 def cache_arrays(layout: CacheLayout, clips: dict[str, ClipLayout]) -> dict[str, ArraySpec]:

@@ -15,7 +15,7 @@ from cache_store._store import open_group_read
 from cache_store.errors import CacheError
 from cache_store.integrity import block_coords, check_array_metadata, chunk_error, chunk_key, damage
 from cache_store.reader import CacheReader, open_cache
-from cache_store.schema import STATUS_COMPLETE, bad_rows, describe_samples, flags_of
+from cache_store.schema import CACHE_KEY, STATUS_COMPLETE, bad_rows, describe_samples, flags_of
 
 NO_CHECKSUMS = "none (written before richkd-cache checksummed chunks: a flipped bit in stored data goes unnoticed)"
 
@@ -57,7 +57,25 @@ def verify_cache(url: str) -> VerifyReport:
     report.problems += reader.missing()
     report.problems += _scan_blocks(reader)
     report.problems += _scan_prompt_sets(reader)
+    report.problems += _zip_entries(reader)
     return report
+
+
+def _zip_entries(reader: CacheReader) -> list[str]:
+    """A packed cache holds the cache's own keys and nothing else (pack copies only those): an entry
+    outside it (`../x`, an absolute path) or any other file is reported. Nothing is ever extracted, but
+    such a zip was not made by `pack`, and "no stray files" holds for zips as for directories' packs."""
+    if not reader.url.endswith(".zip"):
+        return []
+    stray = sorted(k for k in reader.keys if not CACHE_KEY.fullmatch(k))
+    outside = [k for k in stray if k.startswith(("/", "\\")) or ".." in k.replace("\\", "/").split("/")]
+    problems = []
+    for entries, what in ((outside, "entries that point outside the cache"),
+                          ([k for k in stray if k not in outside], "files that are not part of the cache")):
+        if entries:
+            shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+            problems.append(f"the packed cache holds {what} ({shown}): `pack` writes none; pack the cache again")
+    return problems
 
 
 def _clip_model_problems(reader: CacheReader) -> list[str]:

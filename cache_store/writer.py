@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import re
 import uuid
 import warnings
 from collections.abc import Iterable
@@ -42,6 +41,7 @@ from cache_store.schema import (
     CHECKSUM_CODEC,
     FORMAT_VERSION,
     MANIFEST_KEY,
+    PROMPT_SET_NAME,
     WRITE_LEFTOVER,
     STATUS_BUILDING,
     STATUS_COMPLETE,
@@ -61,8 +61,8 @@ COMPRESSOR = ZstdCodec(level=3)
 # crc32c over the compressed chunk, last in the chain: checked before zstd sees the bytes, and a flipped
 # bit in a block zstd stored raw (float16 model outputs barely compress) no longer reads as a wrong value
 COMPRESSORS = (COMPRESSOR, Crc32cCodec())
+STORED_BYTES = BytesCodec(endian="little")  # schema.STORED_BYTE_ORDER, whatever the machine's
 STORE_PACKAGES = ("zarr", "numpy", "numcodecs")
-PROMPT_SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # one array name under a model's text group, no nesting
 # What makes two CLIP entries under one name the same model (and so a resumable, not a clashing, one).
 CLIP_IDENTITY = ("arch", "pretrained", "checkpoint_sha256", "embed_dim", "feature_dim")
 
@@ -142,7 +142,7 @@ def _create_missing_arrays(group: zarr.Group, arrays: dict, replace: bool = Fals
         if replace or f"{spec.name}/zarr.json" not in existing:
             group.create_array(
                 spec.name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill_value,
-                serializer=BytesCodec(), compressors=COMPRESSORS, overwrite=True,
+                serializer=STORED_BYTES, compressors=COMPRESSORS, overwrite=True,
             )
 
 
@@ -342,7 +342,7 @@ class CacheWriter:
         Storing the same embeddings again is a no-op (a resumed build does it); other embeddings under an
         existing name are refused unless `replace`."""
         if not PROMPT_SET_NAME.fullmatch(name):
-            raise CacheError(f"prompt set name {name!r} may use only letters, digits, '_', '-' and '.'")
+            raise CacheError(f"prompt set name {name!r} may use only letters, digits, '_', '-', and '.' between them")
         clip = self.clip(model)
         embeds = np.asarray(embeds, dtype=np.float32)
         c, d = self.layout.num_classes, clip.embed_dim
@@ -363,7 +363,7 @@ class CacheWriter:
         # stored: a kill between creating and writing leaves an unwritten set the next run writes
         array = self.group.create_array(
             path, shape=embeds.shape, chunks=embeds.shape, dtype="float32", fill_value=np.nan,
-            serializer=BytesCodec(), compressors=COMPRESSORS, attributes=attrs, overwrite=True,
+            serializer=STORED_BYTES, compressors=COMPRESSORS, attributes=attrs, overwrite=True,
         )
         array[...] = embeds
         self._keep_consolidated()

@@ -17,6 +17,7 @@ import os
 import shutil
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from cache_store import (
     open_cache,
     open_for_write,
 )
-from cache_store._store import is_remote, local_path
+from cache_store._store import check_filesystem, is_remote, local_path
 from cache_store.schema import ClipLayout, clip_model_name
 from pipelines.cached import clean_views
 from pipelines.config import BuildConfig, resolve_device
@@ -76,6 +77,8 @@ from richkd_cache.views import (
 )
 from richkd_cache.prompts import (
     PromptSet,
+    check_prompt_set_name,
+    class_prompts,
     get_prompt_set,
     load_prompt_file,
     prompt_set_manifest,
@@ -104,13 +107,14 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
     computes a contiguous share of the pending blocks."""
     ctx = init_distributed(cfg.device)
     try:
+        check_filesystem(cfg.out)  # an s3:// cache without s3fs fails here, not after the models load
         device = resolve_device(rank_device(cfg.device, ctx))
         dataset = create_dataset(cfg.dataset, cfg.data_root, cfg.split, image_size=cfg.image_size, resize=cfg.resize)
         views = view_policies(cfg, image_size(dataset))
         check_view_table(len(dataset), views["teacher"]["num_views"], cfg.strong_views)
+        prompt_sets = [resolve_prompt_set(p, cfg.dataset, dataset.classes) for p in cfg.prompts]  # before the models
         teacher = setup_teacher(cfg.teacher, cfg.teacher_checkpoint, dataset, device)
         models = {name: load_clip(spec, device=device) for name, spec in clip_specs(cfg).items()}
-        prompt_sets = [resolve_prompt_set(p, cfg.dataset) for p in cfg.prompts]
         params = view_params(views["teacher"]["policy"], len(dataset), image_size(dataset), cfg.view_seed)  # (N, V, 5)
         strong = (draw_strong_views(len(dataset), cfg.strong_views, image_size(dataset), cfg.view_seed)
                   if cfg.strong_views else None)  # (N, K, 12): the views MLKD's second input is drawn from
@@ -239,11 +243,18 @@ def recorded_teacher(given: str | None, recorded: dict) -> str:
     return path
 
 
-def resolve_prompt_set(name_or_file: str, dataset: str) -> PromptSet:
-    """A shipped set by name, or a user set from a .toml/.json file."""
+def resolve_prompt_set(name_or_file: str, dataset: str, classes: list[str], name: str | None = None) -> PromptSet:
+    """A shipped set by name, or a user set from a .toml/.json file (stored as `name` when given), checked
+    against the dataset's classes: a bad file is refused before any model is loaded."""
+    if name is not None:
+        check_prompt_set_name(name, "--name")
     if name_or_file.endswith((".toml", ".json")):
-        return load_prompt_file(name_or_file)
-    return get_prompt_set(name_or_file, dataset)
+        prompt_set = load_prompt_file(name_or_file, name)
+    else:
+        prompt_set = get_prompt_set(name_or_file, dataset)
+        prompt_set = dataclasses.replace(prompt_set, name=name) if name else prompt_set
+    class_prompts(prompt_set, classes)  # every template fills, every synonym names a class
+    return prompt_set
 
 
 def image_size(dataset: ImageDataset) -> int:

@@ -24,9 +24,12 @@ from pipelines.config import (
     TrainConfig,
     check_fields,
     check_range,
+    check_used,
+    check_values,
     list_recipes,
     load_recipe,
     parse_method_params,
+    unused_settings,
 )
 from pipelines.progress import Reporter
 from richkd_cache.distill.adaptive import parse_alpha
@@ -107,6 +110,8 @@ def parse_seeds(value: str) -> tuple[int, ...]:
     seeds = parse_numbers("--seeds", value, int)
     if not seeds or len(set(seeds)) < len(seeds):
         raise ConfigError(f"--seeds takes one or more distinct seeds (e.g. 0,1,2), got {value!r}")
+    for seed in seeds:  # every one before the first is trained
+        check_range("seed", seed)
     return seeds
 
 
@@ -160,6 +165,7 @@ def train_settings(recipe: str | None, given: dict[str, Any], command: str, new_
     The recipe's method settings (temperature, beta, method_params) belong to the recipe's method: they
     are dropped when the method changes (`new_method`: it is swept) or no logit loss is trained."""
     settings: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    flags = {k for k, v in given.items() if v is not None}
     method = given.get("method")
     if new_method or (method is not None and method != settings.get("method")) or given.get("target") == "ce":
         for key in METHOD_SETTINGS:
@@ -175,6 +181,12 @@ def train_settings(recipe: str | None, given: dict[str, Any], command: str, new_
         settings["feature_loss"] = None  # the default, cosine, has nothing to distill on a logits-only cache
     if "milestones" in settings:
         settings["milestones"] = tuple(settings["milestones"])
+    if flags & {"target", "method", "feature_loss"}:  # the recipe's settings for the losses the flags replaced
+        for key, _ in unused_settings(settings):
+            if key not in flags:
+                settings.pop(key)
+    check_values(settings)  # a value out of range is named first, whether or not the run reads it
+    check_used(settings, flags)
     if "student" not in settings:
         raise ConfigError("--student is required (or a --recipe that names one)")
     check_fields(TrainConfig, settings, command)
@@ -250,6 +262,10 @@ def train(
     }
     params = parse_method_params(method_param) if method_param else None
     settings = train_settings(recipe, {**given, "feature_loss": feature_loss, "method_params": params}, "train")
+    model_files = [f for f, v in (("--teacher-checkpoint", teacher_checkpoint), ("--clip-checkpoint", clip_checkpoint)) if v]
+    if model_files and not online:
+        raise ConfigError(f"{' and '.join(model_files)} set, but only --online runs the models: drop "
+                          f"{'it' if len(model_files) == 1 else 'them'} or add --online")
     base = TrainConfig(out=out, device=device, cache_device=cache_device,
                        workers=workers, resume=resume, overwrite=overwrite, quiet=quiet, online=online,
                        teacher_checkpoint=teacher_checkpoint, clip_checkpoint=clip_checkpoint, **settings)
@@ -464,8 +480,10 @@ def sweep(
     axes = {name: v for name, v in values.items() if len(v) > 1}  # one value: a fixed setting
     fixed = {"student": student, "cache": cache, "dataset": dataset, "data_root": data_root, "epochs": epochs,
              "batch_size": batch_size, "lr": lr}
-    settings = train_settings(recipe, {**fixed, **{k: v[0] for k, v in values.items() if len(v) == 1}}, "sweep",
-                              new_method="method" in axes)
+    # one value is a fixed setting; "none" (None here) switches a loss off, as train's flag does
+    one = {k: "none" if v[0] is None else v[0] for k, v in values.items() if len(v) == 1}
+    settings = train_settings(recipe, {**fixed, **one}, "sweep", new_method="method" in axes)
+    check_used({**settings, **{k: v[0] for k, v in axes.items()}}, set(values))  # a swept setting is read too
     seed_list = parse_seeds(seeds)
     base = TrainConfig(out=out, device=device, workers=workers, quiet=True, **settings)
     result = run_sweep(Sweep(base, axes, seed_list), Reporter(err_console, quiet=quiet), jobs)

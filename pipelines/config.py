@@ -141,6 +141,63 @@ _SHORTHANDS = {"temperature": ("temperature", "the distillation temperature"),
                "beta": ("weight", "the weight of the logit loss, eq. 9")}
 
 
+# Settings only some runs read, and what a run needs for each to be read: a target that fuses CLIP in,
+# one that distills at all, or a feature loss. Each test sees (target, feature loss) as resolved.
+_CLIP_SETTINGS = ("prompts", "clip_tau", "clip_renormalize", "clip_model")
+_USED_WHEN: dict[str, tuple[str, Any]] = {
+    "alpha": ("target richkd (the teacher's weight in the fused logits, eq. 4)", lambda t, f: t == "richkd"),
+    "lam": ("target richkd and a feature loss (the teacher's weight in the fused features, eq. 7)",
+            lambda t, f: t == "richkd" and f is not None),
+    "gamma": ("a feature loss (its weight, eq. 9)", lambda t, f: t != "ce" and f is not None),
+    "feature_loss": ("a target that distills (kd, clip or richkd)", lambda t, f: t != "ce" or f is None),
+    **{key: ("a target with CLIP's logits (clip or richkd)", lambda t, f: t in ("clip", "richkd"))
+       for key in _CLIP_SETTINGS},
+    **{key: ("a target that distills (kd, clip or richkd)", lambda t, f: t != "ce")
+       for key in ("method", "temperature", "beta", "method_params")},
+}
+
+
+def resolved_losses(settings: dict[str, Any]) -> tuple[str, str | None]:
+    """(target, feature loss) of a run's settings as TrainConfig resolves them."""
+    target = settings.get("target") or ("richkd" if settings.get("cache") else "ce")
+    return target, settings.get("feature_loss", TrainConfig.feature_loss)
+
+
+def unused_settings(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    """(setting, what would read it) for each setting of `settings` (those a flag or a recipe gave: defaults
+    are not in it) that the run it resolves to would not read. `--method none` and `--feature-loss none`
+    say "no such loss" and are always consistent."""
+    target, feature_loss = resolved_losses(settings)
+    return [(key, needs) for key, (needs, used) in _USED_WHEN.items()
+            if not _off(settings.get(key)) and not used(target, feature_loss)]
+
+
+def _off(value: object) -> bool:
+    """Not given, or given as "nothing" (no method parameters, --no-clip-renormalize); 0 is a value."""
+    return value is None or value is False or (isinstance(value, dict) and not value)
+
+
+def check_used(settings: dict[str, Any], flags: set[str]) -> None:
+    """A setting the run would not read is an error, never silently ignored (`--target ce --alpha 0.3`
+    trains plain cross-entropy): one line naming each such setting, whether a flag (`flags`: the
+    settings given on the command line) or the recipe gave it, and what would read it."""
+    unused = unused_settings(settings)
+    if not unused:
+        return
+    target, feature_loss = resolved_losses(settings)
+    run = f"target {target}" + ("" if target == "ce" else f", feature loss {feature_loss or 'none'}")
+    named = [f"{flag_name(key) if key in flags else f'the recipe setting {key}'} (read only with {needs})"
+             for key, needs in unused]
+    them = "it" if len(unused) == 1 else "them"
+    raise ConfigError(f"{'; '.join(named)} set, but this run ({run}) would not use {them}: drop {them} or "
+                      "change the target")
+
+
+def flag_name(key: str) -> str:
+    """The command-line flag of a TrainConfig field (`method_params` -> `--method-param`)."""
+    return "--method-param" if key == "method_params" else f"--{key.replace('_', '-')}"
+
+
 def logit_params(cfg: TrainConfig) -> dict[str, float] | None:
     """The logit method's parameters as trained: its reference values, replaced by the recipe's and the
     flags'. None when no logit loss is trained. A setting the method does not use is an error, never ignored."""
@@ -201,8 +258,9 @@ class Range:
     meaning: str = ""
 
     def __str__(self) -> str:
-        low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high:g}"
+        number = "{:d}" if self.integer else "{:g}"  # a seed's bound in full, not 4.29497e+09
+        low = "-inf" if self.low is None else number.format(self.low)
+        high = "inf" if self.high is None else number.format(self.high)
         left = "(" if self.open_low or self.low is None else "["
         right = ")" if self.open_high or self.high is None else "]"
         return f"{left}{low}, {high}{right}"
@@ -236,7 +294,8 @@ RANGES: dict[str, Range] = {
     "milestones": Range(1, None, integer=True, meaning="epochs"),
     "warmup_epochs": Range(0, None, integer=True),
     "min_lr": Range(0, None),
-    "seed": Range(0, None, integer=True),
+    # torch takes 64-bit seeds and each epoch's stream is seed x 100,003 + epoch: 32 bits keep that in range
+    "seed": Range(0, 2**32 - 1, integer=True, meaning="a 32-bit seed"),
     "view_seed": Range(0, None, integer=True),
     "workers": Range(0, None, integer=True),
     "jobs": Range(1, None, integer=True),  # sweep's runs at once
@@ -259,13 +318,17 @@ def check_range(name: str, value: object) -> None:
 
 def check_settings(config: object) -> None:
     """Range-check every field of a config that has a range (None means "the default" and passes)."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if f.name == "alpha" and value in ALPHA_RULES:  # an adaptive rule instead of a fixed weight
+    check_values({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+
+
+def check_values(settings: dict[str, Any]) -> None:
+    """Range-check every setting that has a range, by name (a list is checked item by item)."""
+    for name, value in settings.items():
+        if name == "alpha" and value in ALPHA_RULES:  # an adaptive rule instead of a fixed weight
             continue
-        if f.name in RANGES and value is not None:
+        if name in RANGES and value is not None:
             for item in value if isinstance(value, (tuple, list)) else (value,):
-                check_range(f.name, item)
+                check_range(name, item)
 
 
 def load_recipe(name: str) -> dict[str, Any]:

@@ -7,8 +7,6 @@ against the manifest before anything is written.
 
 from __future__ import annotations
 
-import dataclasses
-
 from cache_store import open_cache, open_for_write
 from pipelines.build import resolve_prompt_set
 from pipelines.config import resolve_device
@@ -35,9 +33,7 @@ def add_to_model(url: str, reader, model: str, name_or_file: str, name: str | No
                  device: str) -> str:
     recorded = reader.clip_records[model]
     dataset = reader.manifest["dataset"]
-    prompt_set = resolve_prompt_set(name_or_file, dataset["name"])
-    if name:
-        prompt_set = dataclasses.replace(prompt_set, name=name)
+    prompt_set = resolve_prompt_set(name_or_file, dataset["name"], dataset["classes"], name)  # before CLIP loads
     spec = resolve_clip(recorded["requested"], recorded.get("pretrained"), clip_checkpoint, recorded_activation(recorded))
     clip = load_clip(spec, device=str(resolve_device(device)))
     if not same_weights(clip.manifest(), recorded):

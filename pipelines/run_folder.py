@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from pipelines.config import TrainConfig
 from richkd_cache.errors import ConfigError
 from richkd_cache.files import atomic_path
 from richkd_cache.models import save_checkpoint
+from richkd_cache.models.checkpoint import atomic_torch_save, holds_code, load_plain_data
 
 # Settings that do not change what a run computes; everything else must match to resume.
 _NOT_IDENTITY = ("resume", "overwrite", "quiet", "epochs", "workers", "device", "cache_device", "out",
@@ -62,10 +62,16 @@ class RunFolder:
         self.identity = ""  # set by `start`, from the settings the run resolved
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"--out {self.out} is a file, not a run folder")
-        existing = [name for name in RUN_FILES if (self.out / name).exists()]
-        if existing and not (cfg.resume or cfg.overwrite):
+        present = [name for name in RUN_FILES if (self.out / name).exists()]
+        self.own = own_files(self.out, present)
+        foreign = [name for name in present if name not in self.own]
+        if foreign:  # training would write over them, and --overwrite must never delete them
             raise ConfigError(
-                f"{self.out} already holds a run ({', '.join(existing)}); continue it with --resume, "
+                f"{self.out} holds {', '.join(foreign)}, which no richkd-cache run wrote (a run writes files of "
+                "these names); nothing was changed: move them away or choose another --out")
+        if self.own and not (cfg.resume or cfg.overwrite):
+            raise ConfigError(
+                f"{self.out} already holds a run ({', '.join(self.own)}); continue it with --resume, "
                 "replace it with --overwrite, or choose another --out"
             )
 
@@ -77,7 +83,7 @@ class RunFolder:
             if self.cfg.resume else None
         if self.is_main:
             if state is None and self.cfg.overwrite:
-                for name in RUN_FILES:
+                for name in self.own:
                     (self.out / name).unlink(missing_ok=True)
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "config.json", settings)
@@ -102,14 +108,44 @@ class RunFolder:
         return summary
 
 
+def own_files(out: Path, names: list[str]) -> list[str]:
+    """Those of `names` (files of RUN_FILES in `out`) that a run of this tool wrote, known by what they hold,
+    never by their names: the folder is a run when its config.json is one's record (the settings a run
+    resolved); its metrics, summary and resume file are then the run's (resume.pth is checked when read);
+    a checkpoint is a run's when its metadata names the run's settings (`richkd.config`)."""
+    is_run = "config.json" in names and _is_run_record(out / "config.json")
+    return [name for name in names if (_is_run_checkpoint(out / name) if name in ("last.pth", "best.pth")
+                                       else is_run)]
+
+
+def _is_run_record(path: Path) -> bool:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(record, dict) and {"student", "target", "seed", "out", "epochs"} <= set(record)
+
+
+def _is_run_checkpoint(path: Path) -> bool:
+    """Loaded as plain data only (a file in --out is untrusted), memory-mapped: its tensors are not read."""
+    try:
+        payload = load_plain_data(path, mmap=True)  # its tensors are never read
+    except Exception:  # not a checkpoint torch can read as plain data: not one of ours
+        return False
+    meta = payload.get("richkd") if isinstance(payload, dict) else None
+    return isinstance(meta, dict) and "config" in meta and "model" in payload
+
+
 @contextmanager
 def _writing(path: Path) -> Iterator[None]:
     """A full disk or a vanished folder while saving is one line naming the file; the previous
     version of the file stays intact (every write goes through a temporary file)."""
+    existed = path.exists()
     try:
         yield
     except OSError as e:
-        raise ConfigError(f"could not write {path}: {e.strerror or e}; the previous {path.name} is intact") from e
+        kept = f"the previous {path.name} is intact" if existed else "nothing was written there"
+        raise ConfigError(f"could not write {path}: {e.strerror or e}; {kept}") from e
 
 
 def save_run(out: Path, cfg: TrainConfig, identity: str, student, objective, optimizer, scheduler, state: RunState,
@@ -128,7 +164,7 @@ def save_run(out: Path, cfg: TrainConfig, identity: str, student, objective, opt
         "scheduler": scheduler.state_dict(),
         "state": asdict(state),
     }
-    atomic_torch_save(resume, out / "resume.pth")
+    save_resume(resume, out / "resume.pth")
     write_metrics(out / "metrics.parquet", state.history)
 
 
@@ -145,9 +181,11 @@ def restore(path: Path, identity: str, student, objective, optimizer, scheduler)
     if not path.exists():
         return None
     try:
-        with torch.serialization.safe_globals(_RESUME_TYPES):
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_plain_data(path, "cpu", _RESUME_TYPES)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        refusal = holds_code(path, e, _RESUME_TYPES)
+        if refusal:
+            raise ConfigError(f"{refusal}; use --overwrite to start the run again") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path} is damaged or not a resume file ({first}); "
                           "use --overwrite to start the run again") from e
@@ -166,9 +204,9 @@ def restore(path: Path, identity: str, student, objective, optimizer, scheduler)
                           "use --overwrite to start the run again") from e
 
 
-def atomic_torch_save(obj: dict, path: Path) -> None:
-    with _writing(path), atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def save_resume(obj: dict, path: Path) -> None:
+    with _writing(path):
+        atomic_torch_save(obj, path)
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -12,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from typer.testing import CliRunner
 
 from cache_store import CacheError, create_cache, open_cache, open_for_write, pack_cache, verify_cache
 from cache_store import writer as cache_writer
@@ -121,6 +121,13 @@ def test_a_corrupt_array_zarr_json_is_reported_and_a_rebuild_keeps_the_cache(cac
     (lambda m: m["dataset"].update(num_classes=True), r"field dataset.num_classes is a boolean"),
     (lambda m: m["clip_models"]["tiny"].update(tau=-1.0), r"clip_models.tiny.tau is -1.0, not a positive number"),
     (lambda m: m["clip_models"]["tiny"].update(status="half"), r"CLIP model tiny has unknown status 'half'"),
+    # a manifest that contradicts itself
+    (lambda m: m["dataset"].update(classes=["c0"]),
+     r"contradicts itself \(dataset.classes 1, dataset.num_classes 10, layout.num_classes 10\)"),
+    (lambda m: m["dataset"].update(classes=list(range(10))), r"dataset.classes holds an integer \(0\), not a class name"),
+    (lambda m: m["layout"].update(num_views=True), r"invalid cache layout: num_views=True"),
+    (lambda m: m["layout"].update(clip_views=True), r"invalid cache layout: clip_views=True"),
+    (lambda m: m["dataset"].update(num_samples=99), r"dataset.num_samples 99, layout.num_samples 100"),
 ])
 def test_a_manifest_of_the_wrong_shape_is_refused_naming_the_field(cache: Path, change, field: str) -> None:
     group = zarr.open_group(str(cache), mode="r+", use_consolidated=False)
@@ -131,6 +138,8 @@ def test_a_manifest_of_the_wrong_shape_is_refused_naming_the_field(cache: Path, 
     with pytest.raises(CacheError, match=field):
         open_cache(str(cache))
     assert len(verify_cache(str(cache)).problems) == 1
+    result = cli("verify", cache)
+    assert result.exit_code == 1 and re.search(field, result.output), result.output
 
 
 # ------------------------------------------------------------------ kill windows
@@ -324,9 +333,9 @@ def built(tmp_path_factory) -> Path:
 
 
 def cli(*args: object):
-    from pipelines.cli import app
+    from clirun import invoke
 
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return invoke(*args)
 
 
 def test_every_command_names_a_damaged_chunk_in_one_line_before_training(built: Path, tmp_path: Path) -> None:
@@ -364,3 +373,96 @@ def test_pack_command_keeps_an_existing_zip_unless_told(built: Path, tmp_path: P
     assert packed.read_bytes() == b"mine"
     assert cli("pack", built, packed, "--overwrite").exit_code == 0
     assert cli("verify", packed).exit_code == 0
+
+
+def write_under_checksum(cache: Path, name: str, row: int, value: float) -> None:
+    """Store `value` in one row of an array as the writer would: a new chunk with a valid crc32c."""
+    array = zarr.open_array(str(cache / name), mode="r+")
+    array[row, 0, 0] = value
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_info_export_and_train_refuse_a_nan_written_under_a_valid_checksum(built: Path, tmp_path: Path,
+                                                                           value: float) -> None:
+    cache = tmp_path / "nan.zarr"
+    shutil.copytree(built, cache)
+    write_under_checksum(cache, "teacher/logits", 130, value)
+    named = "array teacher/logits holds non-finite values (NaN or Inf) in row(s) 130 (chunk c/2/0/0, rows 128..191)"
+    export = tmp_path / "soft.parquet"
+    for command in (["info", cache], ["export", cache, "--out", export],
+                    ["train", "--cache", cache, "--student", "resnet8", "--epochs", "1", "--device", "cpu",
+                     "--workers", "0", "--quiet", "--out", tmp_path / "run"]):
+        result = cli(*command)
+        assert result.exit_code == 2 and named in result.output, result.output
+        assert "Traceback" not in result.output and "epoch" not in result.output and "complete" not in result.output
+    assert not export.exists() and not (tmp_path / "run" / "last.pth").exists()
+    result = cli("verify", cache)
+    assert result.exit_code == 1 and "teacher/logits: non-finite values in sample(s) 130" in result.output
+
+
+def test_a_nan_in_an_unwritten_block_is_the_fill_value_and_one_in_a_written_block_is_refused(tmp_path: Path) -> None:
+    url = tmp_path / "c.zarr"
+    build(str(url), blocks=[0, 1], finalize=False)  # blocks 2.. hold the NaN fill value: not damage
+    reader = open_cache(str(url), require_complete=False)
+    assert np.isnan(reader.load("teacher/features")[32:]).all()
+    write_under_checksum(url, "clip/tiny/features", 20, np.nan)
+    with pytest.raises(CacheError, match=r"array clip/tiny/features holds non-finite values .* row\(s\) 20 "):
+        open_cache(str(url), require_complete=False).load("clip/tiny/features")
+    zarr.open_array(str(url / "labels"), mode="r+")[3] = 10  # a class index no dataset of 10 classes has
+    with pytest.raises(CacheError, match=r"array labels holds class indices out of range in row\(s\) 3 "):
+        open_cache(str(url), require_complete=False).load("labels")
+
+
+def test_a_byte_order_flipped_in_the_consolidated_metadata_is_refused(built: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "swapped.zarr"
+    shutil.copytree(built, cache)
+    root = json.loads((cache / "zarr.json").read_text())
+    codecs = root["consolidated_metadata"]["metadata"]["teacher/logits"]["codecs"]
+    next(c for c in codecs if c["name"] == "bytes")["configuration"]["endian"] = "big"  # '<f2' -> '>f2'
+    (cache / "zarr.json").write_text(json.dumps(root))
+    named = "array teacher/logits is float16 (big-endian) (1442, 1, 10), its manifest says float16"
+    for command in (["info", cache], ["train", "--cache", cache, "--student", "resnet8", "--epochs", "1",
+                                      "--device", "cpu", "--workers", "0", "--quiet", "--out", tmp_path / "run"]):
+        result = cli(*command)
+        assert result.exit_code == 2 and named in result.output, result.output
+    result = cli("verify", cache)
+    assert result.exit_code == 1 and named in result.output
+
+
+def chunk_shape_zero(cache: Path) -> None:
+    root = json.loads((cache / "zarr.json").read_text())
+    root["consolidated_metadata"]["metadata"]["teacher/logits"]["chunk_grid"]["configuration"]["chunk_shape"] = [0, 1, 10]
+    (cache / "zarr.json").write_text(json.dumps(root))
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda c: (c / "zarr.json").write_text("[1, 2]"), ["is not a readable zarr group", "TypeError"]),
+    (lambda c: (c / "zarr.json").write_text("[" * 100_000 + "]" * 100_000), ["is not a readable zarr group",
+                                                                              "RecursionError"]),
+    (chunk_shape_zero, ["array teacher/logits is stored in chunks of (0, 1, 10), its layout says (64, 1, 10)"]),
+])
+def test_a_root_zarr_json_of_the_wrong_shape_or_a_chunk_of_zero_rows_is_one_line(built: Path, tmp_path: Path,
+                                                                                  damage, words) -> None:
+    cache = tmp_path / "odd.zarr"
+    shutil.copytree(built, cache)
+    damage(cache)
+    for command in (["info", cache], ["train", "--cache", cache, "--student", "resnet8", "--epochs", "1",
+                                      "--device", "cpu", "--workers", "0", "--quiet", "--out", tmp_path / "run"]):
+        result = cli(*command)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), result.output
+    result = cli("verify", cache)
+    assert result.exit_code == 1 and all(w in result.output for w in words), result.output
+
+
+def test_verify_flags_zip_entries_outside_the_cache_and_stray_files(built: Path, tmp_path: Path) -> None:
+    packed = tmp_path / "digits.zip"
+    assert cli("pack", built, packed).exit_code == 0
+    with zipfile.ZipFile(packed, "a") as zf:
+        for name in ("../x", "/etc/y", "teacher/../../z", "notes.txt"):
+            zf.writestr(name, b"not the cache's")
+    result = cli("verify", packed)
+    assert result.exit_code == 1, result.output
+    assert "entries that point outside the cache (../x, /etc/y, teacher/../../z)" in result.output
+    assert "files that are not part of the cache (notes.txt)" in result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()

@@ -55,7 +55,8 @@ def refused(result, *words: str) -> None:
     (["--weight-decay", "-0.1"], ["--weight-decay"]),
     (["--clip-tau", "0"], ["--clip-tau"]),
     (["--milestones", "0,10"], ["--milestones", "[1, inf)"]),
-    (["--seeds", "-1"], ["--seed", "[0, inf)"]),
+    (["--seeds", "-1"], ["--seed", "[0, 4294967295]"]),
+    (["--seeds", "0,12345678901234567890"], ["--seed", "[0, 4294967295]", "12345678901234567890"]),  # before seed 0
 ])
 def test_bad_training_flags_are_one_line_and_write_nothing(tmp_path: Path, flags: list[str], words: list[str]) -> None:
     refused(invoke(*TRAIN, *flags, "--out", tmp_path / "run"), *words)
@@ -212,3 +213,90 @@ def test_malformed_corruption_file_through_evaluate(tmp_path: Path, teacher: Pat
     result = invoke("evaluate", teacher, "--dataset", "digits", "--no-attacks", "--device", "cpu",
                     "--corruptions", folder)
     refused(result, "fog.npy")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--target", "ce", "--alpha", "0.3"], ["--alpha", "target richkd", "target ce"]),
+    (["--target", "ce", "--temperature", "4", "--beta", "2"], ["--temperature", "--beta", "would not use them"]),
+    (["--target", "ce", "--method", "dkd"], ["--method", "a target that distills"]),
+    (["--target", "ce", "--method-param", "beta=6"], ["--method-param", "a target that distills"]),
+    (["--target", "ce", "--feature-loss", "mse"], ["--feature-loss", "target ce"]),
+    (["--target", "ce", "--prompts", "multi"], ["--prompts", "CLIP's logits"]),
+    (["--target", "kd", "--alpha", "0.3"], ["--alpha", "target kd, feature loss cosine"]),
+    (["--target", "kd", "--clip-tau", "50"], ["--clip-tau", "CLIP's logits"]),
+    (["--target", "kd", "--alpha", "0"], ["--alpha", "target richkd"]),  # 0 is a value, not "off"
+    (["--target", "clip", "--lam", "0.5"], ["--lam", "eq. 7"]),
+    (["--feature-loss", "none", "--gamma", "2"], ["--gamma", "a feature loss", "feature loss none"]),
+    (["--teacher-checkpoint", "teacher.pth"], ["--teacher-checkpoint", "--online"]),
+])
+def test_a_setting_the_run_would_not_use_is_refused(digits_cache: Path, tmp_path: Path, flags: list[str],
+                                                    words: list[str]) -> None:
+    refused(invoke(*TRAIN, "--cache", digits_cache, *flags, "--out", tmp_path / "run"), *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_settings_follow_the_target_the_flags_choose_and_defaults_never_count(monkeypatch) -> None:
+    from pipelines import cli
+    from pipelines.cli import train_settings
+
+    recipe = "cifar100-r32x4-r8x4-dkd"  # target richkd, DKD's weights, alpha 0.7
+    settings = train_settings(recipe, {"target": "ce"}, "train")
+    assert settings["target"] == "ce" and not {"alpha", "method", "method_params"} & set(settings)
+    with pytest.raises(ConfigError, match="--alpha .*target ce"):
+        train_settings(recipe, {"target": "ce", "alpha": 0.5}, "train")
+    assert train_settings(None, {"student": "resnet8", "target": "ce"}, "train") == {"student": "resnet8",
+                                                                                    "target": "ce"}
+    off = {"student": "resnet8", "target": "ce", "clip_renormalize": False, "method": "none", "feature_loss": "none"}
+    assert train_settings(None, off, "train")["method"] is None  # switching an unused thing off is consistent
+    monkeypatch.setattr(cli, "load_recipe", lambda name: {"student": "resnet8", "target": "kd", "alpha": 0.5})
+    with pytest.raises(ConfigError, match="the recipe setting alpha .*target kd"):  # a recipe at odds with itself
+        train_settings("odd", {}, "train")
+
+
+def test_a_swept_setting_the_runs_would_not_use_is_refused(digits_cache: Path, tmp_path: Path) -> None:
+    result = invoke("sweep", "--cache", digits_cache, "--student", "resnet8", "--lam", "0.5,0.7", "--feature-loss",
+                    "none", "--epochs", "1", "--device", "cpu", "--workers", "0", "--out", tmp_path / "sweep")
+    refused(result, "--lam", "feature loss none")
+    assert not (tmp_path / "sweep").exists()
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that says it is width x height 1-bit pixels, with almost no pixel data (PIL checks the size
+    when it opens a file, before decoding anything)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_in_an_image_folder_is_one_line_naming_it(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            Image.new("RGB", (12, 12), (10, 20, 30)).save(root / split / cls / "a.png")
+    png_header_only(root / "train/dog/huge.png", 20_000, 20_000)
+    result = invoke("train", "--dataset", "imagefolder", "--data-root", root, "--image-size", "8", "--resize", "8",
+                    *TRAIN[3:], "--out", tmp_path / "run")
+    refused(result, "huge.png", "too large to decode safely", "400000000 pixels")
+
+
+def test_an_object_store_location_without_its_package_is_one_line_before_any_model(tmp_path: Path, teacher: Path,
+                                                                                   monkeypatch) -> None:
+    import importlib
+
+    registry = importlib.import_module("fsspec.registry")  # s3fs as if it were not installed
+    monkeypatch.setitem(registry.known_implementations, "s3", {"class": "s3fs_not_installed.S3FileSystem",
+                                                               "err": "Install s3fs to access S3"})
+    monkeypatch.delitem(registry._registry, "s3", raising=False)
+    monkeypatch.setattr(build, "setup_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(build, "load_clip", lambda *a, **k: pytest.fail("CLIP was loaded"))
+    result = invoke(*BUILD, "--teacher-checkpoint", teacher, "--out", "s3://bucket/digits.zarr")
+    refused(result, "s3://bucket/digits.zarr", "Install s3fs", "richkd-cache[s3]")
+    refused(invoke(*TRAIN, "--cache", "s3://bucket/digits.zarr", "--out", tmp_path / "run"), "Install s3fs")
+    refused(invoke("info", "nosuch://bucket/digits.zarr"), "Protocol not known: nosuch")

@@ -135,8 +135,8 @@ def test_torchvision_legacy_weights_file_loads_strictly_and_weights_only(tmp_pat
     assert meta["num_classes"] == 7
     torch.save({"model": reference.state_dict(), "builder": torchvision.models.resnet18}, path,
                _use_new_zipfile_serialization=False)  # a pickled function: never unpickled
-    with pytest.raises(ModelError, match=r"stores Python objects besides weights \(torchvision.models.resnet.resnet18\), "
-                                         "which are never unpickled"):
+    with pytest.raises(ModelError, match=r"holds Python objects besides weights \(torchvision.models.resnet.resnet18\), "
+                                         "that is code, which would run if it were unpickled; it will not be loaded"):
         load_checkpoint(str(path), arch="tv:resnet18")
 
 
@@ -247,7 +247,7 @@ def test_plain_data_beside_the_weights_loads_and_code_objects_are_refused(tmp_pa
     assert load_checkpoint(str(path), arch="resnet8")[0].num_classes == 10
     risky = tmp_path / "risky.pth"
     torch.save({"model": model.state_dict(), "out_dir": Path("/runs/a")}, risky)
-    with pytest.raises(ModelError, match=r"stores Python objects besides weights \(pathlib\.\w*Path\)") as err:
+    with pytest.raises(ModelError, match=r"holds Python objects besides weights \(pathlib\.\w*Path\)") as err:
         load_checkpoint(str(risky), arch="resnet8")
     assert "\n" not in str(err.value)
 

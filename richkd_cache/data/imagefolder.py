@@ -64,6 +64,9 @@ class ImageFolderDataset(ImageDataset):
                 image = TF.pil_to_tensor(img.convert("RGB"))  # (3, H, W) uint8
         except (OSError, UnidentifiedImageError) as e:
             raise DataError(f"cannot decode image {path}: {e}; remove or replace the file") from None
+        except Image.DecompressionBombError as e:  # PIL refuses to decode over 2x MAX_IMAGE_PIXELS: not an OSError
+            raise DataError(f"image {path} is too large to decode safely ({str(e).rstrip('.')}); "
+                            "shrink or remove the file") from None
         image = TF.resize(image, self.resize, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         image = TF.center_crop(image, [self.image_size, self.image_size])  # (3, S, S) uint8
         return {"image": image.contiguous(), "label": int(self.labels[i]), "index": int(i)}

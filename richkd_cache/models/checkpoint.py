@@ -7,8 +7,11 @@ the same name, and our files load back into mdistiller, which reads only the "mo
 from __future__ import annotations
 
 import argparse
+import errno
 import pickle
 import re
+import shutil
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -35,8 +38,22 @@ def save_checkpoint(path: str, model: nn.Module, *, arch: str, num_classes: int,
         # our keys last, so `extra` cannot make the file misstate what it holds
         "richkd": {**(extra or {}), "format": FORMAT, "arch": canonical_name(arch), "num_classes": num_classes},
     }
+    atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(obj: dict, path: str | Path) -> None:
+    """torch.save through a temporary file and a rename. torch's own file writer reports a full disk
+    as a RuntimeError from its C++ stream writer ("[enforce fail at inline_container.cc] ... unexpected
+    pos"): it is raised as the OSError it is, with the space left, so callers name the file in one line."""
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+                raise
+            free = shutil.disk_usage(Path(tmp).parent).free
+            raise OSError(errno.ENOSPC if free < (1 << 20) else errno.EIO,
+                          f"torch's writer failed with {free:,} bytes free on that disk") from None
 
 
 def resolve_checkpoint(spec: str, arch: str | None) -> str:
@@ -86,14 +103,11 @@ def _read(path: str, map_location: str) -> dict:
         raise ModelError(f"checkpoint {path} not found")
     allowed = _plain_data_globals()
     try:
-        with torch.serialization.safe_globals(allowed):
-            payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = load_plain_data(path, map_location, allowed)
     except pickle.UnpicklingError as e:
-        objects = _unsafe_objects(path, allowed, str(e)) if "Weights only load failed" in str(e) else []
-        if objects:
-            raise ModelError(f"{path} stores Python objects besides weights ({', '.join(objects[:3])}), which are "
-                             f"never unpickled (that could run code): save only model.state_dict() from the "
-                             f"program that trained it") from None
+        refusal = holds_code(path, e, allowed)
+        if refusal:
+            raise ModelError(f"{refusal}: save only model.state_dict() from the program that trained it") from None
         raise ModelError(f"{path} is not a PyTorch checkpoint (not written by torch.save)") from None
     except (ValueError, IndexError, KeyError):  # what torch's unpickler raises on arbitrary bytes
         raise ModelError(f"{path} is not a PyTorch checkpoint (not written by torch.save)") from None
@@ -102,6 +116,27 @@ def _read(path: str, map_location: str) -> dict:
     if not isinstance(payload, dict):
         raise ModelError(f"{path} holds a {type(payload).__name__}, not a state dict or a dict with one under 'model'")
     return payload
+
+
+def load_plain_data(path: str | Path, map_location: str = "cpu", allowed: list | tuple = (), mmap: bool = False) -> Any:
+    """torch.load as plain data only (tensors, numbers, strings, containers, and the `allowed` globals):
+    a file is untrusted, and unpickling anything else could run code. torch's warnings about the
+    pickle protocol of such a file are not the user's concern (a refusal is one line). `mmap`: tensors
+    stay on disk until touched (a zip checkpoint only)."""
+    with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+
+
+def holds_code(path: str | Path, error: Exception, allowed: list | tuple = ()) -> str | None:
+    """The refusal of a file whose pickle names other Python objects (a crafted file: loading it would run
+    their code), naming them; None when `error` is another failure. torch's own message advises
+    retrying with weights_only=False, which is what must never be done with such a file."""
+    if "Weights only load failed" not in str(error):
+        return None
+    objects = _unsafe_objects(str(path), list(allowed), str(error))
+    named = f" ({', '.join(objects[:3])})" if objects else ""
+    return f"{path} holds Python objects besides weights{named}, that is code, which would run if it were unpickled; it will not be loaded"
 
 
 def _unsafe_objects(path: str, allowed: list, message: str) -> list[str]:

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import string
 import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from cache_store.schema import PROMPT_SET_NAME
 from richkd_cache.errors import ClipError
 
 SHIPPED = ("single", "multi", "complex")
 _SYNONYM_FILES = {"cifar10": "cifar10_synonyms.json", "cifar100": "cifar100_synonyms.json", "digits": "digits_synonyms.json"}
 _CIFAR_LIKE = ("cifar10", "cifar100", "digits")
+_FILE_KEYS = ("name", "templates", "synonyms", "class_names", "classes")
 
 
 @dataclass(frozen=True)
@@ -62,28 +65,92 @@ def get_prompt_set(name: str, dataset: str) -> PromptSet:
 
 
 def load_prompt_file(path: str, name: str | None = None) -> PromptSet:
-    """A user prompt set: TOML or JSON with `templates`, optional `synonyms`, `class_names`, `classes`."""
+    """A user prompt set: TOML or JSON with `templates`, optional `synonyms`, `class_names`, `classes`,
+    checked against that schema before anything uses it (a file is untrusted input: a string where a
+    list belongs would otherwise be split into letters, a stray brace would fail inside CLIP's encoding)."""
     file = Path(path)
     if not file.is_file():
         raise ClipError(f"prompt file {path} not found")
     try:
         text = file.read_text()
         table = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ClipError(f"cannot parse prompt file {path}: {e}") from None
-    unknown = sorted(set(table) - {"name", "templates", "synonyms", "class_names", "classes"})
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ClipError(f"cannot parse prompt file {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    where = f"prompt file {path}"
+    if not isinstance(table, dict):
+        raise ClipError(f"{where} holds {_kind(table)}; it must be a table with `templates` (a list of strings)")
+    unknown = sorted(map(str, set(table) - set(_FILE_KEYS)))
     if unknown:
-        raise ClipError(f"prompt file {path}: unknown key(s) {', '.join(unknown)}")
-    if not isinstance(table.get("templates"), list) or not table["templates"]:
-        raise ClipError(f"prompt file {path} needs a non-empty list `templates`")
-    synonyms = table.get("synonyms")
+        raise ClipError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(_FILE_KEYS)})")
+    templates = table.get("templates")
+    if not isinstance(templates, list) or not templates:
+        raise ClipError(f"{where} needs a non-empty list of strings `templates`, got {_kind(templates)}")
+    for template in templates:
+        check_template(template, where)
+    synonyms = _string_table(table.get("synonyms"), "synonyms", where, lists=True)
+    class_names = _string_table(table.get("class_names"), "class_names", where, lists=False)
+    classes = table.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ClipError(f"{where}: `classes` must be a list of class names (strings), got {_kind(classes)}")
+    if name is None and "name" in table:
+        name = table["name"]
+        check_prompt_set_name(name, f"{where}: `name`")
+    elif name is None:
+        name = file.stem
+        check_prompt_set_name(name, f"{where}: its file name", "; name the set with --name")
     return PromptSet(
-        name=name or table.get("name") or file.stem,
-        templates=tuple(table["templates"]),
+        name=name,
+        templates=tuple(templates),
         synonyms={k: tuple(v) for k, v in synonyms.items()} if synonyms else None,
-        class_names=table.get("class_names"),
-        classes=tuple(table["classes"]) if table.get("classes") else None,
+        class_names=class_names or None,
+        classes=tuple(classes) if classes else None,
     )
+
+
+def check_prompt_set_name(name: object, where: str, hint: str = "") -> None:
+    """A plain name: letters, digits, '_' and '-', with '.' only between them (it names a cache array)."""
+    if not isinstance(name, str) or not PROMPT_SET_NAME.fullmatch(name):
+        raise ClipError(f"{where}: prompt set name {name!r} is not a plain name (letters, digits, '_', '-', "
+                        f"and '.' between them){hint}")
+
+
+def check_template(template: object, where: str) -> None:
+    """A template is a string with exactly one `{}` (the class name) and no other format field."""
+    if not isinstance(template, str):
+        raise ClipError(f"{where}: template {template!r} is {_kind(template)}, not a string")
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError:  # a lone { or }
+        fields = None
+    if fields != [("", "", None)]:
+        raise ClipError(f"{where}: template {template!r} must contain exactly one {{}} and no other format "
+                        "field (write {{ and }} for literal braces)")
+
+
+def _string_table(value: object, key: str, where: str, lists: bool) -> dict:
+    """`synonyms` (class -> non-empty list of strings) or `class_names` (class -> string); absent: {}."""
+    if value is None:
+        return {}
+    want = "a non-empty list of strings" if lists else "a string"
+    if not isinstance(value, dict):
+        raise ClipError(f"{where}: `{key}` must map class names to {want}, got {_kind(value)}")
+    for cls, item in value.items():
+        good = (isinstance(item, list) and bool(item) and all(isinstance(n, str) and n.strip() for n in item)
+                if lists else isinstance(item, str) and bool(item.strip()))
+        if not good:
+            raise ClipError(f"{where}: {key}.{cls} is {_kind(item)}, expected {want}"
+                            + (f' (e.g. {cls} = ["{item}"])' if lists and isinstance(item, str) else ""))
+    return value
+
+
+def _kind(value: object) -> str:
+    """A parsed value's kind, for messages."""
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a table", type(None): "nothing"}
+    kind = names.get(type(value), type(value).__name__)
+    if isinstance(value, list) and not value:
+        return "an empty list"
+    return f"{kind} {value!r}" if isinstance(value, (bool, int, float, str)) and len(repr(value)) < 40 else kind
 
 
 def clean_class_name(raw: str) -> str:
@@ -96,8 +163,7 @@ def class_prompts(prompt_set: PromptSet, raw_classes: list[str]) -> list[list[li
     Raises ClipError for a template without exactly one "{}", or names given for unknown classes.
     """
     for template in prompt_set.templates:
-        if template.count("{}") != 1:
-            raise ClipError(f"prompt set {prompt_set.name}: template {template!r} must contain exactly one {{}}")
+        check_template(template, f"prompt set {prompt_set.name}")
     if prompt_set.classes is not None and len(prompt_set.classes) != len(raw_classes):
         raise ClipError(
             f"prompt set {prompt_set.name} is written for {len(prompt_set.classes)} classes; "
