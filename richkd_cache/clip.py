@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib.metadata
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -227,16 +228,20 @@ class ClipTeacher:
         return F.normalize(embeds.float(), dim=-1), feats.float()
 
     @torch.no_grad()
-    def encode_prompt_set(self, prompt_set: PromptSet, class_names: list[str], batch_size: int = 256) -> np.ndarray:
+    def encode_prompt_set(self, prompt_set: PromptSet, class_names: list[str], batch_size: int = 256,
+                          advance: Callable[[int], None] | None = None) -> np.ndarray:
         """[M, C, D] float32: entry (m, c) is the mean over class c's names of the normalised text
         embeddings of template m filled with each name. Every template uses the same names of a class,
-        so the mean over m of (m, c) is the mean over all of class c's prompts: eq. 3 stays exact."""
+        so the mean over m of (m, c) is the mean over all of class c's prompts: eq. 3 stays exact.
+        `advance(n)` is told each batch of n prompts encoded (a progress bar's)."""
         filled = class_prompts(prompt_set, class_names)  # [M][C][S_c]
         flat = [p for per_template in filled for per_class in per_template for p in per_class]
         embeds = []
         for start in range(0, len(flat), batch_size):
             tokens = self.tokenizer(flat[start : start + batch_size]).to(self.device)
             embeds.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu())
+            if advance is not None:
+                advance(len(tokens))
         flat_embeds = torch.cat(embeds)
         out = torch.empty(len(filled), len(class_names), flat_embeds.shape[1])
         i = 0

@@ -189,8 +189,8 @@ def test_torchvision_weights_offline_is_one_line_naming_the_file(imagenet: Path,
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     result = invoke("build", "--dataset", "imagefolder", "--data-root", imagenet / "data", *SIZE,
                     "--teacher", "tv:resnet34", "--teacher-checkpoint", "torchvision:IMAGENET1K_V1",
-                    "--clip", "richkd-tiny", "--clip-pretrained", "random", "--device", "cpu", "--out",
-                    tmp_path / "c.zarr")
+                    "--clip", "richkd-tiny", "--clip-pretrained", "random", "--prompts", "single", "--device", "cpu",
+                    "--quiet", "--out", tmp_path / "c.zarr")
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert "https://download.pytorch.org/models/resnet34-b627a593.pth" in lines[0]
