@@ -1,6 +1,8 @@
 """Typed configuration filled once at the edge (the CLI or a recipe) and passed down read-only.
 
 Below the pipelines, functions take plain arguments; only `run_build(cfg)` and `run_train(cfg)` see these.
+The CLI imports this module before any command runs, so it imports no torch: `--help` and a refused
+setting answer in a fraction of a second; what needs torch imports it where it is used.
 """
 
 from __future__ import annotations
@@ -11,14 +13,12 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from richkd_cache.distill import DEFAULTS, describe_params, get_logit_loss, method_params
-from richkd_cache.distill.adaptive import ALPHA_RULES
 from richkd_cache.errors import ConfigError
-from richkd_cache.views import parse_policy
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class BuildConfig:
         check_settings(self)
         check_device_name("--device", self.device)
         if self.teacher_views != "auto":
+            from richkd_cache.views import parse_policy
+
             parse_policy(self.teacher_views)
         # every target but kd needs CLIP's logits (eq. 2-3), hence a prompt set; one costs a single
         # text-tower pass, and the manifest's zero-shot accuracy is measured with it
@@ -145,6 +147,8 @@ _SHORTHANDS = {"temperature": ("temperature", "the distillation temperature"),
 def logit_params(cfg: TrainConfig) -> dict[str, float] | None:
     """The logit method's parameters as trained: its reference values, replaced by the recipe's and the
     flags'. None when no logit loss is trained. A setting the method does not use is an error, never ignored."""
+    from richkd_cache.distill import DEFAULTS, describe_params, get_logit_loss, method_params
+
     method = cfg.method if cfg.resolved_target != "ce" else None
     if not isinstance(cfg.method_params, dict):
         raise ConfigError("method_params must be a table of NAME = VALUE")
@@ -263,8 +267,11 @@ def check_settings(config: object) -> None:
     """Range-check every field of a config that has a range (None means "the default" and passes)."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.name == "alpha" and value in ALPHA_RULES:  # an adaptive rule instead of a fixed weight
-            continue
+        if f.name == "alpha" and isinstance(value, str):  # an adaptive rule instead of a fixed weight
+            from richkd_cache.distill.adaptive import ALPHA_RULES
+
+            if value in ALPHA_RULES:
+                continue
         if f.name in RANGES and value is not None:
             for item in value if isinstance(value, (tuple, list)) else (value,):
                 check_range(f.name, item)
@@ -305,6 +312,8 @@ def check_device_name(flag: str, name: str) -> None:
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
     """`auto` picks the GPU when there is one; asking for a device that is not there is an error, not a fallback."""
+    import torch
+
     check_device_name(flag, name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
