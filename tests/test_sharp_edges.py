@@ -1,4 +1,5 @@
-"""Sharp edges a new user meets, through the CLI: the packed zip's mode."""
+"""Sharp edges a new user meets, through the CLI: the packed zip's mode, evaluate's class check and its
+titles, timm students at the data's size."""
 
 from __future__ import annotations
 
@@ -6,9 +7,22 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from clirun import invoke
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, digits_cache: Path) -> Path:
+    """A resnet8 run trained from the digits cache for one epoch on a tenth of the data: its checkpoint
+    records the cache, whose manifest holds the classes."""
+    out = tmp_path_factory.mktemp("student")
+    result = invoke("train", "--cache", digits_cache, "--student", "resnet8", "--epochs", "1", "--fraction", "0.1",
+                    "--device", "cpu", "--workers", "0", "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out / "last.pth"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
@@ -23,3 +37,26 @@ def test_pack_writes_the_zip_like_any_new_file(tmp_path: Path, digits_cache: Pat
     mode = stat.S_IMODE((tmp_path / "digits.zip").stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask  # 0644 under 022
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_evaluate_refuses_data_with_other_classes(tmp_path: Path, student: Path) -> None:
+    """Ten image folders are as many classes as the digits, but other ones: a meaningless accuracy."""
+    for c in range(10):
+        (tmp_path / "data" / "val" / f"shape{c}").mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), 25 * c, np.uint8)).save(tmp_path / "data" / "val" / f"shape{c}" / "a.png")
+    result = invoke("evaluate", student, "--dataset", "imagefolder", "--data-root", tmp_path / "data",
+                    "--no-attacks", "--device", "cpu", "--workers", "0")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "was trained on the classes of its cache" in lines[0] and "'shape0' here" in lines[0]
+
+
+def test_evaluate_titles_its_table_by_what_it_ran(student: Path) -> None:
+    clean = invoke("evaluate", student, "--no-attacks", "--device", "cpu", "--workers", "0")
+    assert clean.exit_code == 0, clean.output
+    assert "top-1 / top-5 (%)" in clean.output
+    assert "attack" not in clean.output.lower() and "PGD" not in clean.output and "epsilon" not in clean.output
+    attacked = invoke("evaluate", student, "--epsilons", "0.01", "--device", "cpu", "--workers", "0")
+    assert attacked.exit_code == 0, attacked.output
+    assert "attacks in [0, 1] pixel space, PGD 10 steps of eps/4" in " ".join(attacked.output.split())
+    assert "FGSM" in attacked.output and "epsilon" in attacked.output
