@@ -261,7 +261,7 @@ def resolve_prompt_set(name_or_file: str, dataset: str) -> PromptSet:
 
 def image_size(dataset: ImageDataset) -> int:
     """The side of the dataset's (square) images, which view parameters are fractions of."""
-    return int(dataset[0]["image"].shape[-1])
+    return dataset.image_side
 
 
 def check_view_policy(policy: str | int, size: int) -> None:

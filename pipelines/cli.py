@@ -216,6 +216,7 @@ def train(
     dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the cache records).")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Dataset folder on this machine.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="imagefolder: centre-crop side (default: the cache's, else 224).")] = None,
+    student_image_size: Annotated[Optional[int], typer.Option(help="timm: students: the input side they are built for, inputs resized to it (default: the data's size; LG's ViT recipes: 224).")] = None,
     resize: Annotated[Optional[int], typer.Option(help="imagefolder: shorter side before the crop (default: the cache's, else 256).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="A shipped recipe; other flags override it.")] = None,
     target: Annotated[Optional[str], typer.Option(help="ce, kd (teacher), clip or richkd (fused).")] = None,
@@ -260,6 +261,7 @@ def train(
         alpha = alpha_setting(alpha)
     given = {
         "student": student, "cache": cache, "dataset": dataset, "data_root": data_root, "image_size": image_size,
+        "student_image_size": student_image_size,
         "resize": resize, "target": target,
         "method": method, "alpha": alpha, "temperature": temperature, "lam": lam, "beta": beta,
         "gamma": gamma, "prompts": prompts, "clip_tau": clip_tau, "clip_renormalize": clip_renormalize,

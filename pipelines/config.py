@@ -92,6 +92,8 @@ class TrainConfig:
     clip_tau: float | None = None
     image_size: int | None = None  # imagefolder: None takes the cache's (or the dataset's default)
     resize: int | None = None
+    # timm students: the input side they are built for (a ViT's patch grid); None: the data's own size
+    student_image_size: int | None = None
     # the cache's CLIP model(s): NAME, A+B or ensemble; None: its only one (refused, listing them, if several)
     clip_model: str | None = None
     fraction: float = 1.0  # train on this share of every class (few-shot study)
@@ -250,6 +252,7 @@ RANGES: dict[str, Range] = {
     "topk": Range(1, None, integer=True),
     "image_size": Range(1, None, integer=True, meaning="pixels"),
     "resize": Range(1, None, integer=True, meaning="pixels"),
+    "student_image_size": Range(1, None, integer=True, meaning="pixels"),
     "strong_views": Range(0, None, integer=True, meaning="strong views per sample; 0 stores none"),
 }
 

@@ -27,7 +27,7 @@ from pipelines.targets import (Window, augment, check_features_stored, classes_p
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.distill import DistillObjective, create_objective
 from richkd_cache.errors import ConfigError, DataError
-from richkd_cache.models import create_model, uses_small_lr
+from richkd_cache.models import create_model, input_size_options, uses_small_lr
 from richkd_cache.subsets import subset_indices
 
 
@@ -58,7 +58,9 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     train_set, val_set = setup_data(cfg, cache)
     pool = setup_pool(cfg, train_set, reporter)
     cache_device = resolve_device(cfg.cache_device, "--cache-device") if cfg.cache_device else device
-    student = create_model(cfg.student, train_set.num_classes).to(device)  # its weights: from the seed alone
+    # its weights: from the seed alone; a timm student is built for the data's size unless told otherwise
+    student = create_model(cfg.student, train_set.num_classes,
+                           **input_size_options(cfg.student, cfg.student_image_size or train_set.image_side)).to(device)
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
     objective = setup_objective(cfg, student, cache, train_set, pool, method).to(device)

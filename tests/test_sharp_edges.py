@@ -60,3 +60,35 @@ def test_evaluate_titles_its_table_by_what_it_ran(student: Path) -> None:
     assert attacked.exit_code == 0, attacked.output
     assert "attacks in [0, 1] pixel space, PGD 10 steps of eps/4" in " ".join(attacked.output.split())
     assert "FGSM" in attacked.output and "epsilon" in attacked.output
+
+
+def test_a_timm_student_is_built_for_the_datas_size_unless_told(tmp_path: Path) -> None:
+    """DeiT-Ti on the 32 px digits: a 2x2 patch grid, not 224 px inputs (14x14) resized inside; the size
+    goes into the checkpoint, so evaluate rebuilds the same network. --student-image-size (the key LG's
+    recipes set to 224) builds it for another size."""
+    from richkd_cache.models import load_checkpoint
+    from pipelines.config import load_recipe
+
+    train = ["train", "--dataset", "digits", "--student", "timm:deit_tiny_patch16_224", "--epochs", "1",
+             "--fraction", "0.05", "--batch-size", "32", "--device", "cpu", "--workers", "0", "--quiet"]
+    assert invoke(*train, "--out", tmp_path / "own").exit_code == 0
+    model, meta = load_checkpoint(str(tmp_path / "own" / "last.pth"))
+    assert meta["model_options"] == {"image_size": 32} and model.patch_embed.grid_size == (2, 2)
+    result = invoke("evaluate", tmp_path / "own" / "last.pth", "--no-attacks", "--device", "cpu", "--workers", "0")
+    assert result.exit_code == 0, result.output
+
+    assert invoke(*train, "--student-image-size", "64", "--out", tmp_path / "told").exit_code == 0
+    model, meta = load_checkpoint(str(tmp_path / "told" / "last.pth"))
+    assert meta["model_options"] == {"image_size": 64} and model.patch_embed.grid_size == (4, 4)
+    assert load_recipe("cifar100-resnet56-deit-ti")["student_image_size"] == 224
+
+
+def test_a_timm_student_without_timm_installed_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` fails as it does where it is not installed
+    result = invoke("train", "--dataset", "digits", "--student", "timm:deit_tiny_patch16_224", "--epochs", "1",
+                    "--device", "cpu", "--workers", "0", "--quiet", "--out", tmp_path / "run")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "timm:deit_tiny_patch16_224 needs the timm package" in lines[0] and "pip install" in lines[0]
