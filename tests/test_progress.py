@@ -49,12 +49,26 @@ def test_a_build_logging_to_a_file_plans_then_logs_progress_lines_as_it_goes(tmp
 
 def test_a_resumed_build_says_so_and_what_differs(tmp_path: Path, teacher: Path) -> None:
     out = tmp_path / "digits.zarr"
-    assert invoke(*BUILD, "--prompts", "single", "--quiet", "--teacher-checkpoint", teacher, "--out", out).exit_code == 0
+    first = invoke(*BUILD, "--prompts", "single", "--quiet", "--teacher-checkpoint", teacher, "--out", out)
+    assert first.exit_code == 0, first.output
     result = invoke(*BUILD, "--prompts", "single,multi", "--teacher-checkpoint", teacher, "--out", out)
     assert result.exit_code == 0, result.output
     assert (f"{out} is complete: no image is computed again; --prompts single,multi adds multi "
             "(the cache records single)") in result.stderr
     assert "1,442 (0 left to compute) teacher rows" in result.stderr
+
+    # a build stopped after two of its three blocks: what is left, and the same settings
+    from cache_store import open_cache
+    from pipelines.build import resume_line, resolve_prompt_set
+    from pipelines.config import BuildConfig
+
+    cfg = BuildConfig(dataset="digits", data_root=None, split="train", teacher=None, teacher_checkpoint=str(teacher),
+                      clip="richkd-tiny", clip_pretrained="random", clip_checkpoint=None, prompts=("single", "multi"),
+                      out=str(out))
+    prompt_sets = [resolve_prompt_set(p, "digits") for p in cfg.prompts]
+    stopped = {2: ["written", "clip/richkd-tiny/written"]}  # the last block lacks the teacher's and CLIP's rows
+    line = resume_line(cfg, open_cache(str(out)), ["richkd-tiny"], prompt_sets, stopped)
+    assert line == f"resuming the build of {out}: 2 of 3 write blocks done; same settings as the cache records"
 
 
 def test_plain_lines_come_every_tenth_and_every_30_s_of_a_slow_task() -> None:
