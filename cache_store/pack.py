@@ -9,7 +9,7 @@ a killed write's `.partial` leftover, or anything a symbolic link points to.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 import zipfile
 
 import fsspec
@@ -37,10 +37,13 @@ def pack_cache(url: str, out_zip: str, overwrite: bool = False) -> None:
     root = root.rstrip("/")
     keys = _local_keys(local_path(url)) if not is_remote(url) else _remote_keys(fs, root)
     folder = os.path.dirname(os.path.abspath(out_zip))
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(out_zip) + ".", suffix=".partial")
-    os.close(handle)
+    tmp = os.path.join(folder, f"{os.path.basename(out_zip)}.{secrets.token_hex(4)}.partial")
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        # created like any new file (0666 less the umask: 0644 as a rule, as the cache's own files are),
+        # not private as tempfile's would be: a packed cache is made to be shared
+        handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(handle, "wb") as file, zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED,
+                                                               allowZip64=True) as zf:
             for key in keys:
                 zf.writestr(key, fs.cat_file(f"{root}/{key}"))
         os.replace(tmp, out_zip)  # a reader never sees a half-written zip

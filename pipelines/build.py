@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from cache_store import (
     CacheError,
     CacheLayout,
+    CacheReader,
     CacheWriter,
     choose_block_rows,
     create_cache,
@@ -109,28 +110,33 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
     try:
         check_filesystem(cfg.out)  # an s3:// cache without s3fs fails here, not after the models load
         device = resolve_device(rank_device(cfg.device, ctx))
+        say = reporter if ctx.is_main else Reporter(reporter.console, quiet=True)
         dataset = create_dataset(cfg.dataset, cfg.data_root, cfg.split, image_size=cfg.image_size, resize=cfg.resize)
         views = view_policies(cfg, image_size(dataset))
         check_view_table(len(dataset), views["teacher"]["num_views"], cfg.strong_views)
         prompt_sets = [resolve_prompt_set(p, cfg.dataset, dataset.classes) for p in cfg.prompts]  # before the models
-        teacher = setup_teacher(cfg.teacher, cfg.teacher_checkpoint, dataset, device)
-        models = {name: load_clip(spec, device=device) for name, spec in clip_specs(cfg).items()}
+        specs = clip_specs(cfg)
+        with say.step("loading teacher " + " ".join(filter(None, (cfg.teacher, cfg.teacher_checkpoint)))):
+            teacher = setup_teacher(cfg.teacher, cfg.teacher_checkpoint, dataset, device)
+        models = {}
+        for name, spec in specs.items():
+            with say.step(f"loading CLIP {name} on {device}"):
+                models[name] = load_clip(spec, device=device)
         params = view_params(views["teacher"]["policy"], len(dataset), image_size(dataset), cfg.view_seed)  # (N, V, 5)
         strong = (draw_strong_views(len(dataset), cfg.strong_views, image_size(dataset), cfg.view_seed)
                   if cfg.strong_views else None)  # (N, K, 12): the views MLKD's second input is drawn from
-        existing = existing_layout(cfg)
-        features = cfg.features if cfg.features is not None else existing is None or existing.stores_features
+        existing = existing_cache(cfg)
+        stored = existing.layout if existing else None
+        features = cfg.features if cfg.features is not None else stored is None or stored.stores_features
         layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, list(models.values()),
-                              cfg.block_rows or (existing and existing.block_rows), params.shape[1], cfg.topk,
+                              cfg.block_rows or (stored and stored.block_rows), params.shape[1], cfg.topk,
                               views["clip"]["num_views"], cfg.strong_views or None, features)
         writer, pending = open_cache_for_build(cfg, layout, build_manifest(cfg, dataset, teacher, models),
-                                               models, prompt_sets, dataset.classes, ctx)
+                                               models, prompt_sets, dataset.classes, ctx, say, existing)
         clips = [(writer.clips[name], model) for name, model in models.items()]
         blocks = contiguous_share(list(pending), ctx)
-        quiet = Reporter(reporter.console, quiet=True)
         topk_error = forward_blocks(writer, blocks, dataset, teacher, clips, device, cfg.batch_size, cfg.workers,
-                                    reporter if ctx.is_main else quiet, ctx.world_size, params, cfg.topk,
-                                    layout.clip_num_views, strong, pending)
+                                    say, ctx.world_size, params, cfg.topk, layout.clip_num_views, strong, pending)
         barrier(ctx)
         if ctx.is_main:
             finish_build(writer, cfg, list(models), topk_error)
@@ -178,33 +184,39 @@ def clip_specs(cfg: BuildConfig) -> dict[str, ClipSpec]:
     return {name: resolve_clip(requested, *given) for name, requested, given in zip(stored, names, weights)}
 
 
-def existing_layout(cfg: BuildConfig) -> CacheLayout | None:
-    """The layout of the cache already at cfg.out (a resumed build, or one adding a CLIP model keeps its
-    block rows, whatever the models' row sizes, and whether it stores features); None when there is none
-    or it is replaced."""
+def existing_cache(cfg: BuildConfig) -> CacheReader | None:
+    """The cache already at cfg.out (a resumed build, or one adding a CLIP model keeps its layout's block
+    rows, whatever the models' row sizes, and whether it stores features); None when there is none or it
+    is replaced."""
     if cfg.overwrite:
         return None
     try:
-        return open_cache(cfg.out, require_complete=False, check_chunks=False).layout
+        return open_cache(cfg.out, require_complete=False, check_chunks=False)
     except CacheError:
         return None
 
 
 def open_cache_for_build(cfg: BuildConfig, layout: CacheLayout, manifest: dict, models: dict[str, ClipTeacher],
-                         prompt_sets: list[PromptSet], classes: list[str], ctx: DistContext):
-    """Rank 0 creates (or reopens to resume, or to add CLIP models) the cache and stores the prompt sets;
+                         prompt_sets: list[PromptSet], classes: list[str], ctx: DistContext, reporter: Reporter,
+                         existing: CacheReader | None = None):
+    """Rank 0 creates (or reopens to resume, or to add CLIP models) the cache, says what the build will
+    do (and, resuming, what is done and what differs from the recorded build) and stores the prompt sets;
     then every rank opens it and receives the same pending blocks, each with the flags of the parts it
     lacks. A refusal on rank 0 stops every rank with it."""
     error, pending = None, {}
     if ctx.is_main:
         try:
-            check_space(cfg.out, layout_bytes(layout, list(models.values())))
+            disk = layout_bytes(layout, list(models.values()))
+            check_space(cfg.out, disk)
             writer = create_cache(cfg.out, layout, manifest, overwrite=cfg.overwrite)
-            for name, model in models.items():
-                store_prompt_sets(writer, name, model, prompt_sets, classes)
             wanted = {TEACHER_FLAGS, *(writer.clips[name].written for name in models)}
             pending = {b: [f for f in flags if f in wanted] for b, flags in writer.pending_parts().items()}
             pending = {b: flags for b, flags in pending.items() if flags}
+            if existing is not None:
+                reporter.info(resume_line(cfg, existing, list(models), prompt_sets, pending))
+            reporter.info(plan_line(writer, models, prompt_sets, classes, pending, disk))
+            for name, model in models.items():
+                store_prompt_sets(writer, name, model, prompt_sets, classes, reporter)
         except (CacheError, RichKDError) as e:
             error = e
     error, pending = broadcast((error, pending), ctx)
@@ -259,7 +271,7 @@ def resolve_prompt_set(name_or_file: str, dataset: str, classes: list[str], name
 
 def image_size(dataset: ImageDataset) -> int:
     """The side of the dataset's (square) images, which view parameters are fractions of."""
-    return int(dataset[0]["image"].shape[-1])
+    return dataset.image_side
 
 
 def check_view_policy(policy: str | int, size: int) -> None:
@@ -317,7 +329,7 @@ def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, models: l
     """Chunks of whole write blocks, a few MB each (DESIGN.md section 3) unless block_rows is given.
     num_views: the teacher's views per sample; clip_views: CLIP's (1, or num_views); strong_views: K strong
     views with the teacher's logits (None: none); `models`: the CLIP models built now (a cache keeps the
-    block rows it was created with: `existing_layout`); features: whether the teacher's and CLIP's pooled
+    block rows it was created with: `existing_cache`); features: whether the teacher's and CLIP's pooled
     features are stored (only feature losses, eq. 7-8, read them)."""
     if topk is not None and not 0 < topk <= num_classes:
         raise ConfigError(f"--topk must be between 1 and {num_classes} (the dataset has {num_classes} classes)")
@@ -404,14 +416,69 @@ def view_policies(cfg: BuildConfig, size: int) -> dict[str, dict]:
             for m, p in (("teacher", teacher), ("clip", clip))}
 
 
-def store_prompt_sets(
-    writer: CacheWriter, name: str, clip: ClipTeacher, prompt_sets: list[PromptSet], classes: list[str]
-) -> None:
+def store_prompt_sets(writer: CacheWriter, name: str, clip: ClipTeacher, prompt_sets: list[PromptSet],
+                      classes: list[str], reporter: Reporter) -> None:
     """CLIP model `name`'s per-template text embeddings [M, C, D]: prompt sets stay a training-time choice
-    (eq. 2-3)."""
+    (eq. 2-3). Each set's text-tower passes are a task of their own (thousands of prompts take minutes)."""
     for ps in prompt_sets:
-        embeds = clip.encode_prompt_set(ps, classes)
+        with reporter.task(f"text {ps.name} ({name})", total=prompt_count(ps, classes), unit="prompt") as advance:
+            embeds = clip.encode_prompt_set(ps, classes, advance=advance)
         writer.put_text_embeddings(ps.name, embeds, prompt_set_manifest(ps, classes), model=name)
+
+
+def prompt_count(prompt_set: PromptSet, classes: list[str]) -> int:
+    """Prompts the text tower encodes for a set: every template filled with every name of every class."""
+    return sum(len(names) for per_template in class_prompts(prompt_set, classes) for names in per_template)
+
+
+def plan_line(writer: CacheWriter, models: dict[str, ClipTeacher], prompt_sets: list[PromptSet],
+              classes: list[str], pending: dict[int, list[str]], disk: int) -> str:
+    """What the build computes, before it starts: `plan: N samples x V views = R teacher rows, ...`; on a
+    resumed build each count says how much is left. The time is estimated once the first batches ran."""
+    layout = writer.layout
+
+    def rows_left(flags: str, views: int) -> int:
+        return views * sum(stop - start for start, stop in map(writer.block_range,
+                                                                (b for b, f in pending.items() if flags in f)))
+
+    def rows(total: int, left: int) -> str:
+        return f"{total:,}" if left == total else f"{total:,} ({left:,} left to compute)"
+
+    n, v, vc = layout.num_samples, layout.num_views, layout.clip_num_views
+    teacher = rows(n * v, rows_left(TEACHER_FLAGS, v))
+    if layout.strong_views:
+        teacher += f" + {n * layout.strong_views:,} strong-view rows"
+    clip = "; ".join(f"{rows(n * vc, rows_left(writer.clips[name].written, vc))} CLIP rows ({name})" for name in models)
+    prompts = sum(prompt_count(ps, classes) for ps in prompt_sets) * len(models)
+    sets = ", ".join(ps.name for ps in prompt_sets)
+    return (f"plan: {n:,} samples x {v:,} view{'s' if v > 1 else ''} = {teacher} teacher rows; {clip}; "
+            f"{prompts:,} text prompts ({sets}{' per CLIP model' if len(models) > 1 else ''}); "
+            f"{human_bytes(disk)} on disk at most; time: "
+            + ("estimated once the first batches are timed" if pending else "the text prompts only"))
+
+
+def resume_line(cfg: BuildConfig, existing: CacheReader, models: list[str], prompt_sets: list[PromptSet],
+                pending: dict[int, list[str]]) -> str:
+    """A build into an existing cache says so: how much is written, and what this command changes
+    compared with what the cache records (prompt sets and CLIP models it adds, prompt sets it leaves)."""
+    total = existing.layout.num_blocks
+    state = (f"resuming the build of {cfg.out}: {total - len(pending)} of {total} write blocks done"
+             if pending else f"{cfg.out} is complete: no image is computed again")
+    differs = []
+    added = [m for m in models if m not in existing.clips]
+    if added:
+        differs.append(f"--clip adds {', '.join(added)} (the cache records {', '.join(existing.clips)})")
+    for model in (m for m in models if m in existing.clips):
+        recorded = existing.prompt_sets(model)
+        asked = [ps.name for ps in prompt_sets]
+        new, kept = [p for p in asked if p not in recorded], [p for p in recorded if p not in asked]
+        if new or kept:
+            change = "; ".join(part for part in (f"adds {', '.join(new)}" if new else "",
+                                                 f"keeps {', '.join(kept)} it does not name" if kept else "") if part)
+            who = f" for {model}" if len(existing.clips) > 1 else ""
+            differs.append(f"--prompts {','.join(asked)} {change}{who} (the cache records "
+                           f"{', '.join(recorded) or 'none'})")
+    return f"{state}; " + ("; ".join(differs) if differs else "same settings as the cache records")
 
 
 def forward_blocks(
@@ -463,21 +530,35 @@ def forward_blocks(
     kl_sum, kl_rows = 0.0, 0
     total = sum(stop - start for start, stop in ranges)
     label = "build" if world_size == 1 else f"build (rank 0 of {world_size}; total ~{world_size}x this rate)"
-    with reporter.task(label, total=total, unit="img") as advance, ThreadPoolExecutor(1) as pool:
+    with reporter.task(label, total=total, unit="img", estimate_after=3) as advance, ThreadPoolExecutor(1) as pool:
+
+        def counted(batches: Iterator[dict]) -> Iterator[dict[str, np.ndarray]]:
+            for batch in batches:  # the bar moves by images, batch by batch, not by whole blocks
+                rows = forward(batch)
+                advance(len(batch["index"]))
+                yield rows
+
+        written = 0
+
+        def wrote(write: Future) -> None:
+            nonlocal written
+            write.result()  # re-raises a failed write (e.g. NaN) at once
+            written += 1
+            advance(0, status=f"{written}/{len(pending)} blocks written")
+
         in_flight: list[Future] = []
-        for block, arrays in zip(pending, assemble_blocks(ranges, map(forward, loader))):
+        for block, arrays in zip(pending, assemble_blocks(ranges, counted(iter(loader)))):
             kl = arrays.pop("topk_kl", None)  # measured here, where the full logits still exist
             if not writer.layout.stores_features:  # computed with the logits at no extra cost, not kept
                 arrays = {name: rows for name, rows in arrays.items() if not name.endswith("/features")}
             if kl is not None:
                 kl_sum, kl_rows = kl_sum + float(kl.sum()), kl_rows + kl.size
             in_flight.append(pool.submit(writer.write_block, block, arrays))
-            advance(len(next(iter(arrays.values()))))
-            # at most two blocks wait for the disk; .result() re-raises a failed write (e.g. NaN) at once
+            # at most two blocks wait for the disk
             while len(in_flight) > 2 or (in_flight and in_flight[0].done()):
-                in_flight.pop(0).result()
+                wrote(in_flight.pop(0))
         for w in in_flight:
-            w.result()
+            wrote(w)
     return kl_sum, kl_rows
 
 

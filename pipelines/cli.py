@@ -1,6 +1,8 @@
 """The `richkd-cache` command line. Each command fills a config once and calls one pipeline function.
 
 Anything a user can get wrong ends as one line on stderr and exit code 2, never a traceback.
+Nothing imported at module level imports torch (seconds): each command imports its pipeline when it
+runs, so `--help` and the settings' refusals answer at once (tests/test_cli_startup.py checks it).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from pipelines.config import (
     unused_settings,
 )
 from pipelines.progress import Reporter
-from richkd_cache.distill.adaptive import parse_alpha
 from richkd_cache.errors import ConfigError, RichKDError
 
 app = typer.Typer(
@@ -106,6 +107,16 @@ def parse_numbers(flag: str, value: str, kind: type[int] | type[float]) -> tuple
                           f"got {value!r}") from None
 
 
+def alpha_setting(text: str) -> float | str:
+    """eq. 4's weight, or an adaptive rule's name: a number needs no torch (the rules' module imports it)."""
+    try:
+        return float(text)
+    except ValueError:
+        from richkd_cache.distill.adaptive import parse_alpha
+
+        return parse_alpha(text)
+
+
 def parse_seeds(value: str) -> tuple[int, ...]:
     seeds = parse_numbers("--seeds", value, int)
     if not seeds or len(set(seeds)) < len(seeds):
@@ -177,7 +188,8 @@ def train_settings(recipe: str | None, given: dict[str, Any], command: str, new_
     for key in ("feature_loss", "method"):
         if settings.get(key) == "none":
             settings[key] = None
-    if "feature_loss" not in settings and settings.get("cache") and not cache_stores_features(settings["cache"]):
+    # the cache is opened here, before torch loads: a wrong path or an unfinished build is refused at once
+    if settings.get("cache") and not cache_stores_features(settings["cache"]) and "feature_loss" not in settings:
         settings["feature_loss"] = None  # the default, cosine, has nothing to distill on a logits-only cache
     if "milestones" in settings:
         settings["milestones"] = tuple(settings["milestones"])
@@ -191,6 +203,13 @@ def train_settings(recipe: str | None, given: dict[str, Any], command: str, new_
         raise ConfigError("--student is required (or a --recipe that names one)")
     check_fields(TrainConfig, settings, command)
     return settings
+
+
+def refuse_missing_cache(url: str) -> None:
+    """A wrong path (or something that is not a cache) is refused before the command imports torch."""
+    from cache_store import open_cache
+
+    open_cache(url, require_complete=False, check_chunks=False)
 
 
 def cache_stores_features(url: str) -> bool:
@@ -209,6 +228,7 @@ def train(
     dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the cache records).")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Dataset folder on this machine.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="imagefolder: centre-crop side (default: the cache's, else 224).")] = None,
+    student_image_size: Annotated[Optional[int], typer.Option(help="timm: students: the input side they are built for, inputs resized to it (default: the data's size; LG's ViT recipes: 224).")] = None,
     resize: Annotated[Optional[int], typer.Option(help="imagefolder: shorter side before the crop (default: the cache's, else 256).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="A shipped recipe; other flags override it.")] = None,
     target: Annotated[Optional[str], typer.Option(help="ce, kd (teacher), clip or richkd (fused).")] = None,
@@ -248,12 +268,13 @@ def train(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Stage two: train a student from a cache (or with cross-entropy alone, without one)."""
-    from pipelines.train import run_train
-
+    if alpha is not None:
+        alpha = alpha_setting(alpha)
     given = {
         "student": student, "cache": cache, "dataset": dataset, "data_root": data_root, "image_size": image_size,
+        "student_image_size": student_image_size,
         "resize": resize, "target": target,
-        "method": method, "alpha": None if alpha is None else parse_alpha(alpha), "temperature": temperature, "lam": lam, "beta": beta,
+        "method": method, "alpha": alpha, "temperature": temperature, "lam": lam, "beta": beta,
         "gamma": gamma, "prompts": prompts, "clip_tau": clip_tau, "clip_renormalize": clip_renormalize,
         "clip_model": clip_model, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "fraction": fraction, "imbalance": imbalance, "optimizer": optimizer, "schedule": schedule,
@@ -271,6 +292,8 @@ def train(
                        teacher_checkpoint=teacher_checkpoint, clip_checkpoint=clip_checkpoint, **settings)
     seed_list = parse_seeds(seeds)
     reporter = Reporter(err_console, quiet=quiet)
+    from pipelines.train import run_train
+
     if len(seed_list) == 1:
         summary = run_train(replace(base, seed=seed_list[0]), reporter)
         out_console.print(f"best top-1 {summary['best_top1']:.2f}  last top-1 {summary['last_top1']:.2f}  -> {out}")
@@ -300,9 +323,10 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Manifest summary, arrays and sizes, completeness, and accuracy per prompt set."""
+    check_range("alpha", alpha)
+    refuse_missing_cache(cache)
     from pipelines.summary import cache_summary, render_summary
 
-    check_range("alpha", alpha)
     show(cache_summary(cache, alpha), as_json, render_summary)
 
 

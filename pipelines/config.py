@@ -1,6 +1,8 @@
 """Typed configuration filled once at the edge (the CLI or a recipe) and passed down read-only.
 
 Below the pipelines, functions take plain arguments; only `run_build(cfg)` and `run_train(cfg)` see these.
+The CLI imports this module before any command runs, so it imports no torch: `--help` and a refused
+setting answer in a fraction of a second; what needs torch imports it where it is used.
 """
 
 from __future__ import annotations
@@ -11,14 +13,12 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from richkd_cache.distill import DEFAULTS, describe_params, get_logit_loss, method_params
-from richkd_cache.distill.adaptive import ALPHA_RULES
 from richkd_cache.errors import ConfigError
-from richkd_cache.views import parse_policy
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class BuildConfig:
         check_settings(self)
         check_device_name("--device", self.device)
         if self.teacher_views != "auto":
+            from richkd_cache.views import parse_policy
+
             parse_policy(self.teacher_views)
         # every target but kd needs CLIP's logits (eq. 2-3), hence a prompt set; one costs a single
         # text-tower pass, and the manifest's zero-shot accuracy is measured with it
@@ -90,6 +92,8 @@ class TrainConfig:
     clip_tau: float | None = None
     image_size: int | None = None  # imagefolder: None takes the cache's (or the dataset's default)
     resize: int | None = None
+    # timm students: the input side they are built for (a ViT's patch grid); None: the data's own size
+    student_image_size: int | None = None
     # the cache's CLIP model(s): NAME, A+B or ensemble; None: its only one (refused, listing them, if several)
     clip_model: str | None = None
     fraction: float = 1.0  # train on this share of every class (few-shot study)
@@ -201,6 +205,8 @@ def flag_name(key: str) -> str:
 def logit_params(cfg: TrainConfig) -> dict[str, float] | None:
     """The logit method's parameters as trained: its reference values, replaced by the recipe's and the
     flags'. None when no logit loss is trained. A setting the method does not use is an error, never ignored."""
+    from richkd_cache.distill import DEFAULTS, describe_params, get_logit_loss, method_params
+
     method = cfg.method if cfg.resolved_target != "ce" else None
     if not isinstance(cfg.method_params, dict):
         raise ConfigError("method_params must be a table of NAME = VALUE")
@@ -303,6 +309,7 @@ RANGES: dict[str, Range] = {
     "topk": Range(1, None, integer=True),
     "image_size": Range(1, None, integer=True, meaning="pixels"),
     "resize": Range(1, None, integer=True, meaning="pixels"),
+    "student_image_size": Range(1, None, integer=True, meaning="pixels"),
     "strong_views": Range(0, None, integer=True, meaning="strong views per sample; 0 stores none"),
 }
 
@@ -324,8 +331,11 @@ def check_settings(config: object) -> None:
 def check_values(settings: dict[str, Any]) -> None:
     """Range-check every setting that has a range, by name (a list is checked item by item)."""
     for name, value in settings.items():
-        if name == "alpha" and value in ALPHA_RULES:  # an adaptive rule instead of a fixed weight
-            continue
+        if name == "alpha" and isinstance(value, str):  # an adaptive rule instead of a fixed weight
+            from richkd_cache.distill.adaptive import ALPHA_RULES
+
+            if value in ALPHA_RULES:
+                continue
         if name in RANGES and value is not None:
             for item in value if isinstance(value, (tuple, list)) else (value,):
                 check_range(name, item)
@@ -366,6 +376,8 @@ def check_device_name(flag: str, name: str) -> None:
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
     """`auto` picks the GPU when there is one; asking for a device that is not there is an error, not a fallback."""
+    import torch
+
     check_device_name(flag, name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

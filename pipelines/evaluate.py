@@ -23,7 +23,7 @@ from pipelines import studies
 from pipelines.config import resolve_device
 from pipelines.train import batches, setup_images
 from richkd_cache.data import ImageDataset, create_dataset, normalize
-from richkd_cache.errors import ConfigError, DataError
+from richkd_cache.errors import ConfigError, DataError, RichKDError
 from richkd_cache.files import atomic_path
 from richkd_cache.gradcam import grad_cam, render_grid
 from richkd_cache.metrics import topk_hits
@@ -65,6 +65,7 @@ def run_evaluate(
     data = create_dataset(name, root, split, **options)
     if data.num_classes != meta["num_classes"]:
         raise DataError(f"{checkpoint} predicts {meta['num_classes']} classes but {name} has {data.num_classes}")
+    check_classes(checkpoint, meta, data, name, root)
     if gradcam > len(data):
         raise ConfigError(f"--gradcam takes 1 to {len(data)} images (the {data.split} split's size), got {gradcam}")
     others = [load_checkpoint(p, num_classes=data.num_classes, map_location=str(dev))[0] for p in beside]
@@ -122,6 +123,40 @@ def column_titles(checkpoints: list[str]) -> list[str]:
     if len(set(titles)) < len(titles):
         titles = [f"{i + 1}: {t}" for i, t in enumerate(titles)]  # the same file twice
     return titles
+
+
+def check_classes(checkpoint: str, meta: dict, data: ImageDataset, name: str, root: str | None) -> None:
+    """Refuse data whose classes are not the ones the student learnt (as train refuses a cache built from
+    other data): the same count of other classes would give a meaningless accuracy. The classes are those
+    of the cache it was trained from, else of the dataset its config.json records."""
+    trained = trained_classes(checkpoint, meta, name, root)
+    if trained is None or list(trained[1]) == list(data.classes):
+        return
+    where, classes = trained
+    first = next(i for i, (a, b) in enumerate(zip(classes, data.classes)) if a != b)
+    raise DataError(f"{checkpoint} was trained on the classes of {where}, not those of {name} at {data.root}: "
+                    f"class {first} is {classes[first]!r} there, {data.classes[first]!r} here")
+
+
+def trained_classes(checkpoint: str, meta: dict, name: str, root: str | None) -> tuple[str, list[str]] | None:
+    """(where from, class names) the student was trained on; None when nothing on this machine says, or
+    when it was trained on the very dataset (`name` at `root`) being evaluated."""
+    config_path = Path(checkpoint).with_name("config.json")
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    cache = meta.get("cache") or config.get("cache")
+    if cache:
+        try:
+            return f"its cache {cache}", open_cache(cache, require_complete=False).manifest["dataset"]["classes"]
+        except (CacheError, KeyError):
+            pass
+    if config.get("dataset") and (config["dataset"], config.get("data_root")) != (name, root):
+        options = {k: config[k] for k in ("image_size", "resize") if config.get(k) is not None}
+        try:
+            recorded = create_dataset(config["dataset"], config.get("data_root"), "val", **options)
+        except (RichKDError, OSError):
+            return None  # the recorded data is not on this machine: only the class count can be checked
+        return f"{config['dataset']} at {recorded.root}", recorded.classes
+    return None
 
 
 def resolve_dataset(checkpoint: str, meta: dict, dataset: str | None,
@@ -218,10 +253,15 @@ ATTACKS: dict[str, Callable[[Forward, torch.Tensor, torch.Tensor, float], torch.
 def render_evaluation(result: dict, console: Console) -> None:
     console.print(f"[bold]{result['checkpoint']}[/bold]  {result['arch']} on {result['dataset']} / {result['split']} "
                   f"({result['num_samples']} images)")
-    table = Table(title=f"top-1 / top-5 (%); attacks in [0, 1] pixel space, PGD {result['pgd_steps']} steps of eps/4")
-    for col in ("images", "epsilon", "top-1", "top-5"):
+    attacked = bool(result["attacks"])  # --no-attacks: clean images only, and the title says nothing of attacks
+    title = "top-1 / top-5 (%)"
+    if attacked:
+        title += f"; attacks in [0, 1] pixel space, PGD {result['pgd_steps']} steps of eps/4"
+    table = Table(title=title)
+    for col in ("images", "epsilon", "top-1", "top-5") if attacked else ("images", "top-1", "top-5"):
         table.add_column(col, justify="right")
-    table.add_row("clean", "-", f"{result['clean']['top1']:.2f}", f"{result['clean']['top5']:.2f}")
+    clean = [f"{result['clean']['top1']:.2f}", f"{result['clean']['top5']:.2f}"]
+    table.add_row("clean", "-", *clean) if attacked else table.add_row("clean", *clean)
     for row in result["attacks"]:
         table.add_row(row["attack"].upper(), f"{row['epsilon']:g}", f"{row['top1']:.2f}", f"{row['top5']:.2f}")
     console.print(table)

@@ -23,6 +23,9 @@ from richkd_cache.metrics import topk_accuracy
 
 IMAGENET_1K_TRAIN = 1_281_167  # ImageNet-1k's training images (ILSVRC-2012)
 IMAGENET_1K_CLASSES = 1000
+# Datasets whose caches are priced at ImageNet-1k's size (image folders: ImageNet and its kind); a CIFAR
+# or digits cache is priced at its own size, which is what its user stores
+IMAGENET_SCALE = ("imagefolder",)
 # Bytes per sample-view of other stores of teacher targets, as their authors report them:
 REFERENCES = {
     "TinyViT (top-10 sparse logits + augmentation)": 44,  # Wu et al., ECCV 2022, Sec. 3.1
@@ -49,7 +52,7 @@ def cache_summary(url: str, alpha: float) -> dict:
         "clip_models": {name: clip_model_summary(reader, name) for name in reader.clips},
         "arrays": reader.array_info(),
         "bytes_per_sample_view": reader.bytes_per_sample_view(),
-        "storage": storage(reader.layout, reader.clips),
+        "storage": storage(reader.layout, reader.clips, manifest["dataset"].get("name")),
         "chunk_checksums": checksum_summary(reader),
         "alpha": alpha,
         "prompt_sets": [],
@@ -69,8 +72,9 @@ def strong_views(manifest: dict) -> dict[str, dict]:
     return {"strong": {k: strong.get(k) for k in ("policy", "num_views", "seed")}} if strong else {}
 
 
-def storage(layout: CacheLayout, clips: dict[str, ClipLayout]) -> dict:
-    """What one sample-view costs in this cache, and the whole cache at ImageNet-1k's size.
+def storage(layout: CacheLayout, clips: dict[str, ClipLayout], dataset: str | None = None) -> dict:
+    """What one sample-view costs in this cache, the whole cache at its own size and, for an image-folder
+    dataset (`IMAGENET_SCALE`), at ImageNet-1k's size beside other stores of ImageNet teacher targets.
 
     Bytes per sample-view, as written (uncompressed; fp16 rows barely compress, so an upper bound):
         B = sum over the sample-axis arrays of (bytes one sample takes in the array) / V
@@ -82,16 +86,23 @@ def storage(layout: CacheLayout, clips: dict[str, ClipLayout]) -> dict:
     views = layout.num_views
     specs = {**layout.sample_arrays(), **{n: s for c in clips.values() for n, s in c.sample_arrays(layout).items()}}
     parts = {name: per_sample_bytes(spec) / views for name, spec in specs.items()}  # every CLIP model's too
+    per_view = sum(parts.values())
+    result = {
+        "views": views,
+        "bytes_per_sample_view": per_view,
+        "parts": parts,
+        "this_cache": {"samples": layout.num_samples, "views": views, "bytes": layout.num_samples * views * per_view},
+    }
+    if dataset not in IMAGENET_SCALE:
+        return result
     at_imagenet = {**parts}
     if "teacher/logits" in parts:
         at_imagenet["teacher/logits"] = IMAGENET_1K_CLASSES * 2
-    per_view = sum(at_imagenet.values())
+    at_view = sum(at_imagenet.values())
     return {
-        "views": views,
-        "bytes_per_sample_view": sum(parts.values()),
-        "parts": parts,
-        "imagenet_1k": {"samples": IMAGENET_1K_TRAIN, "views": views, "bytes_per_sample_view": per_view,
-                        "bytes": IMAGENET_1K_TRAIN * views * per_view},
+        **result,
+        "imagenet_1k": {"samples": IMAGENET_1K_TRAIN, "views": views, "bytes_per_sample_view": at_view,
+                        "bytes": IMAGENET_1K_TRAIN * views * at_view},
         "references": [{"name": name, "bytes_per_sample_view": b, "imagenet_1k_bytes": IMAGENET_1K_TRAIN * views * b}
                        for name, b in REFERENCES.items()],
     }
@@ -189,8 +200,19 @@ def views_table(summary: dict) -> Table:
 
 
 def storage_table(storage: dict) -> Table:
-    """Bytes per sample-view of this cache by array, and ImageNet-1k's whole cache at this layout beside the
-    references (formula: `storage`)."""
+    """Bytes per sample-view of this cache by array, and the whole cache: its own, or for an image-folder
+    cache ImageNet-1k's at this layout beside the references (formula: `storage`)."""
+    if "imagenet_1k" not in storage:
+        own = storage["this_cache"]
+        table = Table(title=f"bytes per sample-view, and this cache ({own['samples']:,} images x {own['views']} "
+                            "view(s))")
+        table.add_column("store", no_wrap=True)
+        for col in ("B per sample-view", "this cache"):
+            table.add_column(col, justify="right")
+        for name, b in storage["parts"].items():
+            table.add_row(f"  {name}", f"{b:.1f}", "")
+        table.add_row("this cache", f"{storage['bytes_per_sample_view']:.1f}", human_bytes(own["bytes"]))
+        return table
     n, v = storage["imagenet_1k"]["samples"], storage["views"]
     table = Table(title=f"bytes per sample-view, and ImageNet-1k ({n:,} images x {v} view(s)) at that cost")
     table.add_column("store", no_wrap=True)

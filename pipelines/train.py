@@ -29,7 +29,7 @@ from pipelines.targets import (Draws, StageTwoTargets, augment, check_features_s
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.distill import DistillObjective, create_objective
 from richkd_cache.errors import ConfigError, DataError
-from richkd_cache.models import create_model, uses_small_lr
+from richkd_cache.models import create_model, input_size_options, uses_small_lr
 from richkd_cache.subsets import subset_indices
 
 
@@ -61,12 +61,14 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     pool = setup_pool(cfg, train_set, reporter)
     # the compact rows: the shared memory-mapped copy on the host unless --cache-device puts a copy elsewhere
     cache_device = resolve_device(cfg.cache_device, "--cache-device") if cfg.cache_device else torch.device("cpu")
-    student = create_model(cfg.student, train_set.num_classes).to(device)  # its weights: from the seed alone
+    # its weights: from the seed alone; a timm student is built for the data's size unless told otherwise
+    student = create_model(cfg.student, train_set.num_classes,
+                           **input_size_options(cfg.student, cfg.student_image_size or train_set.image_side)).to(device)
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
     objective = setup_objective(cfg, student, cache, train_set, pool, method).to(device)
     optimizer, scheduler = setup_optimizer(cfg, student, objective)
-    working = training_bytes(student, [p for g in optimizer.param_groups for p in g["params"]], image_side(train_set),
+    working = training_bytes(student, [p for g in optimizer.param_groups for p in g["params"]], train_set.image_side,
                              cfg.batch_size, min(max(cfg.batch_size, 1024), len(val_set)),
                              held_images(train_set, val_set, ctx), objective.step_bytes(cfg.batch_size))
     source = setup_source(cfg, cache, train_set, pool, device, cache_device, reporter, working)
@@ -120,12 +122,6 @@ def setup_source(cfg: TrainConfig, cache: CacheReader | None, train_set: ImageDa
 
         return online_source(cfg, cache, train_set, source, device)
     return source
-
-
-def image_side(dataset: ImageDataset) -> int:
-    """The side of the square images the student sees (the stored array's, or the folder's crop)."""
-    images = getattr(dataset, "images", None)
-    return images.shape[1] if images is not None else int(dataset.options.get("image_size", 224))
 
 
 def held_images(train_set: ImageDataset, val_set: ImageDataset, ctx: DistContext) -> int:

@@ -12,6 +12,11 @@ from __future__ import annotations
 import difflib
 import importlib.metadata
 import logging
+import os
+import socket
+import urllib.parse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,6 +37,7 @@ OPENAI_NAMES = {
 }
 RANDOM = ("random", "none")  # no weights: a randomly initialised model (seeded, so reproducible)
 RANDOM_SEED = 0
+NETWORK_TIMEOUT_S = 3.0  # to open a connection to the weights' host before trusting the network
 
 
 def _register_shipped_configs() -> None:
@@ -227,16 +233,20 @@ class ClipTeacher:
         return F.normalize(embeds.float(), dim=-1), feats.float()
 
     @torch.no_grad()
-    def encode_prompt_set(self, prompt_set: PromptSet, class_names: list[str], batch_size: int = 256) -> np.ndarray:
+    def encode_prompt_set(self, prompt_set: PromptSet, class_names: list[str], batch_size: int = 256,
+                          advance: Callable[[int], None] | None = None) -> np.ndarray:
         """[M, C, D] float32: entry (m, c) is the mean over class c's names of the normalised text
         embeddings of template m filled with each name. Every template uses the same names of a class,
-        so the mean over m of (m, c) is the mean over all of class c's prompts: eq. 3 stays exact."""
+        so the mean over m of (m, c) is the mean over all of class c's prompts: eq. 3 stays exact.
+        `advance(n)` is told each batch of n prompts encoded (a progress bar's)."""
         filled = class_prompts(prompt_set, class_names)  # [M][C][S_c]
         flat = [p for per_template in filled for per_class in per_template for p in per_class]
         embeds = []
         for start in range(0, len(flat), batch_size):
             tokens = self.tokenizer(flat[start : start + batch_size]).to(self.device)
             embeds.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu())
+            if advance is not None:
+                advance(len(tokens))
         flat_embeds = torch.cat(embeds)
         out = torch.empty(len(filled), len(class_names), flat_embeds.shape[1])
         i = 0
@@ -264,15 +274,88 @@ def load_clip(spec: ClipSpec, device: str | torch.device = "cpu") -> ClipTeacher
             torch.manual_seed(RANDOM_SEED)
             model = _create(spec.arch, None)
     else:
-        try:
-            model = _create(spec.arch, spec.pretrained)
-        except Exception as e:
-            raise ClipError(
-                f"could not fetch CLIP weights {spec.arch}/{spec.pretrained} ({_first_line(e)}); "
-                "download them where there is network and pass --clip-checkpoint FILE"
-            ) from None
+        model = _fetch(spec.arch, spec.pretrained)
     preprocess_tag = spec.pretrained if spec.pretrained not in (None, *RANDOM) else None
     return ClipTeacher(model.to(device), spec, _preprocess_cfg(model, spec.arch, preprocess_tag), sha)
+
+
+def _fetch(arch: str, tag: str) -> torch.nn.Module:
+    """The model with a tag's weights: downloaded (or checked for updates) when their host answers; from the
+    local caches alone, without a request, when it does not. Without a network the hub's client would
+    retry for about a minute before failing, so a missing file is refused at once."""
+    cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+    host = _weights_host(cfg)
+    try:
+        if host is None or _reachable(host):
+            return _create(arch, tag)
+        if not _cached_weights(cfg):
+            raise ClipError(f"could not fetch CLIP weights {arch}/{tag}: no network ({host} does not answer) and "
+                            "they are not in the local caches (the Hugging Face hub's, ~/.cache/clip); download "
+                            "them where there is network and pass --clip-checkpoint FILE")
+        with _hub_offline():
+            return _create(arch, tag)
+    except ClipError:
+        raise
+    except Exception as e:
+        raise ClipError(
+            f"could not fetch CLIP weights {arch}/{tag} ({_first_line(e)}); "
+            "download them where there is network and pass --clip-checkpoint FILE"
+        ) from None
+
+
+def _weights_host(cfg: dict) -> str | None:
+    """The host a tag's weights come from (open_clip prefers the hub); None for a local file."""
+    from huggingface_hub import constants
+
+    if cfg.get("file"):
+        return None
+    if cfg.get("hf_hub"):
+        return urllib.parse.urlparse(constants.ENDPOINT).hostname
+    return urllib.parse.urlparse(cfg.get("url", "")).hostname
+
+
+def _reachable(host: str) -> bool:
+    """Whether one TCP connection to `host` opens within a few seconds. The hub's offline switch
+    (HF_HUB_OFFLINE=1) counts as no network; behind a proxy the download itself is left to try."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        socket.create_connection((host, 443), timeout=NETWORK_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached_weights(cfg: dict) -> bool:
+    """Whether the tag's weights file is already on this machine, where open_clip would look for it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if cfg.get("hf_hub"):
+        model_id, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or "open_clip_pytorch_model.bin"
+        names = [filename, "open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin"
+                 else filename.rsplit(".", 1)[0] + ".safetensors"]
+        return any(isinstance(try_to_load_from_cache(model_id, name), str) for name in names)
+    url = cfg.get("url", "")
+    return bool(url) and os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """The hub's client in offline mode: it reads its local cache and makes no request (its switch is
+    read from the environment once, at import, so the module's constant is set here)."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
 
 
 def _create(arch: str, pretrained: str | None) -> torch.nn.Module:

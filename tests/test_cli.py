@@ -90,13 +90,14 @@ def test_analyze_and_evaluate_commands(cache: Path, teacher_ckpt: Path, tmp_path
     assert "top-1" in result.output
 
 
-def test_info_names_every_array_whole_and_prices_full_logits_at_imagenets_classes(digits_cache: Path) -> None:
-    """At 80 columns: array names are never cut; a full-logit cache's per-view cost is shown twice, as it is
-    (its C classes) and as its layout would be with ImageNet's 1,000, which the whole-cache size uses."""
+def test_info_names_every_array_whole_and_prices_a_small_cache_at_its_own_size(digits_cache: Path) -> None:
+    """At 80 columns: array names are never cut. A digits (or CIFAR) cache is priced at its own size: no
+    ImageNet-1k table, which only an image-folder cache gets (tests/test_imagenet.py)."""
     storage = json.loads(invoke("info", digits_cache, "--json").output)["storage"]
-    at_imagenet = storage["imagenet_1k"]["bytes_per_sample_view"]
-    assert at_imagenet == storage["bytes_per_sample_view"] - storage["parts"]["teacher/logits"] + 1000 * 2
+    assert "imagenet_1k" not in storage and "references" not in storage
+    own = storage["this_cache"]
+    assert own["bytes"] == own["samples"] * own["views"] * storage["bytes_per_sample_view"] and own["samples"] == 1442
     table = invoke("info", digits_cache).output
     assert "clip/richkd-tiny/image_embeds" in table and "…" not in table
-    row = next(line for line in table.splitlines() if "ImageNet's 1,000 classes" in line)
-    assert f"{at_imagenet:.1f}" in row
+    assert "ImageNet" not in table and "TinyViT" not in table
+    assert "this cache (1,442 images x 1 view(s))" in table

@@ -243,3 +243,66 @@ def test_prompt_files_and_their_errors(tmp_path: Path) -> None:
             class_prompts(load_prompt_file(str(tmp_path / name)), CLASSES)
     with pytest.raises(ClipError, match="complex"):
         get_prompt_set("complicated", "cifar100")
+
+
+OFFLINE_BUILD = ["build", "--dataset", "digits", "--clip", "ViT-B/32", "--teacher-views", "clean", "--device", "cpu",
+                 "--workers", "0", "--quiet"]
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path: Path) -> list:
+    """No connection opens, the hub's cache and ~/.cache/clip are empty folders; returns the calls that
+    reached open_clip.create_model with a weights tag (a download, or its minute of retries)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    def unreachable(*args, **kwargs):
+        raise OSError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    fetched = []
+    create = open_clip.create_model
+
+    def recording(arch, pretrained=None, **kwargs):
+        if pretrained:
+            fetched.append((arch, pretrained, constants.is_offline_mode()))
+            raise RuntimeError("weights not found in the local cache")
+        return create(arch, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(open_clip, "create_model", recording)
+    return fetched
+
+
+def test_offline_build_with_weights_not_on_this_machine_fails_at_once(no_network, teacher, tmp_path: Path) -> None:
+    from clirun import invoke
+
+    result = invoke(*OFFLINE_BUILD, "--teacher-checkpoint", teacher, "--out", tmp_path / "c.zarr")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "ViT-B-32-quickgelu/openai: no network (huggingface.co does not answer)" in lines[0]
+    assert "--clip-checkpoint FILE" in lines[0]
+    assert no_network == [], "no download was tried, so no retries"
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_offline_build_with_cached_weights_loads_them_without_a_request(no_network, teacher, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """Weights in the hub's cache: open_clip loads them with the hub's client offline (no request, no retry)."""
+    from huggingface_hub import constants
+
+    from clirun import invoke
+
+    cached = Path(constants.HF_HUB_CACHE) / "models--timm--vit_base_patch32_clip_224.openai"
+    (cached / "refs").mkdir(parents=True)
+    (cached / "refs" / "main").write_text("0" * 40)
+    (cached / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (cached / "snapshots" / ("0" * 40) / "open_clip_model.safetensors").write_bytes(b"")
+    result = invoke(*OFFLINE_BUILD, "--teacher-checkpoint", teacher, "--out", tmp_path / "c.zarr")
+    assert result.exit_code == 2 and "weights not found in the local cache" in result.output
+    assert no_network == [("ViT-B-32-quickgelu", "openai", True)]
+    assert not constants.is_offline_mode(), "the hub's switch is restored afterwards"

@@ -177,7 +177,7 @@ def test_torchvision_weights_offline_is_one_line_naming_the_file(imagenet: Path,
     result = invoke("build", "--dataset", "imagefolder", "--data-root", imagenet / "data", *SIZE,
                     "--teacher", "tv:resnet34", "--teacher-checkpoint", "torchvision:IMAGENET1K_V1",
                     "--clip", "richkd-tiny", "--clip-pretrained", "random", "--prompts", "single,multi",
-                    "--device", "cpu", "--out", tmp_path / "c.zarr")  # (prompt sets are checked before the teacher)
+                    "--device", "cpu", "--quiet", "--out", tmp_path / "c.zarr")  # (prompt sets are checked before the teacher)
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert "https://download.pytorch.org/models/resnet34-b627a593.pth" in lines[0]

@@ -37,6 +37,12 @@ class ImageDataset(Dataset, abc.ABC):
         records them so stage two, `verify` and `evaluate` reopen the same images."""
         return {}
 
+    @property
+    def image_side(self) -> int:
+        """The side of its (square) images: view parameters are fractions of it, models are built for it.
+        Subclasses know it without decoding an image (stage two decodes each image once per draw)."""
+        return int(self[0]["image"].shape[-1])
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -61,6 +67,10 @@ class ArrayImageDataset(ImageDataset):
         self.labels = labels.astype(np.int64)
         self.classes = list(classes)
         self.mean, self.std = tuple(mean), tuple(std)
+
+    @property
+    def image_side(self) -> int:
+        return int(self.images.shape[2])
 
     def __getitem__(self, i: int) -> dict:
         image = torch.from_numpy(np.ascontiguousarray(self.images[i].transpose(2, 0, 1)))

@@ -57,6 +57,10 @@ class ImageFolderDataset(ImageDataset):
     def options(self) -> dict:
         return {"image_size": self.image_size, "resize": self.resize}
 
+    @property
+    def image_side(self) -> int:
+        return self.image_size  # every image is centre-cropped to it
+
     def __getitem__(self, i: int) -> dict:
         path = self.base / self.files[i]
         try:

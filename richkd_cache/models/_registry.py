@@ -65,6 +65,12 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     return _CIFAR[name](name, num_classes)
 
 
+def input_size_options(name: str, image_size: int) -> dict[str, int]:
+    """The options that build `name` for `image_size` px inputs: a timm model has a size (a ViT's patch grid);
+    the CIFAR zoo has a fixed recipe, and torchvision's models keep the ImageNet size they are published at."""
+    return {"image_size": image_size} if canonical_name(name).startswith(timm_models.PREFIX) else {}
+
+
 def uses_small_lr(name: str) -> bool:
     """mdistiller trains MobileNet and ShuffleNet students with lr 0.01 instead of 0.05."""
     return canonical_name(name) in _SMALL_LR

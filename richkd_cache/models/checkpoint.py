@@ -31,12 +31,14 @@ FORMAT = 1
 def save_checkpoint(path: str, model: nn.Module, *, arch: str, num_classes: int, epoch: int | None = None,
                     best_acc: float | None = None, extra: dict | None = None) -> None:
     """Write atomically (temp file in the same folder + rename): a crash never leaves a truncated checkpoint."""
+    options = getattr(model, "model_options", None)  # how it was built (a timm ViT's input size), if not the default
     payload = {
         "model": model.state_dict(),
         "epoch": epoch,
         "best_acc": best_acc,
         # our keys last, so `extra` cannot make the file misstate what it holds
-        "richkd": {**(extra or {}), "format": FORMAT, "arch": canonical_name(arch), "num_classes": num_classes},
+        "richkd": {**(extra or {}), "format": FORMAT, "arch": canonical_name(arch), "num_classes": num_classes,
+                   **({"model_options": options} if options else {})},
     }
     atomic_torch_save(payload, path)
 
@@ -78,7 +80,7 @@ def load_checkpoint(path: str, arch: str | None = None, num_classes: int | None 
     meta = payload.get("richkd", {})
     arch = _resolve_arch(path, arch, meta.get("arch"))
     num_classes = _resolve_num_classes(path, num_classes, _num_classes(state), meta.get("num_classes"))
-    model = create_model(arch, num_classes).to(map_location)
+    model = create_model(arch, num_classes, **meta.get("model_options", {})).to(map_location)
     _load_strict(model, state, path, arch)
     info = {"epoch": payload.get("epoch"), "best_acc": payload.get("best_acc"), **meta,
             "arch": arch, "num_classes": num_classes}

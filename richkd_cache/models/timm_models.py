@@ -19,6 +19,12 @@ Two of Table 11's students are not in timm, so they cannot be named here:
 The model stays timm's own module tree and class, so its state_dict keys are timm's and timm checkpoints
 load strictly; it gains the `_TwoOutputs` mixin, whose forward resizes the input to the size the model was
 built for and returns (logits (B, C), pooled pre-logits feature (B, F)), like every model here.
+
+Which size it is built for: `image_size` (timm's `img_size`: a ViT's patch grid and position embeddings).
+Stage two passes the data's own size unless the recipe names `student_image_size` (LG's two recipes say
+224), so a student is not silently run at 49x the pixels of CIFAR's 32 px images. A network without
+`img_size` (a CNN) takes any size and is built as it is. The size goes into the checkpoint
+(`model_options`), which rebuilds the same network.
 """
 
 from __future__ import annotations
@@ -55,16 +61,20 @@ class _TwoOutputs:
         return self.get_classifier()(pooled), pooled  # type: ignore[attr-defined]
 
 
-def make(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """`timm:<arch>` randomly initialised at timm's default size; `kwargs` go to timm.create_model."""
-    import timm  # here: importing timm costs a second or two that most commands never need
+def make(name: str, num_classes: int, image_size: int | None = None, **kwargs: Any) -> nn.Module:
+    """`timm:<arch>` randomly initialised for `image_size` px inputs (None: timm's default size, 224 for the
+    ViTs); `kwargs` go to timm.create_model."""
+    try:
+        import timm  # here: importing timm costs a second or two that most commands never need
+    except ModuleNotFoundError:  # a dependency (open_clip's too), so only a broken environment lacks it
+        raise ModelError(f"{name} needs the timm package, which is not installed: pip install 'timm>=1.0'") from None
 
     arch = name[len(PREFIX):]
     if arch not in timm.list_models():
         raise ModelError(unknown_message(arch))
     options = {**(LG_DEFAULTS if arch in LISTED else {}), **kwargs}
     try:
-        net = timm.create_model(arch, pretrained=False, num_classes=num_classes, **options)
+        net = _create(timm, arch, num_classes, image_size, options)
     except TypeError as e:
         raise ModelError(f"{name} does not take these options ({e})") from None
     head = net.get_classifier()
@@ -72,9 +82,23 @@ def make(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         raise ModelError(f"{name} does not end in one linear classifier (distilled two-head models and "
                          f"convolutional heads have no single pooled feature to distill): choose another")
     net.__class__ = _tapped_class(type(net))
-    net.input_size = tuple(net.pretrained_cfg.get("input_size", (3, 224, 224))[-2:])
+    default = tuple(net.pretrained_cfg.get("input_size", (3, 224, 224))[-2:])
+    net.input_size = default if image_size is None else (image_size, image_size)
+    net.model_options = {} if image_size is None else {"image_size": image_size}  # what rebuilds it (checkpoints)
     net.num_features, net.num_classes = head.in_features, num_classes
     return net
+
+
+def _create(timm: Any, arch: str, num_classes: int, image_size: int | None, options: dict) -> nn.Module:
+    """timm's model, built for `image_size` when it has a size (`img_size`); one that has none is built as is."""
+    if image_size is not None:
+        try:
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, img_size=image_size, **options)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **options)
+
 
 
 def unknown_message(arch: str) -> str:
