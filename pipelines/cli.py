@@ -25,6 +25,7 @@ from pipelines.config import (
     check_fields,
     check_range,
     list_recipes,
+    load_config_file,
     load_recipe,
     parse_method_params,
 )
@@ -154,20 +155,21 @@ def build(
     out_console.print(f"cache complete: {url}")
 
 
-def train_settings(recipe: str | None, given: dict[str, Any], command: str, new_method: bool = False) -> dict[str, Any]:
-    """A recipe's settings overridden by the flags given (None: not given); "none" switches a loss off.
+def train_settings(recipe: str | None, given: dict[str, Any], command: str, new_method: bool = False,
+                   file: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A recipe's settings, overridden by a --config file's, overridden by the flags given (None: not given);
+    "none" switches a loss off. The recipe is --recipe, else the one the file names.
 
-    The recipe's method settings (temperature, beta, method_params) belong to the recipe's method: they
-    are dropped when the method changes (`new_method`: it is swept) or no logit loss is trained."""
+    A recipe's method settings (temperature, beta, method_params) belong to its method: they are dropped
+    when the file or a flag changes the method (`new_method`: it is swept) or no logit loss is trained."""
+    file = dict(file or {})
+    recipe = recipe or file.pop("recipe", None)
+    file.pop("recipe", None)
     settings: dict[str, Any] = load_recipe(recipe) if recipe else {}
-    method = given.get("method")
-    if new_method or (method is not None and method != settings.get("method")) or given.get("target") == "ce":
-        for key in METHOD_SETTINGS:
-            settings.pop(key, None)
-    params = given.pop("method_params", None) or {}
-    settings.update({k: v for k, v in given.items() if v is not None})
-    if params:
-        settings["method_params"] = {**settings.get("method_params", {}), **params}
+    if new_method:
+        drop_method_settings(settings)
+    for layer in (file, given):  # each overrides the settings before it
+        overlay(settings, layer)
     for key in ("feature_loss", "method"):
         if settings.get(key) == "none":
             settings[key] = None
@@ -176,9 +178,44 @@ def train_settings(recipe: str | None, given: dict[str, Any], command: str, new_
     if "milestones" in settings:
         settings["milestones"] = tuple(settings["milestones"])
     if "student" not in settings:
-        raise ConfigError("--student is required (or a --recipe that names one)")
+        raise ConfigError("--student is required (or a --recipe or --config file that names one)")
+    if "out" not in settings:
+        raise ConfigError("--out is required (or out = FOLDER in the --config file)")
     check_fields(TrainConfig, settings, command)
     return settings
+
+
+def overlay(settings: dict[str, Any], layer: dict[str, Any]) -> None:
+    """Settings given by `layer` (None: not given) replace those in `settings`; its method_params add to theirs."""
+    method = layer.get("method")
+    if (method is not None and method != settings.get("method")) or layer.get("target") == "ce":
+        drop_method_settings(settings)
+    params = layer.get("method_params") or {}
+    settings.update({k: v for k, v in layer.items() if v is not None and k != "method_params"})
+    if params:
+        settings["method_params"] = {**settings.get("method_params", {}), **params}
+
+
+def drop_method_settings(settings: dict[str, Any]) -> None:
+    for key in METHOD_SETTINGS:
+        settings.pop(key, None)
+
+
+def seeds_to_run(flag: str | None, file_seeds: Any, settings: dict[str, Any]) -> tuple[int, ...]:
+    """--seeds, else the file's `seeds` (a list, or one), else the settings' `seed`, else 0."""
+    seed = settings.pop("seed", None)
+    if flag is not None:
+        return parse_seeds(flag)
+    if file_seeds is None:
+        return (0 if seed is None else seed,)
+    if seed is not None:
+        raise ConfigError("the --config file sets both seed and seeds: keep one")
+    seeds = tuple(file_seeds) if isinstance(file_seeds, list) else (file_seeds,)
+    for s in seeds:
+        check_range("seed", s)
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"seeds takes one or more distinct seeds (e.g. [0, 1, 2]), got {file_seeds!r}")
+    return seeds
 
 
 def cache_stores_features(url: str) -> bool:
@@ -191,7 +228,8 @@ def cache_stores_features(url: str) -> bool:
 @app.command()
 @user_errors
 def train(
-    out: Annotated[str, typer.Option(help="Run folder: checkpoints, metrics.parquet, summary.json.")],
+    out: Annotated[Optional[str], typer.Option(help="Run folder: checkpoints, metrics.parquet and .csv, config.json, summary.json.")] = None,
+    config: Annotated[Optional[str], typer.Option(help="Your own settings file (.toml, .yaml): the recipes' keys, recipe = NAME to start from one, seeds; flags override it.")] = None,
     student: Annotated[Optional[str], typer.Option(help="Student architecture (see `richkd-cache models`).")] = None,
     cache: Annotated[Optional[str], typer.Option(help="Cache from `build`; omit to train with cross-entropy only.")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the cache records).")] = None,
@@ -223,12 +261,12 @@ def train(
     schedule: Annotated[Optional[str], typer.Option(help="step (lr x0.1 at the milestones) or cosine.")] = None,
     warmup_epochs: Annotated[Optional[int], typer.Option(help="cosine: linear warm-up epochs.")] = None,
     min_lr: Annotated[Optional[float], typer.Option(help="cosine: the lr it ends at.")] = None,
-    seeds: Annotated[str, typer.Option(help="One seed, or several (0,1,2): runs each, reports mean +- std.")] = "0",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    seeds: Annotated[Optional[str], typer.Option(help="One seed, or several (0,1,2): runs each, reports mean +- std (default 0).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto (the default), cpu or cuda[:N].")] = None,
     cache_device: Annotated[Optional[str], typer.Option(help="Where cached targets live (default: the training device; cpu keeps GPU memory free).")] = None,
     stream_window: Annotated[Optional[int], typer.Option(help="For caches larger than memory: read this many chunks at a time, shuffling within them.")] = None,
-    workers: int = 4,
-    online: Annotated[bool, typer.Option(help="Reference mode: run the cache's teacher and CLIP on every batch instead of reading the cache (slow).")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers decoding image files (default 4).")] = None,
+    online: Annotated[Optional[bool], typer.Option("--online/--no-online", help="Reference mode: run the cache's teacher and CLIP on every batch instead of reading the cache (slow).")] = None,
     teacher_checkpoint: Annotated[Optional[str], typer.Option(help="--online: the teacher's file here (default: the path the cache records).")] = None,
     clip_checkpoint: Annotated[Optional[str], typer.Option(help="--online: CLIP's weights file here, when the cache was built from one.")] = None,
     compile_step: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step (CUDA graphs on a GPU).")] = None,
@@ -248,13 +286,17 @@ def train(
         "fraction": fraction, "imbalance": imbalance, "optimizer": optimizer, "schedule": schedule,
         "warmup_epochs": warmup_epochs, "min_lr": min_lr, "compile": compile_step,
         "milestones": parse_numbers("--milestones", milestones, int) if milestones else None,
+        "out": out, "device": device, "cache_device": cache_device, "workers": workers, "online": online,
+        "teacher_checkpoint": teacher_checkpoint, "clip_checkpoint": clip_checkpoint,
     }
     params = parse_method_params(method_param) if method_param else None
-    settings = train_settings(recipe, {**given, "feature_loss": feature_loss, "method_params": params}, "train")
-    base = TrainConfig(out=out, device=device, cache_device=cache_device, stream_window=stream_window,
-                       workers=workers, resume=resume, overwrite=overwrite, quiet=quiet, online=online,
-                       teacher_checkpoint=teacher_checkpoint, clip_checkpoint=clip_checkpoint, **settings)
-    seed_list = parse_seeds(seeds)
+    file = load_config_file(config) if config else {}
+    file_seeds = file.pop("seeds", None)
+    settings = train_settings(recipe, {**given, "feature_loss": feature_loss, "method_params": params}, "train",
+                              file=file)
+    seed_list = seeds_to_run(seeds, file_seeds, settings)
+    base = TrainConfig(stream_window=stream_window, resume=resume, overwrite=overwrite, quiet=quiet, **settings)
+    out = base.out
     reporter = Reporter(err_console, quiet=quiet)
     if len(seed_list) == 1:
         summary = run_train(replace(base, seed=seed_list[0]), reporter)
@@ -464,11 +506,11 @@ def sweep(
     values = {name: parse_axis(name, text) for name, text in swept.items() if text is not None}
     axes = {name: v for name, v in values.items() if len(v) > 1}  # one value: a fixed setting
     fixed = {"student": student, "cache": cache, "dataset": dataset, "data_root": data_root, "epochs": epochs,
-             "batch_size": batch_size, "lr": lr}
+             "batch_size": batch_size, "lr": lr, "out": out}
     settings = train_settings(recipe, {**fixed, **{k: v[0] for k, v in values.items() if len(v) == 1}}, "sweep",
                               new_method="method" in axes)
     seed_list = parse_seeds(seeds)
-    base = TrainConfig(out=out, device=device, workers=workers, quiet=True, **settings)
+    base = TrainConfig(device=device, workers=workers, quiet=True, **settings)
     result = run_sweep(Sweep(base, axes, seed_list), Reporter(err_console, quiet=quiet), jobs)
     table = Table(title=f"sweep over {', '.join(axes)} ({len(seed_list)} seed(s) each)")
     for col in (*axes, "best top-1", "last top-1"):

@@ -11,6 +11,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -278,7 +279,106 @@ def load_recipe(name: str) -> dict[str, Any]:
     text = resources.files("pipelines.recipes").joinpath(f"{name}.toml").read_text()
     table = tomllib.loads(text)
     check_fields(TrainConfig, table, f"recipe {name}")
+    check_types(table, f"recipe {name}")
     return table
+
+
+# Keys a --config file takes besides the recipes' (TrainConfig fields): the recipe it starts from and the
+# seeds, as on the command line. Run control (resume, overwrite, quiet) stays on the command line.
+CONFIG_KEYS = ("recipe", "seeds")
+_NOT_IN_FILES = ("resume", "overwrite", "quiet", "extra", "stream_window")
+CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
+_MAX_CONFIG_BYTES = 1 << 20  # a settings file, not data: anything larger is refused unread
+
+
+def load_config_file(path: str, extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A user's own settings file (`train --config FILE`): TOML, or YAML (.yaml/.yml), holding a table of
+    the recipes' keys, `recipe = NAME` to start from a shipped recipe, `seeds`, and `extra_keys`.
+
+    The file is untrusted: YAML is read with the safe loader (plain data only), every key must be known,
+    every value of the right type; anything wrong is one line naming the file."""
+    where = f"--config {path}"
+    file = Path(path)
+    suffix = file.suffix.lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise ConfigError(f"{where}: settings files are TOML (.toml) or YAML (.yaml, .yml), not {suffix or 'no suffix'}")
+    try:
+        if file.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where} is larger than {_MAX_CONFIG_BYTES >> 20} MiB: not a settings file")
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    table = parse_toml(text, where) if suffix == ".toml" else parse_yaml(text, where)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must hold a table of settings (KEY = VALUE), not {type(table).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - set(_NOT_IN_FILES) | {*CONFIG_KEYS, *extra_keys}
+    unknown = sorted(str(k) for k in table if k not in known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; a file takes the recipes' keys "
+                          "(the train flags' names with _), recipe and seeds")
+    if "recipe" in table and not isinstance(table["recipe"], str):
+        raise ConfigError(f"{where}: recipe must be a recipe's name (see `richkd-cache recipes`), got {short(table['recipe'])}")
+    check_types(table, where)
+    return table
+
+
+def parse_toml(text: str, where: str) -> Any:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where} is not valid TOML: {e}") from None
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    import yaml  # PyYAML: installed with open_clip's dependencies, declared in pyproject.toml
+
+    try:
+        return yaml.safe_load(text)  # plain data only: no tags that build objects
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML{at}: {getattr(e, 'problem', None) or type(e).__name__}") from None
+
+
+def check_types(table: dict[str, Any], where: str) -> None:
+    """Each TrainConfig field of `table` holds a value of its type (ranges are checked by TrainConfig itself)."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    for key, value in table.items():
+        if key in kinds and not fits(kinds[key], value):
+            raise ConfigError(f"{where}: {key} must be {describe_type(kinds[key])}, got {short(value)}")
+
+
+def fits(kind: str, value: Any) -> bool:
+    """Whether `value` (from TOML, YAML or a command line) has a TrainConfig annotation's type."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    for part in (p.strip() for p in kind.split("|")):
+        if (part == "None" and value is None or part == "bool" and isinstance(value, bool)
+                or part == "int" and number and isinstance(value, int) or part == "float" and number
+                or part == "str" and isinstance(value, str)):
+            return True
+        if part.startswith("tuple[int") and isinstance(value, (list, tuple)):
+            return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if part.startswith("dict[str, float]") and isinstance(value, dict):
+            return all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                       for k, v in value.items())
+    return False
+
+
+def describe_type(kind: str) -> str:
+    names = {"float": "a number", "int": "an integer", "str": "a string", "bool": "true or false"}
+    parts = [p.strip() for p in kind.split("|") if p.strip() != "None"]
+    if parts[0].startswith("tuple"):
+        return "a list of integers"
+    if parts[0].startswith("dict"):
+        return "a table of NAME = number"
+    return " or ".join(names.get(p, p) for p in parts)
+
+
+def short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def list_recipes() -> list[str]:

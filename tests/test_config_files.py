@@ -1,0 +1,68 @@
+"""`train --config FILE`: a user's own settings file (TOML or YAML) of the recipes' keys, flags overriding it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clirun import invoke
+
+FAST = ["--device", "cpu", "--workers", "0", "--quiet"]
+
+
+def settings_file(tmp_path: Path, suffix: str, cache: Path) -> Path:
+    """A file naming a shipped recipe (KD + CRD) and overriding some of it: student, data, alpha, no feature loss."""
+    path = tmp_path / f"mine{suffix}"
+    if suffix == ".toml":
+        path.write_text(f'recipe = "cifar100-resnet32x4-resnet8x4"\nstudent = "resnet8"\ndataset = "digits"\n'
+                        f'cache = "{cache}"\nepochs = 1\nbatch_size = 128\nfraction = 0.25\nalpha = 0.5\n'
+                        f'feature_loss = "none"\nmilestones = [1]\n')
+    else:
+        path.write_text(f"recipe: cifar100-resnet32x4-resnet8x4\nstudent: resnet8\ndataset: digits\n"
+                        f"cache: {cache}\nepochs: 1\nbatch_size: 128\nfraction: 0.25\nalpha: 0.5\n"
+                        f"feature_loss: none\nmilestones: [1]\n")
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_a_config_file_trains_what_it_says_and_a_flag_overrides_it(digits_cache: Path, tmp_path: Path,
+                                                                   suffix: str) -> None:
+    run = tmp_path / "run"
+    result = invoke("train", "--config", settings_file(tmp_path, suffix, digits_cache), "--alpha", "0.6",
+                    *FAST, "--out", run)
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert (config["student"], config["dataset"], config["fraction"], config["milestones"]) == ("resnet8", "digits", 0.25, [1])
+    assert config["alpha"] == 0.6  # the flag, over the file's 0.5
+    assert config["feature_loss"] is None  # the file, over the recipe's crd
+    assert (config["method"], config["temperature"], config["beta"]) == ("kd", 3.0, 3.0)  # the recipe's
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("typo.toml", 'studnet = "resnet8"\n', "unknown setting(s) studnet"),
+    ("types.toml", 'student = "resnet8"\nlr = "fast"\n', "lr must be a number, got 'fast'"),
+    ("milestones.yaml", "student: resnet8\nmilestones: [10, x]\n", "milestones must be a list of integers"),
+    ("broken.toml", 'student = "resnet8\n', "is not valid TOML"),
+    ("code.yaml", "student: !!python/object/apply:os.system ['echo hacked']\n", "is not valid YAML at line 1"),
+    ("list.yaml", "- student\n", "must hold a table of settings"),
+    ("run.toml", 'student = "resnet8"\nresume = true\n', "unknown setting(s) resume"),
+    ("settings.json", "{}", "TOML (.toml) or YAML"),
+    ("recipe.toml", 'recipe = "no-such-recipe"\n', "unknown recipe 'no-such-recipe'"),
+    ("seeds.toml", 'student = "resnet8"\nseeds = [1, 1]\n', "distinct seeds"),
+])
+def test_a_bad_config_file_is_one_line_and_trains_nothing(tmp_path: Path, name: str, text: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    result = invoke("train", "--config", path, "--dataset", "digits", "--target", "ce", *FAST, "--out", tmp_path / "r")
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_a_missing_config_file_or_out_is_one_line(tmp_path: Path) -> None:
+    result = invoke("train", "--config", tmp_path / "none.toml", "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "no such file" in result.output
+    (tmp_path / "c.toml").write_text('student = "resnet8"\n')
+    result = invoke("train", "--config", tmp_path / "c.toml", "--dataset", "digits")
+    assert result.exit_code == 2 and "--out is required" in result.output
