@@ -456,24 +456,36 @@ def evaluate(
 @app.command()
 @user_errors
 def compare(runs: Annotated[list[str], typer.Argument(help="Run folders (a folder of seed*/ runs counts as one).")]) -> None:
-    """A table of runs: best and last top-1, mean +- std over seeds."""
-    from pipelines.summary import compare_runs
+    """A table of runs: the settings that differ between them, best and last top-1, mean +- std over seeds."""
+    from pipelines.summary import compare_runs, differing_settings
 
+    rows = compare_runs(runs)
     table = Table(title="runs")
-    for col in ("run", "student", "target", "seeds", "best top-1", "last top-1"):
-        table.add_column(col, justify="right")
-    for row in compare_runs(runs):
-        table.add_row(row["run"], row["student"], row["target"], str(row["seeds"]), row["best"], row["last"])
+    for col in ("#", "run", "student", "target", "seeds", "best top-1", "last top-1"):
+        table.add_column(col, justify="right", overflow="fold")
+    for i, row in enumerate(rows, 1):
+        table.add_row(str(i), row["run"], row["student"], row["target"], str(row["seeds"]), row["best"], row["last"])
     out_console.print(table)
+    differ = differing_settings(rows)
+    if differ:  # one row per setting, one column per run: readable however many settings differ
+        settings = Table(title="settings that differ")
+        settings.add_column("setting", overflow="fold")
+        for i in range(1, len(rows) + 1):
+            settings.add_column(f"#{i}", justify="right", overflow="fold")
+        for name in differ:
+            settings.add_row(name, *(row["settings"].get(name, "-") for row in rows))
+        out_console.print(settings)
 
 
 @app.command()
 @user_errors
 def sweep(
-    out: Annotated[str, typer.Option(help="Sweep folder: one run per setting and seed, sweep.json, sweep.png.")],
-    cache: Annotated[str, typer.Option(help="Cache from `build`.")],
-    student: Annotated[Optional[str], typer.Option(help="Student architecture.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Sweep folder: one run per setting and seed, sweep.json, sweep.png.")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="Cache from `build`.")] = None,
+    config: Annotated[Optional[str], typer.Option(help="Your own settings file (.toml, .yaml): fixed settings as for train --config, seeds, jobs, and a [sweep] table of SETTING = [values] (any train setting); flags override it.")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student architecture(s).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="A shipped recipe for the fixed settings.")] = None,
+    target: Annotated[Optional[str], typer.Option(help="Targets to sweep, e.g. kd,richkd.")] = None,
     alpha: Annotated[Optional[str], typer.Option(help="Values to sweep, e.g. 0.5,0.6,0.7 (eq. 4).")] = None,
     lam: Annotated[Optional[str], typer.Option(help="Values to sweep (eq. 7).")] = None,
     temperature: Annotated[Optional[str], typer.Option(help="Values to sweep (eq. 5).")] = None,

@@ -30,6 +30,7 @@ from richkd_cache.models import save_checkpoint
 
 # Settings that do not change what a run computes; everything else must match to resume.
 _NOT_IDENTITY = ("resume", "overwrite", "quiet", "epochs", "workers", "device", "cache_device", "out",
+                 "data_root",  # where the data is on this machine: a cache checks it is the same data
                  "teacher_checkpoint", "clip_checkpoint")  # model files: checked by sha256 instead
 # The files a run writes into its folder; nothing else there is ever touched.
 RUN_FILES = ("config.json", "last.pth", "best.pth", "resume.pth", "metrics.parquet", "summary.json")

@@ -21,13 +21,14 @@ from pipelines.config import TrainConfig, logit_params, recorded_method, resolve
 from pipelines.distributed import DistContext, barrier, init_distributed, rank_device, shutdown
 from pipelines.optim import make_optimizer, make_schedule
 from pipelines.progress import Reporter
+from pipelines.resolve import resolve_settings, resolved_lr
 from pipelines.run_folder import RunFolder
 from pipelines.targets import (Window, augment, check_features_stored, classes_per_window, features_needed,
                                selected_clips, streamed_cache, strong_views_needed, whole_cache)
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.distill import DistillObjective, create_objective
 from richkd_cache.errors import ConfigError, DataError
-from richkd_cache.models import create_model, uses_small_lr
+from richkd_cache.models import create_model
 from richkd_cache.subsets import subset_indices
 
 
@@ -58,6 +59,7 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     train_set, val_set = setup_data(cfg, cache)
     pool = setup_pool(cfg, train_set, reporter)
     cache_device = resolve_device(cfg.cache_device, "--cache-device") if cfg.cache_device else device
+    cfg = resolve_settings(cfg, cache, train_set, device, cache_device)  # defaults named: config.json says what trains
     student = create_model(cfg.student, train_set.num_classes).to(device)  # its weights: from the seed alone
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
@@ -239,7 +241,7 @@ def setup_objective(cfg: TrainConfig, student: torch.nn.Module, cache: CacheRead
 def setup_optimizer(cfg: TrainConfig, student: torch.nn.Module, objective: torch.nn.Module):
     """By default mdistiller's CIFAR recipe: SGD momentum 0.9, x0.1 at the milestones, weight decay 5e-4;
     ViT recipes choose AdamW with a warmed-up cosine (pipelines/optim.py)."""
-    lr = cfg.lr if cfg.lr is not None else (0.01 if uses_small_lr(cfg.student) else 0.05)
+    lr = resolved_lr(cfg)
     optimizer = make_optimizer(cfg.optimizer, (student, objective), lr, cfg.momentum, cfg.weight_decay)
     scheduler = make_schedule(optimizer, cfg.schedule, cfg.epochs, cfg.milestones, cfg.lr_decay,
                               cfg.warmup_epochs, cfg.min_lr)

@@ -66,3 +66,38 @@ def test_a_missing_config_file_or_out_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text('student = "resnet8"\n')
     result = invoke("train", "--config", tmp_path / "c.toml", "--dataset", "digits")
     assert result.exit_code == 2 and "--out is required" in result.output
+
+
+RESOLVED = ("student", "dataset", "target", "method", "lr", "prompts", "clip_model", "clip_tau", "temperature", "beta",
+            "alpha", "lam", "gamma", "milestones", "weight_decay", "device", "cache_device")
+
+
+def test_config_json_names_every_resolved_default(digits_cache: Path, tmp_path: Path) -> None:
+    """No flag names the dataset, lr, prompt set, CLIP model, tau or devices: config.json records the values
+    the run trained with, and a resume that spells them out is the same run."""
+    run = tmp_path / "run"
+    plain = ["--cache", digits_cache, "--student", "resnet8", "--epochs", "1", "--fraction", "0.25", *FAST]
+    result = invoke("train", *plain, "--out", run)
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert [k for k in RESOLVED if config[k] is None] == []
+    assert (config["dataset"], config["lr"], config["clip_model"]) == ("digits", 0.05, "richkd-tiny")
+    assert config["prompts"] in ("single", "multi")  # the set the targets were built with, of those stored
+    assert (config["device"], config["cache_device"], config["target"]) == ("cpu", "cpu", "richkd")
+    spelled = ["--dataset", "digits", "--lr", "0.05", "--prompts", config["prompts"], "--clip-tau", config["clip_tau"],
+               "--clip-model", "richkd-tiny", "--target", "richkd"]
+    result = invoke("train", *plain, *spelled, "--resume", "--out", run)
+    assert result.exit_code == 0, result.output
+
+
+def test_compare_shows_the_settings_that_differ(digits_cache: Path, tmp_path: Path) -> None:
+    plain = ["--cache", digits_cache, "--student", "resnet8", "--epochs", "1", "--fraction", "0.25", *FAST]
+    assert invoke("train", *plain, "--out", tmp_path / "a").exit_code == 0
+    assert invoke("train", *plain, "--alpha", "0.5", "--method", "dkd", "--out", tmp_path / "b").exit_code == 0
+    result = invoke("compare", tmp_path / "a", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    cells = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+             for line in result.output.splitlines() if line.startswith("│")}
+    assert cells["alpha"] == ["0.7", "0.5"] and cells["method"] == ["kd", "dkd"]
+    assert cells["method_params.beta"] == ["-", "8"]  # DKD's NCKD weight; KD has none
+    assert "lr" not in cells and "seed" not in cells  # the same in both runs
