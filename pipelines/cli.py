@@ -496,42 +496,71 @@ def sweep(
     feature_loss: Annotated[Optional[str], typer.Option(help="Feature losses to sweep, e.g. cosine,crd,none.")] = None,
     fraction: Annotated[Optional[str], typer.Option(help="Few-shot shares to sweep, e.g. 0.1,0.25,1.")] = None,
     clip_model: Annotated[Optional[str], typer.Option(help="CLIP models to sweep, e.g. ViT-L-14,RN50x64,ensemble.")] = None,
-    seeds: Annotated[str, typer.Option(help="Seeds of every setting, e.g. 0,1,2.")] = "0",
+    epochs: Annotated[Optional[str], typer.Option(help="Epochs (several: swept).")] = None,
+    batch_size: Annotated[Optional[str], typer.Option(help="Batch sizes.")] = None,
+    lr: Annotated[Optional[str], typer.Option(help="Learning rates.")] = None,
+    milestones: Annotated[Optional[str], typer.Option(help="Epochs where lr x0.1, e.g. 20,25; several sets separated by / are swept (150,180,210/20,25).")] = None,
+    weight_decay: Annotated[Optional[str], typer.Option(help="Weight decays, e.g. 5e-4,1e-4.")] = None,
+    vary: Annotated[Optional[list[str]], typer.Option(help="Any other train setting, NAME=V1,V2 (repeatable), e.g. lr_decay=0.1,0.2 or schedule=step,cosine.")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Seeds of every setting, e.g. 0,1,2 (default 0).")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the cache records).")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Dataset folder on this machine.")] = None,
-    epochs: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    lr: Optional[float] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    workers: int = 4,
-    jobs: Annotated[int, typer.Option(help="Runs trained at once, each in its own process (several fit on one GPU).")] = 1,
+    device: Annotated[Optional[str], typer.Option(help="auto (the default), cpu or cuda[:N].")] = None,
+    workers: Optional[int] = None,
+    jobs: Annotated[Optional[int], typer.Option(help="Runs trained at once, each in its own process (several fit on one GPU; default 1).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """A grid of training runs from one cache; re-running the same command resumes it run by run.
 
     A setting given several values is swept; given one value, it is fixed for every run."""
-    from pipelines.sweep import Sweep, parse_axis, run_sweep
+    from pipelines.sweep import Sweep, file_axes, parse_axis, run_sweep, show_value
 
-    swept = {"alpha": alpha, "lam": lam, "temperature": temperature, "beta": beta, "gamma": gamma,
-             "prompts": prompts, "method": method, "feature_loss": feature_loss, "fraction": fraction,
-             "clip_model": clip_model}
-    values = {name: parse_axis(name, text) for name, text in swept.items() if text is not None}
+    flags = {"student": student, "target": target, "alpha": alpha, "lam": lam, "temperature": temperature,
+             "beta": beta, "gamma": gamma, "prompts": prompts, "method": method, "feature_loss": feature_loss,
+             "fraction": fraction, "clip_model": clip_model, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+             "milestones": milestones, "weight_decay": weight_decay}
+    for name, text in parse_vary(vary or []).items():
+        if flags.get(name) is not None:
+            raise ConfigError(f"--vary {name}= and --{name.replace('_', '-')} both give {name}: keep one")
+        flags[name] = text
+    file = load_config_file(config, ("jobs", "sweep")) if config else {}
+    values = file_axes(file.pop("sweep", {}), f"--config {config}")
+    values.update({name: parse_axis(name, text) for name, text in flags.items() if text is not None})
     axes = {name: v for name, v in values.items() if len(v) > 1}  # one value: a fixed setting
-    fixed = {"student": student, "cache": cache, "dataset": dataset, "data_root": data_root, "epochs": epochs,
-             "batch_size": batch_size, "lr": lr, "out": out}
-    settings = train_settings(recipe, {**fixed, **{k: v[0] for k, v in values.items() if len(v) == 1}}, "sweep",
-                              new_method="method" in axes)
-    seed_list = parse_seeds(seeds)
-    base = TrainConfig(device=device, workers=workers, quiet=True, **settings)
-    result = run_sweep(Sweep(base, axes, seed_list), Reporter(err_console, quiet=quiet), jobs)
+    for name in axes:  # a file's fixed value of a swept setting is replaced by each point's
+        file.pop(name, None)
+    file_seeds, file_jobs = file.pop("seeds", None), file.pop("jobs", None)
+    fixed = {"cache": cache, "dataset": dataset, "data_root": data_root, "out": out, "device": device,
+             "workers": workers, **{k: v[0] for k, v in values.items() if len(v) == 1 or k == "student"}}
+    settings = train_settings(recipe, fixed, "sweep", new_method="method" in axes, file=file)
+    if "cache" not in settings:
+        raise ConfigError("--cache is required (or cache = CACHE in the --config file)")
+    seed_list = seeds_to_run(seeds, file_seeds, settings)
+    base = TrainConfig(quiet=True, **settings)
+    result = run_sweep(Sweep(base, axes, seed_list), Reporter(err_console, quiet=quiet),
+                       jobs if jobs is not None else 1 if file_jobs is None else file_jobs)
     table = Table(title=f"sweep over {', '.join(axes)} ({len(seed_list)} seed(s) each)")
     for col in (*axes, "best top-1", "last top-1"):
         table.add_column(col.replace("_", " "), justify="right")
     for row in result["results"]:
-        table.add_row(*(str(row[a]) for a in axes), row["best"], row["last"])
+        table.add_row(*(show_value(row[a]) for a in axes), row["best"], row["last"])
     out_console.print(table)
     if result["plot"]:
         out_console.print(f"plot: {result['plot']}")
+
+
+def parse_vary(items: list[str]) -> dict[str, str]:
+    """`--vary lr_decay=0.1,0.2 --vary schedule=step,cosine` -> {"lr_decay": "0.1,0.2", "schedule": "step,cosine"}."""
+    parsed = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ConfigError(f"--vary wants NAME=VALUES (e.g. lr_decay=0.1,0.2), got {item!r}")
+        if name in parsed:
+            raise ConfigError(f"--vary names {name} twice")
+        parsed[name] = text
+    return parsed
 
 
 @app.command()
