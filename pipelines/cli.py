@@ -175,8 +175,9 @@ def train_settings(recipe: str | None, given: dict[str, Any], command: str, new_
             settings[key] = None
     if "feature_loss" not in settings and settings.get("cache") and not cache_stores_features(settings["cache"]):
         settings["feature_loss"] = None  # the default, cosine, has nothing to distill on a logits-only cache
-    if "milestones" in settings:
-        settings["milestones"] = tuple(settings["milestones"])
+    for key in ("milestones", "log"):  # lists in a file
+        if key in settings:
+            settings[key] = tuple(settings[key])
     if "student" not in settings:
         raise ConfigError("--student is required (or a --recipe or --config file that names one)")
     if "out" not in settings:
@@ -270,6 +271,7 @@ def train(
     teacher_checkpoint: Annotated[Optional[str], typer.Option(help="--online: the teacher's file here (default: the path the cache records).")] = None,
     clip_checkpoint: Annotated[Optional[str], typer.Option(help="--online: CLIP's weights file here, when the cache was built from one.")] = None,
     compile_step: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step (CUDA graphs on a GPU).")] = None,
+    log: Annotated[Optional[str], typer.Option(help="Experiment logs, any of tensorboard,wandb,csv: per-epoch metrics to each, per-step loss terms and lr to TensorBoard (OUT/tensorboard) and W&B (OUT/wandb, offline unless WANDB_MODE=online); metrics.csv is always written.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pth.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in OUT (only its own files).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -288,6 +290,7 @@ def train(
         "milestones": parse_numbers("--milestones", milestones, int) if milestones else None,
         "out": out, "device": device, "cache_device": cache_device, "workers": workers, "online": online,
         "teacher_checkpoint": teacher_checkpoint, "clip_checkpoint": clip_checkpoint,
+        "log": split_list(log) if log is not None else None,
     }
     params = parse_method_params(method_param) if method_param else None
     file = load_config_file(config) if config else {}
@@ -508,6 +511,7 @@ def sweep(
     device: Annotated[Optional[str], typer.Option(help="auto (the default), cpu or cuda[:N].")] = None,
     workers: Optional[int] = None,
     jobs: Annotated[Optional[int], typer.Option(help="Runs trained at once, each in its own process (several fit on one GPU; default 1).")] = None,
+    log: Annotated[Optional[str], typer.Option(help="Each run's experiment logs: tensorboard,wandb,csv (see train --log).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """A grid of training runs from one cache; re-running the same command resumes it run by run.
@@ -531,7 +535,8 @@ def sweep(
         file.pop(name, None)
     file_seeds, file_jobs = file.pop("seeds", None), file.pop("jobs", None)
     fixed = {"cache": cache, "dataset": dataset, "data_root": data_root, "out": out, "device": device,
-             "workers": workers, **{k: v[0] for k, v in values.items() if len(v) == 1 or k == "student"}}
+             "workers": workers, "log": split_list(log) if log is not None else None,
+             **{k: v[0] for k, v in values.items() if len(v) == 1 or k == "student"}}
     settings = train_settings(recipe, fixed, "sweep", new_method="method" in axes, file=file)
     if "cache" not in settings:
         raise ConfigError("--cache is required (or cache = CACHE in the --config file)")

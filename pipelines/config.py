@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pipelines.loggers import check_loggers
 from richkd_cache.distill import DEFAULTS, describe_params, get_logit_loss, method_params
 from richkd_cache.distill.adaptive import ALPHA_RULES
 from richkd_cache.errors import ConfigError
@@ -120,11 +121,13 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # replace an existing run folder's own files
     quiet: bool = False
+    log: tuple[str, ...] = ()  # experiment logs: tensorboard, wandb, csv (metrics.csv is always written)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Flags and recipes are checked alike, before the run folder is touched."""
         check_settings(self)
+        check_loggers(self.log)
         check_device_name("--device", self.device)
         if self.cache_device is not None:
             check_device_name("--cache-device", self.cache_device)
@@ -360,6 +363,8 @@ def fits(kind: str, value: Any) -> bool:
             return True
         if part.startswith("tuple[int") and isinstance(value, (list, tuple)):
             return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if part.startswith("tuple[str") and isinstance(value, (list, tuple)):
+            return all(isinstance(v, str) for v in value)
         if part.startswith("dict[str, float]") and isinstance(value, dict):
             return all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                        for k, v in value.items())
@@ -370,7 +375,7 @@ def describe_type(kind: str) -> str:
     names = {"float": "a number", "int": "an integer", "str": "a string", "bool": "true or false"}
     parts = [p.strip() for p in kind.split("|") if p.strip() != "None"]
     if parts[0].startswith("tuple"):
-        return "a list of integers"
+        return "a list of strings" if "str" in parts[0] else "a list of integers"
     if parts[0].startswith("dict"):
         return "a table of NAME = number"
     return " or ".join(names.get(p, p) for p in parts)

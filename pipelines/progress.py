@@ -39,6 +39,10 @@ class Reporter:
         if not self.quiet:
             self.console.print(message)
 
+    def step(self, terms: dict) -> None:
+        """One optimisation step's loss terms (detached tensors): nothing to show. A run with --log gets a
+        reporter that records them (pipelines/loggers.py)."""
+
     @contextmanager
     def task(self, description: str, total: int, unit: str = "img") -> Iterator[Callable[[int], None]]:
         """Yields `advance(n)`; shows a bar with rate and ETA unless quiet."""

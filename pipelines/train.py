@@ -69,6 +69,7 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     state = run.start(student, objective, optimizer, scheduler, {**asdict(cfg), "target": cfg.resolved_target,
                                                                       **recorded_method(cfg, method),
                                                                       "clip_models": used_clip_models(cfg, cache)})
+    reporter = run.logging(reporter)  # --log: each step's loss terms and lr to TensorBoard / W&B
     model, loss = data_parallel(student, ctx), data_parallel(objective, ctx)
     images = setup_images(train_set, device)
     val_images = setup_images(val_set, device) if ctx.is_main else None
@@ -298,6 +299,7 @@ def train_epoch(
                 step = compiled if compiled is not None and len(y) == cfg.batch_size else train_step
                 terms, logits = step(student, objective, optimizer, x, y, index, target_logits, target_feats, epoch,
                                      strong)
+                reporter.step(terms)
                 for name, value in terms.items():  # summed on the device: no sync per step
                     sums[name] = sums.get(name, 0.0) + value * len(y)
                 correct = correct + (logits.argmax(1) == y).sum()
