@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -291,6 +292,7 @@ def load_recipe(name: str) -> dict[str, Any]:
 CONFIG_KEYS = ("recipe", "seeds")
 _NOT_IN_FILES = ("resume", "overwrite", "quiet", "extra", "stream_window")
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
+_PATHS = ("out", "cache", "data_root", "teacher_checkpoint", "clip_checkpoint")
 _MAX_CONFIG_BYTES = 1 << 20  # a settings file, not data: anything larger is refused unread
 
 
@@ -324,6 +326,9 @@ def load_config_file(path: str, extra_keys: tuple[str, ...] = ()) -> dict[str, A
     if "recipe" in table and not isinstance(table["recipe"], str):
         raise ConfigError(f"{where}: recipe must be a recipe's name (see `richkd-cache recipes`), got {short(table['recipe'])}")
     check_types(table, where)
+    for key in _PATHS:  # as a shell would on the command line
+        if isinstance(table.get(key), str):
+            table[key] = os.path.expanduser(table[key])
     return table
 
 

@@ -101,3 +101,10 @@ def test_compare_shows_the_settings_that_differ(digits_cache: Path, tmp_path: Pa
     assert cells["alpha"] == ["0.7", "0.5"] and cells["method"] == ["kd", "dkd"]
     assert cells["method_params.beta"] == ["-", "8"]  # DKD's NCKD weight; KD has none
     assert "lr" not in cells and "seed" not in cells  # the same in both runs
+
+
+def test_a_path_in_a_config_file_expands_home_as_a_shell_would(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("student: resnet8\ncache: ~/none.zarr\n")
+    result = invoke("train", "--config", tmp_path / "c.yaml", *FAST, "--out", tmp_path / "r")
+    assert result.exit_code == 2 and str(tmp_path / "none.zarr") in result.output, result.output
