@@ -485,7 +485,7 @@ def compare(runs: Annotated[list[str], typer.Argument(help="Run folders (a folde
 def sweep(
     out: Annotated[Optional[str], typer.Option(help="Sweep folder: one run per setting and seed, sweep.json, sweep.png.")] = None,
     cache: Annotated[Optional[str], typer.Option(help="Cache from `build`.")] = None,
-    config: Annotated[Optional[str], typer.Option(help="Your own settings file (.toml, .yaml): fixed settings as for train --config, seeds, jobs, and a [sweep] table of SETTING = [values] (any train setting); flags override it.")] = None,
+    config: Annotated[Optional[str], typer.Option(help="Your own settings file (.toml, .yaml): fixed settings as for train --config, seeds, jobs, and a \\[sweep] table of SETTING = \\[values] (any train setting); flags override it.")] = None,
     student: Annotated[Optional[str], typer.Option(help="Student architecture(s).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="A shipped recipe for the fixed settings.")] = None,
     target: Annotated[Optional[str], typer.Option(help="Targets to sweep, e.g. kd,richkd.")] = None,
