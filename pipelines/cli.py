@@ -272,6 +272,7 @@ def train(
     clip_checkpoint: Annotated[Optional[str], typer.Option(help="--online: CLIP's weights file here, when the cache was built from one.")] = None,
     compile_step: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step (CUDA graphs on a GPU).")] = None,
     log: Annotated[Optional[str], typer.Option(help="Experiment logs, any of tensorboard,wandb,csv: per-epoch metrics to each, per-step loss terms and lr to TensorBoard (OUT/tensorboard) and W&B (OUT/wandb, offline unless WANDB_MODE=online); metrics.csv is always written.")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="--log tensorboard/wandb: a point of the loss terms every N steps, their mean (default 10; 1: every step).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pth.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in OUT (only its own files).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -290,7 +291,7 @@ def train(
         "milestones": parse_numbers("--milestones", milestones, int) if milestones else None,
         "out": out, "device": device, "cache_device": cache_device, "workers": workers, "online": online,
         "teacher_checkpoint": teacher_checkpoint, "clip_checkpoint": clip_checkpoint,
-        "log": split_list(log) if log is not None else None,
+        "log": split_list(log) if log is not None else None, "log_every": log_every,
     }
     params = parse_method_params(method_param) if method_param else None
     file = load_config_file(config) if config else {}

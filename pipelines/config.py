@@ -123,6 +123,7 @@ class TrainConfig:
     overwrite: bool = False  # replace an existing run folder's own files
     quiet: bool = False
     log: tuple[str, ...] = ()  # experiment logs: tensorboard, wandb, csv (metrics.csv is always written)
+    log_every: int = 10  # TensorBoard / W&B: a point of the loss terms every N steps (their mean)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -246,6 +247,7 @@ RANGES: dict[str, Range] = {
     "view_seed": Range(0, None, integer=True),
     "workers": Range(0, None, integer=True),
     "jobs": Range(1, None, integer=True),  # sweep's runs at once
+    "log_every": Range(1, None, integer=True, meaning="steps"),
     "stream_window": Range(1, None, integer=True),
     "block_rows": Range(1, None, integer=True),
     "topk": Range(1, None, integer=True),

@@ -34,7 +34,7 @@ from richkd_cache.files import atomic_path
 from richkd_cache.models import save_checkpoint
 
 # Settings that do not change what a run computes; everything else must match to resume.
-_NOT_IDENTITY = ("resume", "overwrite", "quiet", "log", "epochs", "workers", "device", "cache_device", "out",
+_NOT_IDENTITY = ("resume", "overwrite", "quiet", "log", "log_every", "epochs", "workers", "device", "cache_device", "out",
                  "data_root",  # where the data is on this machine: a cache checks it is the same data
                  "teacher_checkpoint", "clip_checkpoint")  # model files: checked by sha256 instead
 # The files a run writes into its folder; nothing else there is ever touched.
@@ -94,7 +94,7 @@ class RunFolder:
             write_json(self.out / "config.json", settings)
         state = state or RunState(epoch=0, best_top1=0.0, history=[])
         if self.is_main:
-            self.log = RunLog(self.out, self.cfg.log, settings, state.history, optimizer)
+            self.log = RunLog(self.out, self.cfg.log, settings, state.history, optimizer, self.cfg.log_every)
         return state
 
     def logging(self, reporter: Reporter) -> Reporter:

@@ -238,7 +238,7 @@ def compare_runs(runs: list[str]) -> list[dict]:
 # What config.json records that is not a setting of the run's training: where it ran, run control, its seed
 # (a row's seeds are counted instead). Everything else that differs between two runs is shown by `compare`.
 NOT_COMPARED = ("out", "seed", "resume", "overwrite", "quiet", "workers", "device", "cache_device", "data_root",
-                "teacher_checkpoint", "clip_checkpoint", "extra", "log", "stream_window")
+                "teacher_checkpoint", "clip_checkpoint", "extra", "log", "log_every", "stream_window")
 
 
 def run_settings(path: Path) -> dict[str, str]:

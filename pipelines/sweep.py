@@ -39,7 +39,7 @@ from richkd_cache.models import create_model
 # (swept by --seeds); every other train setting can be swept.
 FIXED = ("out", "cache", "dataset", "data_root", "device", "cache_device", "stream_window", "workers", "online",
          "compile", "teacher_checkpoint", "clip_checkpoint", "resume", "overwrite", "quiet", "extra", "seed",
-         "method_params", "log")
+         "method_params", "log", "log_every")
 SWEEPABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in FIXED)
 MILESTONE_SETS = "/"  # --milestones 150,180,210/20,25: two sets of milestones
 
@@ -56,7 +56,7 @@ class Sweep:
         return [dict(zip(names, values)) for values in itertools.product(*self.axes.values())]
 
     def spec(self) -> dict:
-        fixed = {k: v for k, v in dataclasses.asdict(self.base).items() if k not in ("out", "quiet", "resume", "log")}
+        fixed = {k: v for k, v in dataclasses.asdict(self.base).items() if k not in ("out", "quiet", "resume", "log", "log_every")}
         return {"axes": {k: list(v) for k, v in self.axes.items()}, "seeds": list(self.seeds), "fixed": fixed}
 
     def config(self, point: dict[str, Any], seed: int) -> TrainConfig:
