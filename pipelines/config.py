@@ -308,7 +308,8 @@ def load_config_file(path: str, extra_keys: tuple[str, ...] = ()) -> dict[str, A
     file = Path(path)
     suffix = file.suffix.lower()
     if suffix not in CONFIG_SUFFIXES:
-        raise ConfigError(f"{where}: settings files are TOML (.toml) or YAML (.yaml, .yml), not {suffix or 'no suffix'}")
+        raise ConfigError(f"{where}: settings files are TOML (.toml) or YAML (.yaml, .yml), "
+                          f"not {suffix or 'no suffix'}")
     try:
         if file.stat().st_size > _MAX_CONFIG_BYTES:
             raise ConfigError(f"{where} is larger than {_MAX_CONFIG_BYTES >> 20} MiB: not a settings file")
@@ -326,7 +327,8 @@ def load_config_file(path: str, extra_keys: tuple[str, ...] = ()) -> dict[str, A
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; a file takes the recipes' keys "
                           "(the train flags' names with _), recipe and seeds")
     if "recipe" in table and not isinstance(table["recipe"], str):
-        raise ConfigError(f"{where}: recipe must be a recipe's name (see `richkd-cache recipes`), got {short(table['recipe'])}")
+        raise ConfigError(f"{where}: recipe must be a recipe's name (see `richkd-cache recipes`), "
+                          f"got {short(table['recipe'])}")
     check_types(table, where)
     for key in _PATHS:  # as a shell would on the command line
         if isinstance(table.get(key), str):

@@ -2,9 +2,9 @@
 
 last.pth and best.pth in mdistiller's layout (plus our metadata), resume.pth with everything else a
 resumed run needs, metrics.parquet and metrics.csv (one row per epoch), config.json and summary.json, and
-with --log the TensorBoard and W&B folders (pipelines/loggers.py). Every file is
-written whole or not at all; resume.pth is untrusted input when read back, so it is loaded as plain
-data only (tensors, numbers, strings, lists and dicts).
+with --log the TensorBoard and W&B folders (pipelines/loggers.py). Every file is written whole or not at
+all; resume.pth is untrusted input when read back, so it is loaded as plain data only (tensors, numbers,
+strings, lists and dicts).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from richkd_cache.files import atomic_path
 from richkd_cache.models import save_checkpoint
 
 # Settings that do not change what a run computes; everything else must match to resume.
-_NOT_IDENTITY = ("resume", "overwrite", "quiet", "log", "log_every", "epochs", "workers", "device", "cache_device", "out",
-                 "data_root",  # where the data is on this machine: a cache checks it is the same data
+_NOT_IDENTITY = ("resume", "overwrite", "quiet", "log", "log_every", "epochs", "workers", "device", "cache_device",
+                 "out", "data_root",  # where the data is on this machine: a cache checks it is the same data
                  "teacher_checkpoint", "clip_checkpoint")  # model files: checked by sha256 instead
 # The files a run writes into its folder; nothing else there is ever touched.
 RUN_FILES = ("config.json", "last.pth", "best.pth", "resume.pth", "metrics.parquet", "metrics.csv", "summary.json",

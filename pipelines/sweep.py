@@ -41,7 +41,9 @@ FIXED = ("out", "cache", "dataset", "data_root", "device", "cache_device", "stre
          "compile", "teacher_checkpoint", "clip_checkpoint", "resume", "overwrite", "quiet", "extra", "seed",
          "method_params", "log", "log_every")
 SWEEPABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in FIXED)
-MILESTONE_SETS = "/"  # --milestones 150,180,210/20,25: two sets of milestones
+MILESTONE_SETS = "/"
+# Settings a sweep folder may be resumed with other values of: they change no run's numbers.
+NOT_IN_SPEC = ("out", "quiet", "resume", "log", "log_every")  # --milestones 150,180,210/20,25: two sets of milestones
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class Sweep:
         return [dict(zip(names, values)) for values in itertools.product(*self.axes.values())]
 
     def spec(self) -> dict:
-        fixed = {k: v for k, v in dataclasses.asdict(self.base).items() if k not in ("out", "quiet", "resume", "log", "log_every")}
+        fixed = {k: v for k, v in dataclasses.asdict(self.base).items() if k not in NOT_IN_SPEC}
         return {"axes": {k: list(v) for k, v in self.axes.items()}, "seeds": list(self.seeds), "fixed": fixed}
 
     def config(self, point: dict[str, Any], seed: int) -> TrainConfig:
@@ -103,7 +105,8 @@ def parse_value(name: str, item: str, flag: str, text: str) -> Any:
         try:
             return int(item) if kind.startswith("int") else float(item)
         except ValueError:
-            raise ConfigError(f"{flag} takes {'integers' if kind.startswith('int') else 'numbers'}, not {item!r}") from None
+            what = "integers" if kind.startswith("int") else "numbers"
+            raise ConfigError(f"{flag} takes {what}, not {item!r}") from None
     if kind == "bool":
         if item not in ("true", "false"):
             raise ConfigError(f"{flag} takes true or false, not {item!r}")

@@ -34,7 +34,8 @@ def test_a_config_file_trains_what_it_says_and_a_flag_overrides_it(digits_cache:
                     *FAST, "--out", run)
     assert result.exit_code == 0, result.output
     config = json.loads((run / "config.json").read_text())
-    assert (config["student"], config["dataset"], config["fraction"], config["milestones"]) == ("resnet8", "digits", 0.25, [1])
+    assert (config["student"], config["dataset"], config["fraction"]) == ("resnet8", "digits", 0.25)
+    assert config["milestones"] == [1]
     assert config["alpha"] == 0.6  # the flag, over the file's 0.5
     assert config["feature_loss"] is None  # the file, over the recipe's crd
     assert (config["method"], config["temperature"], config["beta"]) == ("kd", 3.0, 3.0)  # the recipe's
