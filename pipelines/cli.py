@@ -29,6 +29,7 @@ from pipelines.config import (
     check_used,
     check_values,
     list_recipes,
+    load_config_file,
     load_recipe,
     parse_method_params,
     unused_settings,
@@ -170,37 +171,46 @@ def build(
     out_console.print(f"cache complete: {url}")
 
 
-def train_settings(recipe: str | None, given: dict[str, Any], command: str, new_method: bool = False) -> dict[str, Any]:
-    """A recipe's settings overridden by the flags given (None: not given); "none" switches a loss off.
+def train_settings(recipe: str | None, given: dict[str, Any], command: str, new_method: bool = False,
+                   file: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A recipe's settings, overridden by a --config file's, overridden by the flags given (None: not given);
+    "none" switches a loss off. The recipe is --recipe, else the one the file names.
 
-    The recipe's method settings (temperature, beta, method_params) belong to the recipe's method: they
-    are dropped when the method changes (`new_method`: it is swept) or no logit loss is trained."""
+    A recipe's method settings (temperature, beta, method_params) belong to its method: they are dropped
+    when the file or a flag changes the method (`new_method`: it is swept) or no logit loss is trained."""
+    file = dict(file or {})
+    recipe = recipe or file.pop("recipe", None)
+    file.pop("recipe", None)
     settings: dict[str, Any] = load_recipe(recipe) if recipe else {}
-    flags = {k for k, v in given.items() if v is not None}
-    method = given.get("method")
-    if new_method or (method is not None and method != settings.get("method")) or given.get("target") == "ce":
-        for key in METHOD_SETTINGS:
-            settings.pop(key, None)
-    params = given.pop("method_params", None) or {}
-    settings.update({k: v for k, v in given.items() if v is not None})
-    if params:
-        settings["method_params"] = {**settings.get("method_params", {}), **params}
+    # what the user set, by a flag or in the file: a recipe's settings may be dropped, the user's never
+    flags = {k for k, v in given.items() if v is not None} | set(file)
+    if new_method:
+        drop_method_settings(settings)
+    for layer in (file, given):  # each overrides the settings before it
+        overlay(settings, layer)
     for key in ("feature_loss", "method"):
         if settings.get(key) == "none":
             settings[key] = None
     # the cache is opened here, before torch loads: a wrong path or an unfinished build is refused at once
     if settings.get("cache") and not cache_stores_features(settings["cache"]) and "feature_loss" not in settings:
         settings["feature_loss"] = None  # the default, cosine, has nothing to distill on a logits-only cache
-    if "milestones" in settings:
-        settings["milestones"] = tuple(settings["milestones"])
+    for key in ("milestones", "log"):  # lists in a file
+        if key in settings:
+            settings[key] = tuple(settings[key])
     if flags & {"target", "method", "feature_loss"}:  # the recipe's settings for the losses the flags replaced
         for key, _ in unused_settings(settings):
             if key not in flags:
                 settings.pop(key)
     check_values(settings)  # a value out of range is named first, whether or not the run reads it
     check_used(settings, flags)
+    model_files = [f"--{k.replace('_', '-')}" for k in ("teacher_checkpoint", "clip_checkpoint") if settings.get(k)]
+    if model_files and not settings.get("online"):
+        raise ConfigError(f"{' and '.join(model_files)} set, but only --online runs the models: drop "
+                          f"{'it' if len(model_files) == 1 else 'them'} or add --online")
     if "student" not in settings:
-        raise ConfigError("--student is required (or a --recipe that names one)")
+        raise ConfigError("--student is required (or a --recipe or --config file that names one)")
+    if "out" not in settings:
+        raise ConfigError("--out is required (or out = FOLDER in the --config file)")
     check_fields(TrainConfig, settings, command)
     return settings
 
@@ -210,6 +220,39 @@ def refuse_missing_cache(url: str) -> None:
     from cache_store import open_cache
 
     open_cache(url, require_complete=False, check_chunks=False)
+
+
+def overlay(settings: dict[str, Any], layer: dict[str, Any]) -> None:
+    """Settings given by `layer` (None: not given) replace those in `settings`; its method_params add to theirs."""
+    method = layer.get("method")
+    if (method is not None and method != settings.get("method")) or layer.get("target") == "ce":
+        drop_method_settings(settings)
+    params = layer.get("method_params") or {}
+    settings.update({k: v for k, v in layer.items() if v is not None and k != "method_params"})
+    if params:
+        settings["method_params"] = {**settings.get("method_params", {}), **params}
+
+
+def drop_method_settings(settings: dict[str, Any]) -> None:
+    for key in METHOD_SETTINGS:
+        settings.pop(key, None)
+
+
+def seeds_to_run(flag: str | None, file_seeds: Any, settings: dict[str, Any]) -> tuple[int, ...]:
+    """--seeds, else the file's `seeds` (a list, or one), else the settings' `seed`, else 0."""
+    seed = settings.pop("seed", None)
+    if flag is not None:
+        return parse_seeds(flag)
+    if file_seeds is None:
+        return (0 if seed is None else seed,)
+    if seed is not None:
+        raise ConfigError("the --config file sets both seed and seeds: keep one")
+    seeds = tuple(file_seeds) if isinstance(file_seeds, list) else (file_seeds,)
+    for s in seeds:
+        check_range("seed", s)
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"seeds takes one or more distinct seeds (e.g. [0, 1, 2]), got {file_seeds!r}")
+    return seeds
 
 
 def cache_stores_features(url: str) -> bool:
@@ -222,7 +265,8 @@ def cache_stores_features(url: str) -> bool:
 @app.command()
 @user_errors
 def train(
-    out: Annotated[str, typer.Option(help="Run folder: checkpoints, metrics.parquet, summary.json.")],
+    out: Annotated[Optional[str], typer.Option(help="Run folder: checkpoints, metrics.parquet and .csv, config.json, summary.json.")] = None,
+    config: Annotated[Optional[str], typer.Option(help="Your own settings file (.toml, .yaml): the recipes' keys, recipe = NAME to start from one, seeds; flags override it.")] = None,
     student: Annotated[Optional[str], typer.Option(help="Student architecture (see `richkd-cache models`).")] = None,
     cache: Annotated[Optional[str], typer.Option(help="Cache from `build`; omit to train with cross-entropy only.")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the cache records).")] = None,
@@ -255,14 +299,16 @@ def train(
     schedule: Annotated[Optional[str], typer.Option(help="step (lr x0.1 at the milestones) or cosine.")] = None,
     warmup_epochs: Annotated[Optional[int], typer.Option(help="cosine: linear warm-up epochs.")] = None,
     min_lr: Annotated[Optional[float], typer.Option(help="cosine: the lr it ends at.")] = None,
-    seeds: Annotated[str, typer.Option(help="One seed, or several (0,1,2): runs each, reports mean +- std.")] = "0",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    seeds: Annotated[Optional[str], typer.Option(help="One seed, or several (0,1,2): runs each, reports mean +- std (default 0).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto (the default), cpu or cuda[:N].")] = None,
     cache_device: Annotated[Optional[str], typer.Option(help="Where the cache's compact rows live: cpu (default: the machine's shared, memory-mapped local copy, each batch gathered ahead of its step) or cuda (a copy on the GPU, when it fits).")] = None,
-    workers: int = 4,
-    online: Annotated[bool, typer.Option(help="Reference mode: run the cache's teacher and CLIP on every batch instead of reading the cache (slow).")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers decoding image files (default 4).")] = None,
+    online: Annotated[Optional[bool], typer.Option("--online/--no-online", help="Reference mode: run the cache's teacher and CLIP on every batch instead of reading the cache (slow).")] = None,
     teacher_checkpoint: Annotated[Optional[str], typer.Option(help="--online: the teacher's file here (default: the path the cache records).")] = None,
     clip_checkpoint: Annotated[Optional[str], typer.Option(help="--online: CLIP's weights file here, when the cache was built from one.")] = None,
     compile_step: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step (CUDA graphs on a GPU).")] = None,
+    log: Annotated[Optional[str], typer.Option(help="Experiment logs, any of tensorboard,wandb,csv: per-epoch metrics to each, per-step loss terms and lr to TensorBoard (OUT/tensorboard) and W&B (OUT/wandb, offline unless WANDB_MODE=online); metrics.csv is always written.")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="--log tensorboard/wandb: a point of the loss terms every N steps, their mean (default 10; 1: every step).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pth.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in OUT (only its own files).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -280,17 +326,18 @@ def train(
         "fraction": fraction, "imbalance": imbalance, "optimizer": optimizer, "schedule": schedule,
         "warmup_epochs": warmup_epochs, "min_lr": min_lr, "compile": compile_step,
         "milestones": parse_numbers("--milestones", milestones, int) if milestones else None,
+        "out": out, "device": device, "cache_device": cache_device, "workers": workers, "online": online,
+        "teacher_checkpoint": teacher_checkpoint, "clip_checkpoint": clip_checkpoint,
+        "log": split_list(log) if log is not None else None, "log_every": log_every,
     }
     params = parse_method_params(method_param) if method_param else None
-    settings = train_settings(recipe, {**given, "feature_loss": feature_loss, "method_params": params}, "train")
-    model_files = [f for f, v in (("--teacher-checkpoint", teacher_checkpoint), ("--clip-checkpoint", clip_checkpoint)) if v]
-    if model_files and not online:
-        raise ConfigError(f"{' and '.join(model_files)} set, but only --online runs the models: drop "
-                          f"{'it' if len(model_files) == 1 else 'them'} or add --online")
-    base = TrainConfig(out=out, device=device, cache_device=cache_device,
-                       workers=workers, resume=resume, overwrite=overwrite, quiet=quiet, online=online,
-                       teacher_checkpoint=teacher_checkpoint, clip_checkpoint=clip_checkpoint, **settings)
-    seed_list = parse_seeds(seeds)
+    file = load_config_file(config) if config else {}
+    file_seeds = file.pop("seeds", None)
+    settings = train_settings(recipe, {**given, "feature_loss": feature_loss, "method_params": params}, "train",
+                              file=file)
+    seed_list = seeds_to_run(seeds, file_seeds, settings)
+    base = TrainConfig(resume=resume, overwrite=overwrite, quiet=quiet, **settings)
+    out = base.out
     reporter = Reporter(err_console, quiet=quiet)
     from pipelines.train import run_train
 
@@ -453,24 +500,36 @@ def evaluate(
 @app.command()
 @user_errors
 def compare(runs: Annotated[list[str], typer.Argument(help="Run folders (a folder of seed*/ runs counts as one).")]) -> None:
-    """A table of runs: best and last top-1, mean +- std over seeds."""
-    from pipelines.summary import compare_runs
+    """A table of runs: the settings that differ between them, best and last top-1, mean +- std over seeds."""
+    from pipelines.summary import compare_runs, differing_settings
 
+    rows = compare_runs(runs)
     table = Table(title="runs")
-    for col in ("run", "student", "target", "seeds", "best top-1", "last top-1"):
-        table.add_column(col, justify="right")
-    for row in compare_runs(runs):
-        table.add_row(row["run"], row["student"], row["target"], str(row["seeds"]), row["best"], row["last"])
+    for col in ("#", "run", "student", "target", "seeds", "best top-1", "last top-1"):
+        table.add_column(col, justify="right", overflow="fold")
+    for i, row in enumerate(rows, 1):
+        table.add_row(str(i), row["run"], row["student"], row["target"], str(row["seeds"]), row["best"], row["last"])
     out_console.print(table)
+    differ = differing_settings(rows)
+    if differ:  # one row per setting, one column per run: readable however many settings differ
+        settings = Table(title="settings that differ")
+        settings.add_column("setting", overflow="fold")
+        for i in range(1, len(rows) + 1):
+            settings.add_column(f"#{i}", justify="right", overflow="fold")
+        for name in differ:
+            settings.add_row(name, *(row["settings"].get(name, "-") for row in rows))
+        out_console.print(settings)
 
 
 @app.command()
 @user_errors
 def sweep(
-    out: Annotated[str, typer.Option(help="Sweep folder: one run per setting and seed, sweep.json, sweep.png.")],
-    cache: Annotated[str, typer.Option(help="Cache from `build`.")],
-    student: Annotated[Optional[str], typer.Option(help="Student architecture.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Sweep folder: one run per setting and seed, sweep.json, sweep.png.")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="Cache from `build`.")] = None,
+    config: Annotated[Optional[str], typer.Option(help="Your own settings file (.toml, .yaml): fixed settings as for train --config, seeds, jobs, and a \\[sweep] table of SETTING = \\[values] (any train setting); flags override it.")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student architecture(s).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="A shipped recipe for the fixed settings.")] = None,
+    target: Annotated[Optional[str], typer.Option(help="Targets to sweep, e.g. kd,richkd.")] = None,
     alpha: Annotated[Optional[str], typer.Option(help="Values to sweep, e.g. 0.5,0.6,0.7 (eq. 4).")] = None,
     lam: Annotated[Optional[str], typer.Option(help="Values to sweep (eq. 7).")] = None,
     temperature: Annotated[Optional[str], typer.Option(help="Values to sweep (eq. 5).")] = None,
@@ -481,44 +540,75 @@ def sweep(
     feature_loss: Annotated[Optional[str], typer.Option(help="Feature losses to sweep, e.g. cosine,crd,none.")] = None,
     fraction: Annotated[Optional[str], typer.Option(help="Few-shot shares to sweep, e.g. 0.1,0.25,1.")] = None,
     clip_model: Annotated[Optional[str], typer.Option(help="CLIP models to sweep, e.g. ViT-L-14,RN50x64,ensemble.")] = None,
-    seeds: Annotated[str, typer.Option(help="Seeds of every setting, e.g. 0,1,2.")] = "0",
+    epochs: Annotated[Optional[str], typer.Option(help="Epochs (several: swept).")] = None,
+    batch_size: Annotated[Optional[str], typer.Option(help="Batch sizes.")] = None,
+    lr: Annotated[Optional[str], typer.Option(help="Learning rates.")] = None,
+    milestones: Annotated[Optional[str], typer.Option(help="Epochs where lr x0.1, e.g. 20,25; several sets separated by / are swept (150,180,210/20,25).")] = None,
+    weight_decay: Annotated[Optional[str], typer.Option(help="Weight decays, e.g. 5e-4,1e-4.")] = None,
+    vary: Annotated[Optional[list[str]], typer.Option(help="Any other train setting, NAME=V1,V2 (repeatable), e.g. lr_decay=0.1,0.2 or schedule=step,cosine.")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Seeds of every setting, e.g. 0,1,2 (default 0).")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the one the cache records).")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Dataset folder on this machine.")] = None,
-    epochs: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    lr: Optional[float] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    workers: int = 4,
-    jobs: Annotated[int, typer.Option(help="Runs trained at once, each in its own process (several fit on one GPU).")] = 1,
+    device: Annotated[Optional[str], typer.Option(help="auto (the default), cpu or cuda[:N].")] = None,
+    workers: Optional[int] = None,
+    jobs: Annotated[Optional[int], typer.Option(help="Runs trained at once, each in its own process (several fit on one GPU; default 1).")] = None,
+    log: Annotated[Optional[str], typer.Option(help="Each run's experiment logs: tensorboard,wandb,csv (see train --log).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """A grid of training runs from one cache; re-running the same command resumes it run by run.
 
     A setting given several values is swept; given one value, it is fixed for every run."""
-    from pipelines.sweep import Sweep, parse_axis, run_sweep
+    from pipelines.sweep import Sweep, file_axes, parse_axis, run_sweep, show_value
 
-    swept = {"alpha": alpha, "lam": lam, "temperature": temperature, "beta": beta, "gamma": gamma,
-             "prompts": prompts, "method": method, "feature_loss": feature_loss, "fraction": fraction,
-             "clip_model": clip_model}
-    values = {name: parse_axis(name, text) for name, text in swept.items() if text is not None}
+    flags = {"student": student, "target": target, "alpha": alpha, "lam": lam, "temperature": temperature,
+             "beta": beta, "gamma": gamma, "prompts": prompts, "method": method, "feature_loss": feature_loss,
+             "fraction": fraction, "clip_model": clip_model, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+             "milestones": milestones, "weight_decay": weight_decay}
+    for name, text in parse_vary(vary or []).items():
+        if flags.get(name) is not None:
+            raise ConfigError(f"--vary {name}= and --{name.replace('_', '-')} both give {name}: keep one")
+        flags[name] = text
+    file = load_config_file(config, ("jobs", "sweep")) if config else {}
+    values = file_axes(file.pop("sweep", {}), f"--config {config}")
+    values.update({name: parse_axis(name, text) for name, text in flags.items() if text is not None})
     axes = {name: v for name, v in values.items() if len(v) > 1}  # one value: a fixed setting
-    fixed = {"student": student, "cache": cache, "dataset": dataset, "data_root": data_root, "epochs": epochs,
-             "batch_size": batch_size, "lr": lr}
+    for name in axes:  # a file's fixed value of a swept setting is replaced by each point's
+        file.pop(name, None)
+    file_seeds, file_jobs = file.pop("seeds", None), file.pop("jobs", None)
     # one value is a fixed setting; "none" (None here) switches a loss off, as train's flag does
-    one = {k: "none" if v[0] is None else v[0] for k, v in values.items() if len(v) == 1}
-    settings = train_settings(recipe, {**fixed, **one}, "sweep", new_method="method" in axes)
+    fixed = {"cache": cache, "dataset": dataset, "data_root": data_root, "out": out, "device": device,
+             "workers": workers, "log": split_list(log) if log is not None else None,
+             **{k: "none" if v[0] is None else v[0] for k, v in values.items() if len(v) == 1 or k == "student"}}
+    settings = train_settings(recipe, fixed, "sweep", new_method="method" in axes, file=file)
     check_used({**settings, **{k: v[0] for k, v in axes.items()}}, set(values))  # a swept setting is read too
-    seed_list = parse_seeds(seeds)
-    base = TrainConfig(out=out, device=device, workers=workers, quiet=True, **settings)
-    result = run_sweep(Sweep(base, axes, seed_list), Reporter(err_console, quiet=quiet), jobs)
+    if "cache" not in settings:
+        raise ConfigError("--cache is required (or cache = CACHE in the --config file)")
+    seed_list = seeds_to_run(seeds, file_seeds, settings)
+    base = TrainConfig(quiet=True, **settings)
+    result = run_sweep(Sweep(base, axes, seed_list), Reporter(err_console, quiet=quiet),
+                       jobs if jobs is not None else 1 if file_jobs is None else file_jobs)
     table = Table(title=f"sweep over {', '.join(axes)} ({len(seed_list)} seed(s) each)")
     for col in (*axes, "best top-1", "last top-1"):
         table.add_column(col.replace("_", " "), justify="right")
     for row in result["results"]:
-        table.add_row(*(str(row[a]) for a in axes), row["best"], row["last"])
+        table.add_row(*(show_value(row[a]) for a in axes), row["best"], row["last"])
     out_console.print(table)
     if result["plot"]:
         out_console.print(f"plot: {result['plot']}")
+
+
+def parse_vary(items: list[str]) -> dict[str, str]:
+    """`--vary lr_decay=0.1,0.2 --vary schedule=step,cosine` -> {"lr_decay": "0.1,0.2", "schedule": "step,cosine"}."""
+    parsed = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ConfigError(f"--vary wants NAME=VALUES (e.g. lr_decay=0.1,0.2), got {item!r}")
+        if name in parsed:
+            raise ConfigError(f"--vary names {name} twice")
+        parsed[name] = text
+    return parsed
 
 
 @app.command()

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from richkd_cache.errors import ConfigError
@@ -122,11 +124,16 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # replace an existing run folder's own files
     quiet: bool = False
+    log: tuple[str, ...] = ()  # experiment logs: tensorboard, wandb, csv (metrics.csv is always written)
+    log_every: int = 10  # TensorBoard / W&B: a point of the loss terms every N steps (their mean)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Flags and recipes are checked alike, before the run folder is touched."""
+        from pipelines.loggers import check_loggers  # imports torch: only once a run is configured
+
         check_settings(self)
+        check_loggers(self.log)
         check_device_name("--device", self.device)
         if self.cache_device is not None:
             check_device_name("--cache-device", self.cache_device)
@@ -305,6 +312,7 @@ RANGES: dict[str, Range] = {
     "view_seed": Range(0, None, integer=True),
     "workers": Range(0, None, integer=True),
     "jobs": Range(1, None, integer=True),  # sweep's runs at once
+    "log_every": Range(1, None, integer=True, meaning="steps"),
     "block_rows": Range(1, None, integer=True),
     "topk": Range(1, None, integer=True),
     "image_size": Range(1, None, integer=True, meaning="pixels"),
@@ -349,7 +357,114 @@ def load_recipe(name: str) -> dict[str, Any]:
     text = resources.files("pipelines.recipes").joinpath(f"{name}.toml").read_text()
     table = tomllib.loads(text)
     check_fields(TrainConfig, table, f"recipe {name}")
+    check_types(table, f"recipe {name}")
     return table
+
+
+# Keys a --config file takes besides the recipes' (TrainConfig fields): the recipe it starts from and the
+# seeds, as on the command line. Run control (resume, overwrite, quiet) stays on the command line.
+CONFIG_KEYS = ("recipe", "seeds")
+_NOT_IN_FILES = ("resume", "overwrite", "quiet", "extra", "stream_window")
+CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
+_PATHS = ("out", "cache", "data_root", "teacher_checkpoint", "clip_checkpoint")
+_MAX_CONFIG_BYTES = 1 << 20  # a settings file, not data: anything larger is refused unread
+
+
+def load_config_file(path: str, extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A user's own settings file (`train --config FILE`): TOML, or YAML (.yaml/.yml), holding a table of
+    the recipes' keys, `recipe = NAME` to start from a shipped recipe, `seeds`, and `extra_keys`.
+
+    The file is untrusted: YAML is read with the safe loader (plain data only), every key must be known,
+    every value of the right type; anything wrong is one line naming the file."""
+    where = f"--config {path}"
+    file = Path(path)
+    suffix = file.suffix.lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise ConfigError(f"{where}: settings files are TOML (.toml) or YAML (.yaml, .yml), "
+                          f"not {suffix or 'no suffix'}")
+    try:
+        if file.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where} is larger than {_MAX_CONFIG_BYTES >> 20} MiB: not a settings file")
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    table = parse_toml(text, where) if suffix == ".toml" else parse_yaml(text, where)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must hold a table of settings (KEY = VALUE), not {type(table).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - set(_NOT_IN_FILES) | {*CONFIG_KEYS, *extra_keys}
+    unknown = sorted(str(k) for k in table if k not in known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; a file takes the recipes' keys "
+                          "(the train flags' names with _), recipe and seeds")
+    if "recipe" in table and not isinstance(table["recipe"], str):
+        raise ConfigError(f"{where}: recipe must be a recipe's name (see `richkd-cache recipes`), "
+                          f"got {short(table['recipe'])}")
+    check_types(table, where)
+    for key in _PATHS:  # as a shell would on the command line
+        if isinstance(table.get(key), str):
+            table[key] = os.path.expanduser(table[key])
+    return table
+
+
+def parse_toml(text: str, where: str) -> Any:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where} is not valid TOML: {e}") from None
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    import yaml  # PyYAML: installed with open_clip's dependencies, declared in pyproject.toml
+
+    try:
+        return yaml.safe_load(text)  # plain data only: no tags that build objects
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML{at}: {getattr(e, 'problem', None) or type(e).__name__}") from None
+
+
+def check_types(table: dict[str, Any], where: str) -> None:
+    """Each TrainConfig field of `table` holds a value of its type (ranges are checked by TrainConfig itself)."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    for key, value in table.items():
+        if key in kinds and not fits(kinds[key], value):
+            raise ConfigError(f"{where}: {key} must be {describe_type(kinds[key])}, got {short(value)}")
+
+
+def fits(kind: str, value: Any) -> bool:
+    """Whether `value` (from TOML, YAML or a command line) has a TrainConfig annotation's type."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    for part in (p.strip() for p in kind.split("|")):
+        if (part == "None" and value is None or part == "bool" and isinstance(value, bool)
+                or part == "int" and number and isinstance(value, int) or part == "float" and number
+                or part == "str" and isinstance(value, str)):
+            return True
+        if part.startswith("tuple[int") and isinstance(value, (list, tuple)):
+            return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if part.startswith("tuple[str") and isinstance(value, (list, tuple)):
+            return all(isinstance(v, str) for v in value)
+        if part.startswith("dict[str, float]") and isinstance(value, dict):
+            return all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                       for k, v in value.items())
+    return False
+
+
+def describe_type(kind: str) -> str:
+    names = {"float": "a number", "int": "an integer", "str": "a string", "bool": "true or false"}
+    parts = [p.strip() for p in kind.split("|") if p.strip() != "None"]
+    if parts[0].startswith("tuple"):
+        return "a list of strings" if "str" in parts[0] else "a list of integers"
+    if parts[0].startswith("dict"):
+        return "a table of NAME = number"
+    return " or ".join(names.get(p, p) for p in parts)
+
+
+def short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def list_recipes() -> list[str]:

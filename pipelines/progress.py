@@ -110,6 +110,10 @@ class Reporter:
         if not self.quiet:
             self.console.print(message, highlight=False, soft_wrap=True)
 
+    def step(self, terms: dict) -> None:
+        """One optimisation step's loss terms (detached tensors): nothing to show. A run with --log gets a
+        reporter that records them (pipelines/loggers.py)."""
+
     @contextmanager
     def step(self, description: str) -> Iterator[None]:
         """A step with no count (loading a model): a spinner on a terminal, a line before and after elsewhere."""

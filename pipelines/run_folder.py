@@ -1,9 +1,10 @@
 """The run folder: what `train --out` holds and how a run continues after a crash.
 
 last.pth and best.pth in mdistiller's layout (plus our metadata), resume.pth with everything else a
-resumed run needs, metrics.parquet (one row per epoch), config.json and summary.json. Every file is
-written whole or not at all; resume.pth is untrusted input when read back, so it is loaded as plain
-data only (tensors, numbers, strings, lists and dicts).
+resumed run needs, metrics.parquet and metrics.csv (one row per epoch), config.json and summary.json, and
+with --log the TensorBoard and W&B folders (pipelines/loggers.py). Every file is written whole or not at
+all; resume.pth is untrusted input when read back, so it is loaded as plain data only (tensors, numbers,
+strings, lists and dicts).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import math
 import pickle
+import shutil
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,19 +22,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.csv
 import pyarrow.parquet as pq
 
 from pipelines.config import TrainConfig
+from pipelines.loggers import LOG_DIRS, LoggingReporter, RunLog
+from pipelines.progress import Reporter
 from richkd_cache.errors import ConfigError
 from richkd_cache.files import atomic_path
 from richkd_cache.models import save_checkpoint
 from richkd_cache.models.checkpoint import atomic_torch_save, holds_code, load_plain_data
 
 # Settings that do not change what a run computes; everything else must match to resume.
-_NOT_IDENTITY = ("resume", "overwrite", "quiet", "epochs", "workers", "device", "cache_device", "out",
+_NOT_IDENTITY = ("resume", "overwrite", "quiet", "log", "log_every", "epochs", "workers", "device", "cache_device",
+                 "out", "data_root",  # where the data is on this machine: a cache checks it is the same data
                  "teacher_checkpoint", "clip_checkpoint")  # model files: checked by sha256 instead
 # The files a run writes into its folder; nothing else there is ever touched.
-RUN_FILES = ("config.json", "last.pth", "best.pth", "resume.pth", "metrics.parquet", "summary.json")
+RUN_FILES = ("config.json", "last.pth", "best.pth", "resume.pth", "metrics.parquet", "metrics.csv", "summary.json",
+             *LOG_DIRS)
 
 
 @dataclass
@@ -60,6 +67,7 @@ class RunFolder:
     def __init__(self, cfg: TrainConfig, is_main: bool = True) -> None:
         self.cfg, self.out, self.is_main = cfg, Path(cfg.out), is_main
         self.identity = ""  # set by `start`, from the settings the run resolved
+        self.log: RunLog | None = None  # the main process's, from `start`
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"--out {self.out} is a file, not a run folder")
         present = [name for name in RUN_FILES if (self.out / name).exists()]
@@ -84,17 +92,30 @@ class RunFolder:
         if self.is_main:
             if state is None and self.cfg.overwrite:
                 for name in self.own:
-                    (self.out / name).unlink(missing_ok=True)
+                    if name in LOG_DIRS:
+                        shutil.rmtree(self.out / name, ignore_errors=True)
+                    else:
+                        (self.out / name).unlink(missing_ok=True)
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "config.json", settings)
-        return state or RunState(epoch=0, best_top1=0.0, history=[])
+        state = state or RunState(epoch=0, best_top1=0.0, history=[])
+        if self.is_main:
+            self.log = RunLog(self.out, self.cfg.log, settings, state.history, optimizer, self.cfg.log_every)
+        return state
+
+    def logging(self, reporter: Reporter) -> Reporter:
+        """The reporter the loop tells each step to: the run's logs hear of it (main process only)."""
+        return LoggingReporter(reporter, self.log) if self.log is not None else reporter
 
     def end_epoch(self, state: RunState, stats: dict, student, objective, optimizer, scheduler,
                   num_classes: int, reporter) -> None:
         """Record the epoch (`stats`: lr, train losses, val top-1/top-5, seconds) and save the run."""
         top1 = stats["val_top1"]
         state.best_top1 = max(state.best_top1, top1)
-        state.history.append({"epoch": state.epoch, **stats, "best_top1": state.best_top1})
+        state.history.append({"epoch": state.epoch, **stats, "best_top1": state.best_top1, "step": self.log.step})
+        # logged before it is saved: if the run dies in between, the resumed run's logs hide this epoch's
+        # rows (TensorBoard's purge step) and write them again, never twice
+        self.log.log_epoch(state.history[-1])
         reporter.info(
             f"epoch {state.epoch}/{self.cfg.epochs}  loss {stats['loss']:.3f}  top1 {top1:.2f}  "
             f"top5 {stats['val_top5']:.2f}  best {state.best_top1:.2f}  ({stats['epoch_s']:.1f}s)"
@@ -104,6 +125,7 @@ class RunFolder:
     def finish(self, state: RunState) -> dict:
         summary = summarize(self.cfg, state)
         if self.is_main:
+            self.log.close()
             write_json(self.out / "summary.json", summary)
         return summary
 
@@ -165,7 +187,7 @@ def save_run(out: Path, cfg: TrainConfig, identity: str, student, objective, opt
         "state": asdict(state),
     }
     save_resume(resume, out / "resume.pth")
-    write_metrics(out / "metrics.parquet", state.history)
+    write_metrics(out, state.history)
 
 
 # The only non-container type resume.pth holds: MultiStepLR keeps its milestones in a Counter.
@@ -209,9 +231,13 @@ def save_resume(obj: dict, path: Path) -> None:
         atomic_torch_save(obj, path)
 
 
-def write_metrics(path: Path, history: list[dict]) -> None:
-    with _writing(path), atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(history), tmp)
+def write_metrics(out: Path, history: list[dict]) -> None:
+    """metrics.parquet and metrics.csv: one row per epoch, rewritten whole (a resumed run never repeats one)."""
+    table = pa.Table.from_pylist(history)
+    with _writing(out / "metrics.parquet"), atomic_path(out / "metrics.parquet") as tmp:
+        pq.write_table(table, tmp)
+    with _writing(out / "metrics.csv"), atomic_path(out / "metrics.csv") as tmp:
+        pyarrow.csv.write_csv(table, tmp)
 
 
 def write_json(path: Path, obj: dict) -> None:

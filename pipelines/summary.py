@@ -241,7 +241,8 @@ def human_bytes(n: float) -> str:
 
 
 def compare_runs(runs: list[str]) -> list[dict]:
-    """One row per run folder: summary.json, or the seed*/summary.json under it as mean +- std."""
+    """One row per run folder: summary.json, or the seed*/summary.json under it as mean +- std, and under
+    "settings" its config.json's settings (method parameters as method_params.NAME)."""
     rows = []
     for run in runs:
         folder = Path(run)
@@ -251,8 +252,54 @@ def compare_runs(runs: list[str]) -> list[dict]:
         summaries = [json.loads(f.read_text()) for f in files]
         rows.append({"run": run, "student": summaries[0]["student"], "target": summaries[0]["target"],
                      "seeds": len(summaries), "best": mean_std([s["best_top1"] for s in summaries]),
-                     "last": mean_std([s["last_top1"] for s in summaries])})
+                     "last": mean_std([s["last_top1"] for s in summaries]),
+                     "settings": run_settings(files[0].parent / "config.json")})
     return rows
+
+
+# What config.json records that is not a setting of the run's training: where it ran, run control, its seed
+# (a row's seeds are counted instead). Everything else that differs between two runs is shown by `compare`.
+NOT_COMPARED = ("out", "seed", "resume", "overwrite", "quiet", "workers", "device", "cache_device", "data_root",
+                "teacher_checkpoint", "clip_checkpoint", "extra", "log", "log_every", "stream_window")
+
+
+def run_settings(path: Path) -> dict[str, str]:
+    """A run's recorded settings as printable values; a run from before config.json records nothing."""
+    if not path.exists():
+        return {}
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read as JSON ({e})") from None
+    settings = {}
+    for key, value in (recorded.items() if isinstance(recorded, dict) else ()):
+        if key in NOT_COMPARED:
+            continue
+        if isinstance(value, dict):
+            settings.update({f"{key}.{k}": show_value(v) for k, v in value.items()})
+        else:
+            settings[key] = show_value(value)
+    return settings
+
+
+def differing_settings(rows: list[dict]) -> list[str]:
+    """The settings whose values are not the same in every row (a setting a run does not record counts as
+    "-"), in the order config.json lists them."""
+    names = list(dict.fromkeys(k for row in rows for k in row["settings"]))
+    return [n for n in names if len({row["settings"].get(n, "-") for row in rows}) > 1]
+
+
+def show_value(value: object) -> str:
+    """A setting as one short cell: numbers as %g, lists joined by commas, null as none."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(show_value(v) for v in value) or "-"
+    return str(value)
 
 
 def mean_std(values: list[float]) -> str:

@@ -22,6 +22,7 @@ from pipelines.memory import training_bytes
 from pipelines.distributed import DistContext, barrier, init_distributed, rank_device, shutdown
 from pipelines.optim import make_optimizer, make_schedule
 from pipelines.progress import Reporter
+from pipelines.resolve import resolve_settings, resolved_lr
 from pipelines.run_folder import RunFolder
 from pipelines.targets import (Draws, StageTwoTargets, augment, check_features_stored, features_needed,
                                prefetched, selected_clips, setup_targets, strong_pixels, strong_views_needed,
@@ -29,7 +30,7 @@ from pipelines.targets import (Draws, StageTwoTargets, augment, check_features_s
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
 from richkd_cache.distill import DistillObjective, create_objective
 from richkd_cache.errors import ConfigError, DataError
-from richkd_cache.models import create_model, input_size_options, uses_small_lr
+from richkd_cache.models import create_model, input_size_options
 from richkd_cache.subsets import subset_indices
 
 
@@ -61,6 +62,7 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     pool = setup_pool(cfg, train_set, reporter)
     # the compact rows: the shared memory-mapped copy on the host unless --cache-device puts a copy elsewhere
     cache_device = resolve_device(cfg.cache_device, "--cache-device") if cfg.cache_device else torch.device("cpu")
+    cfg = resolve_settings(cfg, cache, train_set, device, cache_device)  # defaults named: config.json says what trains
     # its weights: from the seed alone; a timm student is built for the data's size unless told otherwise
     student = create_model(cfg.student, train_set.num_classes,
                            **input_size_options(cfg.student, cfg.student_image_size or train_set.image_side)).to(device)
@@ -75,6 +77,7 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     state = run.start(student, objective, optimizer, scheduler, {**asdict(cfg), "target": cfg.resolved_target,
                                                                       **recorded_method(cfg, method),
                                                                       "clip_models": used_clip_models(cfg, cache)})
+    reporter = run.logging(reporter)  # --log: each step's loss terms and lr to TensorBoard / W&B
     model, loss = data_parallel(student, ctx), data_parallel(objective, ctx)
     images = setup_images(train_set, device)
     val_images = setup_images(val_set, device) if ctx.is_main else None
@@ -251,7 +254,7 @@ def setup_objective(cfg: TrainConfig, student: torch.nn.Module, cache: CacheRead
 def setup_optimizer(cfg: TrainConfig, student: torch.nn.Module, objective: torch.nn.Module):
     """By default mdistiller's CIFAR recipe: SGD momentum 0.9, x0.1 at the milestones, weight decay 5e-4;
     ViT recipes choose AdamW with a warmed-up cosine (pipelines/optim.py)."""
-    lr = cfg.lr if cfg.lr is not None else (0.01 if uses_small_lr(cfg.student) else 0.05)
+    lr = resolved_lr(cfg)
     optimizer = make_optimizer(cfg.optimizer, (student, objective), lr, cfg.momentum, cfg.weight_decay)
     scheduler = make_schedule(optimizer, cfg.schedule, cfg.epochs, cfg.milestones, cfg.lr_decay,
                               cfg.warmup_epochs, cfg.min_lr)
@@ -311,6 +314,7 @@ def train_epoch(
             step = compiled if compiled is not None and len(y) == cfg.batch_size else train_step
             terms, logits = step(student, objective, optimizer, x, y, index, target_logits, target_feats, epoch,
                                  strong)
+            reporter.step(terms)
             for name, value in terms.items():  # summed on the device: no sync per step
                 sums[name] = sums.get(name, 0.0) + value * len(y)
             correct = correct + (logits.argmax(1) == y).sum()

@@ -122,3 +122,40 @@ def test_a_run_failing_among_several_at_once_is_one_line(cache: Path, tmp_path: 
     result = invoke(*command, "--jobs", "2")
     assert result.exit_code == 2 and "no-such-set" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "s" / "sweep.json").exists()
+
+
+def test_a_config_file_sweeps_target_and_flags_sweep_milestones(cache: Path, tmp_path: Path) -> None:
+    """A [sweep] table varies the target (ce drops the recipe's KD settings), --milestones sets of epochs
+    separated by '/', and --vary any other setting (one value: fixed)."""
+    config = tmp_path / "sweep.toml"
+    config.write_text('recipe = "cifar100-resnet32x4-resnet8x4"\nstudent = "resnet8"\nfeature_loss = "none"\n'
+                      'epochs = 2\nfraction = 0.25\nbatch_size = 128\ndevice = "cpu"\nworkers = 0\n\n'
+                      '[sweep]\ntarget = ["ce", "richkd"]\n')
+    out = tmp_path / "s"
+    result = invoke("sweep", "--config", config, "--cache", cache, "--dataset", "digits", "--milestones", "1/2",
+                    "--vary", "lr_decay=0.5", "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    runs = {r["run"]: r for r in json.loads((out / "sweep.json").read_text())["results"]}
+    assert sorted(runs) == ["target=ce,milestones=1", "target=ce,milestones=2", "target=richkd,milestones=1",
+                            "target=richkd,milestones=2"]
+    for name, lrs in (("target=richkd,milestones=1", [0.05, 0.025]), ("target=ce,milestones=2", [0.05, 0.05])):
+        rows = pq.read_table(out / name / "seed0" / "metrics.parquet").to_pylist()
+        assert [r["lr"] for r in rows] == pytest.approx(lrs)
+    ce = json.loads((out / "target=ce,milestones=1" / "seed0" / "config.json").read_text())
+    assert (ce["target"], ce["method"], ce["temperature"], ce["milestones"]) == ("ce", None, None, [1])
+    assert "train_logit" in pq.read_table(out / "target=richkd,milestones=2" / "seed0" / "metrics.parquet").column_names
+    assert "milestones" in result.output and "target" in result.output
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[sweep]\ncache = ["a.zarr", "b.zarr"]\n', "cannot sweep cache"),
+    ('[sweep]\nalpha = 0.5\n', "[sweep] alpha must be a list of values"),
+    ('[sweep]\nmilestones = [[1], "x"]\n', "milestones must be a list of integers"),
+    ('[sweep]\ntarget = ["kd", "teacher"]\n', "unknown target 'teacher'"),
+])
+def test_a_bad_sweep_file_is_one_line_before_any_run(cache: Path, tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "sweep.toml"
+    config.write_text('student = "resnet8"\n' + text)
+    result = invoke("sweep", "--config", config, "--cache", cache, "--quiet", "--out", tmp_path / "s")
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "s").exists()
