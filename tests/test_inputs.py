@@ -240,15 +240,15 @@ def test_recipe_settings_follow_the_target_the_flags_choose_and_defaults_never_c
     from pipelines.cli import train_settings
 
     recipe = "cifar100-r32x4-r8x4-dkd"  # target richkd, DKD's weights, alpha 0.7
-    settings = train_settings(recipe, {"target": "ce"}, "train")
+    settings = train_settings(recipe, {"target": "ce", "out": "-"}, "train")
     assert settings["target"] == "ce" and not {"alpha", "method", "method_params"} & set(settings)
     with pytest.raises(ConfigError, match="--alpha .*target ce"):
-        train_settings(recipe, {"target": "ce", "alpha": 0.5}, "train")
-    assert train_settings(None, {"student": "resnet8", "target": "ce"}, "train") == {"student": "resnet8",
-                                                                                    "target": "ce"}
-    off = {"student": "resnet8", "target": "ce", "clip_renormalize": False, "method": "none", "feature_loss": "none"}
+        train_settings(recipe, {"target": "ce", "alpha": 0.5, "out": "-"}, "train")
+    plain = {"student": "resnet8", "target": "ce", "out": "-"}
+    assert train_settings(None, dict(plain), "train") == plain
+    off = {**plain, "clip_renormalize": False, "method": "none", "feature_loss": "none"}
     assert train_settings(None, off, "train")["method"] is None  # switching an unused thing off is consistent
-    monkeypatch.setattr(cli, "load_recipe", lambda name: {"student": "resnet8", "target": "kd", "alpha": 0.5})
+    monkeypatch.setattr(cli, "load_recipe", lambda name: {"student": "resnet8", "target": "kd", "alpha": 0.5, "out": "-"})
     with pytest.raises(ConfigError, match="the recipe setting alpha .*target kd"):  # a recipe at odds with itself
         train_settings("odd", {}, "train")
 
