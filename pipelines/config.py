@@ -85,7 +85,7 @@ class TrainConfig:
     beta: float | None = None  # the method's loss weight (eq. 9; 3 for KD); None: its reference value
     gamma: float = 0.8  # eq. 9
     method_params: dict[str, float] = field(default_factory=dict)  # the method's other parameters, by name
-    prompts: str | None = None  # None: the first prompt set stored in the cache
+    prompts: str | None = None  # None: multi where the cache stores it, else its first (prompts.default_prompt_set)
     clip_renormalize: bool = False
     clip_tau: float | None = None
     image_size: int | None = None  # imagefolder: None takes the cache's (or the dataset's default)

@@ -17,12 +17,14 @@ from pipelines.config import BuildConfig, TrainConfig
 from pipelines.progress import Reporter
 from pipelines.summary import cache_summary, render_summary
 from pipelines.train import run_train
+from richkd_cache.prompts import default_prompt_set
 
 DATASET = "digits"
 TEACHER = "resnet20"
 STUDENT = "resnet8"
 # Clean-only keeps the quickstart to minutes on a laptop CPU; `build`'s default for 32 px data is all 162 views.
 QUICKSTART_VIEWS = "clean"
+PROMPT_SETS = ("single", "multi", "complex")
 STUDENT_TARGETS = (("ce", "cross-entropy only"), ("kd", "KD from the teacher"), ("richkd", "RichKD (teacher + CLIP)"))
 
 
@@ -52,7 +54,7 @@ def run_quickstart(
         cfg = short_run(STUDENT, root / f"student-{target}", epochs, reporter.quiet, cache=cache, target=target)
         results.append({"label": label, **run_train(cfg, reporter)})
     print_results(results, console)
-    analysis = run_analyze(cache, None, 0.7, str(root / "analysis"))
+    analysis = run_analyze(cache, default_prompt_set(list(PROMPT_SETS)), 0.7, str(root / "analysis"))
     render_analysis(analysis, console)
     explain_clip_weights(clip, clip_checkpoint, console)
     return results
@@ -73,7 +75,7 @@ def build_config(root: Path, clip: str, clip_checkpoint: str | None) -> BuildCon
         dataset=DATASET, data_root=None, split="train", teacher=None,
         teacher_checkpoint=str(root / "teacher" / "last.pth"), clip=clip,
         clip_pretrained=None if clip_checkpoint else "random", clip_checkpoint=clip_checkpoint,
-        prompts=("single", "multi", "complex"), out=str(root / f"{DATASET}.zarr"),
+        prompts=PROMPT_SETS, out=str(root / f"{DATASET}.zarr"),
         batch_size=256, workers=0, overwrite=True, teacher_views=QUICKSTART_VIEWS,
     )
 

@@ -11,7 +11,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from pipelines.distributed import DistContext, barrier, init_distributed, rank_d
 from pipelines.optim import make_optimizer, make_schedule
 from pipelines.progress import Reporter
 from pipelines.run_folder import RunFolder
+from pipelines.summary import default_prompts
 from pipelines.targets import (Window, augment, check_features_stored, classes_per_window, features_needed,
                                selected_clips, streamed_cache, strong_views_needed, whole_cache)
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
@@ -53,6 +54,7 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     if cfg.resolved_target != "ce" and not cfg.cache:
         raise ConfigError(f"target {cfg.resolved_target} distills from a cache: pass --cache (or --target ce)")
     cache = open_cache(cfg.cache) if cfg.cache else None
+    cfg = replace(cfg, prompts=used_prompt_set(cfg, cache))  # config.json names the set trained on
     if cache is not None and features_needed(cfg):
         check_features_stored(cache, f"--feature-loss {cfg.feature_loss}", "train with --feature-loss none")
     train_set, val_set = setup_data(cfg, cache)
@@ -93,6 +95,16 @@ def used_clip_models(cfg: TrainConfig, cache: CacheReader | None) -> list[str]:
     if cache is None or cfg.resolved_target == "ce":
         return []
     return [c.name for c in selected_clips(cfg, cache)]
+
+
+def used_prompt_set(cfg: TrainConfig, cache: CacheReader | None) -> str | None:
+    """The prompt set CLIP's logits come from: --prompts, else `multi` by name where the CLIP models used all
+    store it (the paper's multi-prompting, sec. 3.1), else the first they store; None when the targets use
+    no CLIP (or it stores no set: the targets refuse that, saying so)."""
+    models = used_clip_models(cfg, cache)
+    if cfg.prompts is not None or not models:
+        return cfg.prompts
+    return default_prompts(cache, models)
 
 
 def setup_windows(cfg: TrainConfig, cache: CacheReader | None, train_set: ImageDataset, device: torch.device,
