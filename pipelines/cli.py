@@ -232,6 +232,7 @@ def train(
     teacher_checkpoint: Annotated[Optional[str], typer.Option(help="--online: the teacher's file here (default: the path the cache records).")] = None,
     clip_checkpoint: Annotated[Optional[str], typer.Option(help="--online: CLIP's weights file here, when the cache was built from one.")] = None,
     compile_step: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step (CUDA graphs on a GPU).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="The student's forward on CUDA: fp32 (the default, as mdistiller trains) or bf16 (autocast); a CPU trains in fp32.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pth.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in OUT (only its own files).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -246,7 +247,7 @@ def train(
         "gamma": gamma, "prompts": prompts, "clip_tau": clip_tau, "clip_renormalize": clip_renormalize,
         "clip_model": clip_model, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "fraction": fraction, "imbalance": imbalance, "optimizer": optimizer, "schedule": schedule,
-        "warmup_epochs": warmup_epochs, "min_lr": min_lr, "compile": compile_step,
+        "warmup_epochs": warmup_epochs, "min_lr": min_lr, "compile": compile_step, "precision": precision,
         "milestones": parse_numbers("--milestones", milestones, int) if milestones else None,
     }
     params = parse_method_params(method_param) if method_param else None

@@ -306,3 +306,15 @@ def test_a_default_run_trains_on_multi_by_name_and_says_so(digits_cache: Path, t
     named = tmp_path / "named"
     assert invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--prompts", "complex", "--out", named).exit_code == 0
     assert json.loads((named / "config.json").read_text())["prompts"] == "complex"
+
+
+def test_precision_is_recorded_and_a_bad_one_is_one_line(cache: Path, tmp_path: Path) -> None:
+    """fp32 by default (as mdistiller trains); bf16 autocast on request, which a CPU run records and ignores."""
+    assert TrainConfig(student="resnet8", out="unused").precision == "fp32"
+    run = tmp_path / "bf16"
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--precision", "bf16", "--out", run)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["precision"] == "bf16"
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--precision", "fp16", "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "--precision takes fp32 or bf16, not 'fp16'" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
