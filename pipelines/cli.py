@@ -380,6 +380,7 @@ def analyze(
     from pipelines.analyze import render_analysis, run_analyze
     from pipelines.summary import default_prompts
 
+    check_range("alpha", alpha)  # before the cache is opened, as info checks it
     if prompts is None:  # the set train uses by default: multi by name
         reader = open_cache(cache)
         prompts = default_prompts(reader, reader.select_clip(clip_model))
