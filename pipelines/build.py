@@ -116,11 +116,11 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
         check_view_table(len(dataset), views["teacher"]["num_views"], cfg.strong_views)
         prompt_sets = [resolve_prompt_set(p, cfg.dataset, dataset.classes) for p in cfg.prompts]  # before the models
         specs = clip_specs(cfg)
-        with say.step("loading teacher " + " ".join(filter(None, (cfg.teacher, cfg.teacher_checkpoint)))):
+        with say.stage("loading teacher " + " ".join(filter(None, (cfg.teacher, cfg.teacher_checkpoint)))):
             teacher = setup_teacher(cfg.teacher, cfg.teacher_checkpoint, dataset, device)
         models = {}
         for name, spec in specs.items():
-            with say.step(f"loading CLIP {name} on {device}"):
+            with say.stage(f"loading CLIP {name} on {device}"):
                 models[name] = load_clip(spec, device=device)
         params = view_params(views["teacher"]["policy"], len(dataset), image_size(dataset), cfg.view_seed)  # (N, V, 5)
         strong = (draw_strong_views(len(dataset), cfg.strong_views, image_size(dataset), cfg.view_seed)

@@ -284,7 +284,7 @@ def train(
     lam: Annotated[Optional[float], typer.Option(help="Teacher weight in the fused features (eq. 7).")] = None,
     beta: Annotated[Optional[float], typer.Option(help="Weight of the logit loss (eq. 9; default the method's own: kd 3, lskd 9, normkd 0.9, mlkd 0.9; dkd and rld weigh their terms with --method-param alpha=,beta=).")] = None,
     gamma: Annotated[Optional[float], typer.Option(help="Feature loss weight (eq. 9).")] = None,
-    prompts: Annotated[Optional[str], typer.Option(help="Stored prompt set for CLIP's logits.")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="Stored prompt set for CLIP's logits (default: multi where stored, else the first).")] = None,
     clip_tau: Annotated[Optional[float], typer.Option(help="Override CLIP's logit scale tau.")] = None,
     clip_renormalize: Annotated[Optional[bool], typer.Option(help="Re-normalise the mean text embedding (CLIP notebook).")] = None,
     clip_model: Annotated[Optional[str], typer.Option(help="The cache's CLIP model: NAME, several as A+B or ensemble (mean of their probabilities, docs/fusion.md); default: its only one.")] = None,
@@ -309,6 +309,7 @@ def train(
     compile_step: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step (CUDA graphs on a GPU).")] = None,
     log: Annotated[Optional[str], typer.Option(help="Experiment logs, any of tensorboard,wandb,csv: per-epoch metrics to each, per-step loss terms and lr to TensorBoard (OUT/tensorboard) and W&B (OUT/wandb, offline unless WANDB_MODE=online); metrics.csv is always written.")] = None,
     log_every: Annotated[Optional[int], typer.Option(help="--log tensorboard/wandb: a point of the loss terms every N steps, their mean (default 10; 1: every step).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="The student's forward on CUDA: fp32 (the default, as mdistiller trains) or bf16 (autocast); a CPU trains in fp32.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/resume.pth.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in OUT (only its own files).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -324,7 +325,7 @@ def train(
         "gamma": gamma, "prompts": prompts, "clip_tau": clip_tau, "clip_renormalize": clip_renormalize,
         "clip_model": clip_model, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "fraction": fraction, "imbalance": imbalance, "optimizer": optimizer, "schedule": schedule,
-        "warmup_epochs": warmup_epochs, "min_lr": min_lr, "compile": compile_step,
+        "warmup_epochs": warmup_epochs, "min_lr": min_lr, "compile": compile_step, "precision": precision,
         "milestones": parse_numbers("--milestones", milestones, int) if milestones else None,
         "out": out, "device": device, "cache_device": cache_device, "workers": workers, "online": online,
         "teacher_checkpoint": teacher_checkpoint, "clip_checkpoint": clip_checkpoint,
@@ -454,15 +455,21 @@ def prompts_list(cache: Annotated[str, typer.Argument(help="Cache location.")]) 
 @user_errors
 def analyze(
     cache: Annotated[str, typer.Argument(help="Cache location or .zip.")],
-    prompts: Annotated[Optional[str], typer.Option(help="Stored prompt set (default: the first).")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="Stored prompt set (default: multi where stored, else the first; as train).")] = None,
     alpha: Annotated[float, typer.Option(help="Teacher weight of the fusion (eq. 4).")] = 0.7,
     out: Annotated[Optional[str], typer.Option(help="Folder for the PNG plots.")] = None,
     clip_model: Annotated[Optional[str], typer.Option(help="The cache's CLIP model: NAME, several as A+B, or ensemble (default: its only one).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """From the cache alone: teacher vs CLIP vs fusion, alpha sweep and alpha*, confidence, calibration."""
+    from cache_store import open_cache
     from pipelines.analyze import render_analysis, run_analyze
+    from pipelines.summary import default_prompts
 
+    check_range("alpha", alpha)  # before the cache is opened, as info checks it
+    if prompts is None:  # the set train uses by default: multi by name
+        reader = open_cache(cache)
+        prompts = default_prompts(reader, reader.select_clip(clip_model))
     show(run_analyze(cache, prompts, alpha, out, clip_model), as_json, render_analysis)
 
 
@@ -620,16 +627,19 @@ def export(
     alpha: Annotated[float, typer.Option(help="Teacher weight in the fused logits (eq. 4).")] = 0.7,
     temperature: Annotated[float, typer.Option(help="Soft labels are softmax(z / T) (eq. 5).")] = 3.0,
     lam: Annotated[float, typer.Option(help="Teacher weight in the fused feature (eq. 7).")] = 0.7,
-    prompts: Annotated[Optional[str], typer.Option(help="Stored prompt set (default: the first).")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="Stored prompt set (default: multi where stored, else the first; as train).")] = None,
     features: Annotated[bool, typer.Option(help="Also write the fused feature f_F of the fixed joint space.")] = False,
     clip_model: Annotated[Optional[str], typer.Option(help="The cache's CLIP model: NAME, several as A+B, or ensemble (default: its only one).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:
     """Fused soft labels (and features) per (sample, view) as a plain file, for other trainers."""
+    from cache_store import open_cache
     from pipelines.export import run_export
+    from pipelines.train import used_prompt_set
 
     cfg = TrainConfig(student="-", out=out, cache=cache, target=target, alpha=alpha, temperature=temperature,
                       lam=lam, prompts=prompts, feature_loss="cosine" if features else None, clip_model=clip_model)
+    cfg = replace(cfg, prompts=used_prompt_set(cfg, open_cache(cache)))  # the set train uses by default
     result = run_export(cfg, out, features, overwrite)
     out_console.print(f"{result['rows']} rows (sample, view) of {result['target']} soft labels at T "
                       f"{result['temperature']} -> {result['out']}")

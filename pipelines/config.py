@@ -89,7 +89,7 @@ class TrainConfig:
     beta: float | None = None  # the method's loss weight (eq. 9; 3 for KD); None: its reference value
     gamma: float = 0.8  # eq. 9
     method_params: dict[str, float] = field(default_factory=dict)  # the method's other parameters, by name
-    prompts: str | None = None  # None: the first prompt set stored in the cache
+    prompts: str | None = None  # None: multi where the cache stores it, else its first (prompts.default_prompt_set)
     clip_renormalize: bool = False
     clip_tau: float | None = None
     image_size: int | None = None  # imagefolder: None takes the cache's (or the dataset's default)
@@ -119,6 +119,9 @@ class TrainConfig:
     # torch.compile the step (CUDA graphs on a GPU). Off by default until measured on a GPU; on a CPU the
     # first steps pay minutes of compilation that a short run never wins back
     compile: bool = False
+    # the student's forward on CUDA: fp32, as mdistiller and the RichKD code train (no autocast), so a
+    # recipe's numbers are the reference's; bf16 autocast on request. A CPU trains in fp32 either way.
+    precision: str = "fp32"
     teacher_checkpoint: str | None = None  # --online: the teacher's file on this machine (default: the recorded path)
     clip_checkpoint: str | None = None  # --online: CLIP's weights file on this machine, when it was built from one
     resume: bool = False
@@ -135,6 +138,8 @@ class TrainConfig:
         check_settings(self)
         check_loggers(self.log)
         check_device_name("--device", self.device)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision takes {' or '.join(PRECISIONS)}, not {self.precision!r}")
         if self.cache_device is not None:
             check_device_name("--cache-device", self.cache_device)
 
@@ -144,6 +149,8 @@ class TrainConfig:
             return self.target
         return "richkd" if self.cache else "ce"
 
+
+PRECISIONS = ("fp32", "bf16")  # TrainConfig.precision: the student's forward, autocast to bf16 or not
 
 # Settings of the logit method: a recipe's belong to its method and are dropped when --method changes it.
 METHOD_SETTINGS = ("temperature", "beta", "method_params")

@@ -115,7 +115,7 @@ class Reporter:
         reporter that records them (pipelines/loggers.py)."""
 
     @contextmanager
-    def step(self, description: str) -> Iterator[None]:
+    def stage(self, description: str) -> Iterator[None]:
         """A step with no count (loading a model): a spinner on a terminal, a line before and after elsewhere."""
         if self.quiet:
             yield

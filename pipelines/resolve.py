@@ -15,7 +15,8 @@ import torch
 
 from cache_store import CacheReader
 from pipelines.config import TrainConfig
-from pipelines.targets import chosen_prompt_set, selected_clips
+from pipelines.summary import default_prompts
+from pipelines.targets import selected_clips
 from richkd_cache.data import ImageDataset
 from richkd_cache.models import uses_small_lr
 
@@ -41,7 +42,7 @@ def resolve_settings(cfg: TrainConfig, cache: CacheReader | None, train_set: Ima
         if len(clips) == 1 and cfg.clip_tau is None:
             filled["clip_tau"] = float(cache.clip_records[clips[0]]["tau"])  # eq. 2's tau, as recorded
         if cfg.prompts is None and cfg.resolved_target in CLIP_LOGIT_TARGETS:
-            filled["prompts"] = default_prompt_set(cfg, cache, clips)
+            filled["prompts"] = default_prompts(cache, clips)  # multi by name where stored
     return replace(cfg, **{k: v for k, v in filled.items() if v is not None})
 
 
@@ -50,10 +51,3 @@ def resolved_lr(cfg: TrainConfig) -> float:
     if cfg.lr is not None:
         return cfg.lr
     return 0.01 if uses_small_lr(cfg.student) else 0.05
-
-
-def default_prompt_set(cfg: TrainConfig, cache: CacheReader, models: list[str]) -> str | None:
-    """The prompt set a run uses when none is named (`chosen_prompt_set`: multi where stored), among those every
-    model in `models` stores (None when there is none: the targets refuse that, naming `prompts add`)."""
-    stored = cache.prompt_sets_of(models)
-    return chosen_prompt_set(cfg, stored) if stored else None

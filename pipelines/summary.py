@@ -20,6 +20,7 @@ from richkd_cache.clip_logits import clip_logits, ensemble_logits
 from richkd_cache.distill import fuse_logits
 from richkd_cache.errors import ConfigError
 from richkd_cache.metrics import topk_accuracy
+from richkd_cache.prompts import default_prompt_set
 
 IMAGENET_1K_TRAIN = 1_281_167  # ImageNet-1k's training images (ILSVRC-2012)
 IMAGENET_1K_CLASSES = 1000
@@ -123,12 +124,21 @@ def clip_model_summary(reader, name: str) -> dict:
             "blocks_written": None if written is None else int(written.sum())}
 
 
+def default_prompts(reader, models: list[str]) -> str | None:
+    """The prompt set used where `models` are asked about and none is named (`train`, `analyze`, `export`):
+    `multi` by name when they all store it (`default_prompt_set`); None when they store none."""
+    stored = reader.prompt_sets_of(models)
+    return default_prompt_set(stored) if stored else None
+
+
 def prompt_set_accuracy(reader, alpha: float, *models: str) -> list[dict]:
     """Per prompt set every one of `models` stores (none given: the cache's only CLIP model): CLIP
-    zero-shot top-1 (several models: their ensemble), the teacher's top-1, the fused top-1 at alpha (eq. 4)."""
+    zero-shot top-1 (several models: their ensemble), the teacher's top-1, the fused top-1 at alpha (eq. 4),
+    and whether it is the set used when none is named."""
     models = list(models) or reader.select_clip(None)
     labels, z_t, embeds = clean_view(reader, models)
     teacher_top1 = topk_accuracy(z_t, labels)
+    default = default_prompts(reader, models)
     rows = []
     for name in reader.prompt_sets_of(models):
         texts = {m: reader.text_embeddings(name, m) for m in models}
@@ -136,6 +146,7 @@ def prompt_set_accuracy(reader, alpha: float, *models: str) -> list[dict]:
                                for m in models])
         rows.append({
             "prompt_set": name,
+            "default": name == default,
             "num_templates": int(texts[models[0]].shape[0]),
             "clip_top1": topk_accuracy(z_c, labels),
             "teacher_top1": teacher_top1,
@@ -179,7 +190,8 @@ def render_summary(summary: dict, console: Console) -> None:
         for col in ("CLIP model",) * several + ("prompt set", "templates", "CLIP zero-shot", "teacher", "fused"):
             acc.add_column(col, justify="right")
         for r in summary["prompt_sets"]:
-            acc.add_row(*(r["clip_model"],) * several, r["prompt_set"], str(r["num_templates"]), f"{r['clip_top1']:.2f}",
+            name = f"{r['prompt_set']} (default)" if r["default"] else r["prompt_set"]
+            acc.add_row(*(r["clip_model"],) * several, name, str(r["num_templates"]), f"{r['clip_top1']:.2f}",
                         f"{r['teacher_top1']:.2f}", f"{r['fused_top1']:.2f}")
         console.print(acc)
 

@@ -36,6 +36,7 @@ from richkd_cache.distill.adaptive import alpha_from_sums, class_alphas, error_s
 from richkd_cache.distill.batch import ClipPart, FusionState, clip_rows_logits, fuse_batch, teacher_rows_logits
 from richkd_cache.distill.fusion import feature_moments, joint_space_from_moments, scaled_concat_moments
 from richkd_cache.errors import ConfigError
+from richkd_cache.prompts import default_prompt_set
 from richkd_cache.strong_views import apply_strong_views
 from richkd_cache.views import CIFAR_PAD, CIFAR_SIZE, apply_views
 
@@ -170,10 +171,8 @@ def setup_fusion(cfg: TrainConfig, cache: CacheReader, copy: LocalCopy, arrays: 
 
 
 def chosen_prompt_set(cfg: TrainConfig, stored: list[str]) -> str:
-    """--prompts, else the paper's multi-prompting set (sec. 3.1) when stored, else the first stored."""
-    if cfg.prompts:
-        return cfg.prompts
-    return "multi" if "multi" in stored else stored[0]
+    """--prompts, else the paper's multi-prompting set (sec. 3.1) by name when stored, else the first stored."""
+    return cfg.prompts or default_prompt_set(stored)
 
 
 def cached_moments(copy: LocalCopy, arrays: dict[str, np.ndarray], name: str) -> tuple[torch.Tensor, float]:

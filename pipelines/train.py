@@ -51,6 +51,8 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
     """Set everything up (every setting is checked before the run folder is written), then train."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(rank_device(cfg.device, ctx))
+    if cfg.precision != "fp32" and device.type != "cuda":
+        reporter.info(f"--precision {cfg.precision} applies on CUDA; this {device.type} run trains in fp32")
     run = RunFolder(cfg, ctx.is_main)
     method = logit_params(cfg)  # a setting the method does not use fails before any data is read
     if cfg.resolved_target != "ce" and not cfg.cache:
@@ -313,7 +315,7 @@ def train_epoch(
             # weights. One eager step per epoch (CIFAR: 50,000 = 781 x 64 + 16) costs nothing.
             step = compiled if compiled is not None and len(y) == cfg.batch_size else train_step
             terms, logits = step(student, objective, optimizer, x, y, index, target_logits, target_feats, epoch,
-                                 strong)
+                                 strong, cfg.precision)
             reporter.step(terms)
             for name, value in terms.items():  # summed on the device: no sync per step
                 sums[name] = sums.get(name, 0.0) + value * len(y)
@@ -367,16 +369,18 @@ def train_step(
     target_feats: dict[str, torch.Tensor],
     epoch: int,
     strong: tuple[torch.Tensor, torch.Tensor] | None = None,
+    precision: str = "fp32",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimisation step on a normalised batch x (B, 3, H, W) towards the batch's target logits (B, C)
     and feature parts {name: (B, F)}; CRD's memory is keyed by `index` (sample indices). `strong`: a second
-    view's normalised batch and its target logits (B, C), for a two-view method (MLKD).
+    view's normalised batch and its target logits (B, C), for a two-view method (MLKD). `precision`: the
+    student's forward in fp32, or under bf16 autocast ("bf16", CUDA only); the losses are fp32 either way.
 
     Returns the loss terms (eq. 9, each already weighted) and their sum as "loss", detached and left on
     the device (reading them would wait for the GPU every step), and the student's logits (B, C).
     """
     device = x.device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16" and device.type == "cuda"):
         logits, feats = student(x)
         # a forward of its own, as MLKD's KD_ours.py runs the student on each view (BatchNorm statistics per view)
         strong_logits = None if strong is None else student(strong[0])[0].float()

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from richkd_cache.clip import OPENAI_NAMES, ClipTeacher, load_clip, resolve_clip
 from richkd_cache.clip_logits import clip_logits
 from richkd_cache.errors import ClipError
-from richkd_cache.prompts import class_prompts, clean_class_name, get_prompt_set, load_prompt_file
+from richkd_cache.prompts import (class_prompts, clean_class_name, default_prompt_set, get_prompt_set,
+                                  list_prompt_sets, load_prompt_file)
 
 CLASSES = ["apple", "aquarium_fish", "maple_tree", "ray"]
 # CIFAR-100's fine label names in the order of its `meta` file
@@ -37,6 +38,13 @@ CLIP_CIFAR_TEMPLATES = [
     "a good photo of the {}.", "a photo of the small {}.", "a photo of the big {}.",
 ]
 # the CIFAR-100 names in that file that differ from the dataset's raw names
+# the 12 templates of the RichKD authors' released code (github.com/IPL-sharif/RichKD, cache.py, TEMPLATES)
+RELEASED_CODE_TEMPLATES = [
+    "a photo of a {}", "a blurry photo of a {}", "a cropped photo of a {}", "a close-up photo of a {}",
+    "a low resolution photo of a {}", "a bright photo of a {}", "a picture of a {}", "a detailed image of a {}",
+    "a sketch of a {}", "a natural photo of a {} in the wild", "a realistic image of a {}",
+    "a high quality photo of a {}",
+]
 CLIP_CIFAR100_NAMES = {"aquarium_fish": "aquarium fish", "lawn_mower": "lawn mower", "maple_tree": "maple tree",
                        "oak_tree": "oak tree", "palm_tree": "palm tree", "pickup_truck": "pickup truck",
                        "pine_tree": "pine tree", "sweet_pepper": "sweet pepper", "willow_tree": "willow tree"}
@@ -90,6 +98,33 @@ def test_renormalised_variant_matches_open_clips_zero_shot_classifier(clip, imag
     ours = clip_logits(embeds, torch.from_numpy(clip.encode_prompt_set(ps, CLASSES)), clip.tau, renormalize=True)
     assert torch.allclose(ours, clip.tau * embeds @ weights, atol=1e-4)
     assert not torch.allclose(ours, clip_logits(embeds, torch.from_numpy(clip.encode_prompt_set(ps, CLASSES)), clip.tau))
+
+
+def test_released_code_prompt_set_reproduces_its_logits(clip, images) -> None:
+    """The released code's CLIP logits: per class, the 12 templates filled with the dataset's raw class name
+    (underscores kept), each text embedding normalised, their mean re-normalised; logits are the raw
+    cosines with the normalised image embedding (tau 1, not CLIP's logit scale of eq. 2)."""
+    assert "richkd-code" in list_prompt_sets()
+    ps = get_prompt_set("richkd-code", "cifar100")
+    assert list(ps.templates) == RELEASED_CODE_TEMPLATES
+    assert class_prompts(ps, CLASSES)[0][1] == ["a photo of a aquarium_fish"]
+    with torch.no_grad():
+        e = F.normalize(clip.model.encode_image(clip.preprocess_images(images)), dim=-1)  # (N, D)
+        weights = torch.stack([
+            F.normalize(F.normalize(clip.model.encode_text(clip.tokenizer([t.format(c) for t in ps.templates])),
+                                    dim=-1).mean(0), dim=0)
+            for c in CLASSES])  # (C, D)
+    embeds, _ = clip.encode_images(images)
+    ours = clip_logits(embeds, torch.from_numpy(clip.encode_prompt_set(ps, CLASSES)), 1.0, renormalize=True)
+    assert torch.allclose(ours, e @ weights.T, atol=1e-5)
+
+
+def test_multi_is_the_default_prompt_set_by_name_not_by_order() -> None:
+    assert default_prompt_set(["complex", "multi", "single"]) == "multi"  # sorted, complex would come first
+    assert default_prompt_set(["single", "complex", "multi"]) == "multi"
+    assert default_prompt_set(["single", "mine"]) == "single"  # no multi: the first stored
+    with pytest.raises(ClipError, match="prompts add"):
+        default_prompt_set([])
 
 
 @pytest.mark.parametrize("name", list(OPENAI_NAMES))

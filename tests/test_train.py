@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cache_store import open_cache
 from pipelines.config import TrainConfig, list_recipes, load_recipe, logit_params
 from richkd_cache.models import load_checkpoint
 from clirun import invoke
@@ -104,6 +106,16 @@ def test_recipes_load_and_flags_override_them(cache: Path, tmp_path: Path) -> No
     config = json.loads((out / "config.json").read_text())
     assert config["student"] == "resnet8" and config["feature_loss"] == "crd" and config["beta"] == 3.0
     assert config["method_params"] == {"ce_weight": 1.0, "weight": 3.0, "temperature": 3.0}
+
+
+def test_the_released_code_recipe_differs_from_the_papers_only_in_clips_logits() -> None:
+    """tau 1 (raw cosines) and the re-normalised mean of the code's 12 templates (docs/fusion.md)."""
+    paper, code = (load_recipe(f"cifar100-resnet32x4-resnet8x4{v}") for v in ("", "-released-code"))
+    assert {k: v for k, v in code.items() if k not in paper} == {"prompts": "richkd-code", "clip_tau": 1.0,
+                                                                  "clip_renormalize": True}
+    assert all(code[k] == v for k, v in paper.items())
+    cfg = TrainConfig(out="unused", **code)
+    assert logit_params(cfg) == {"ce_weight": 1.0, "weight": 3.0, "temperature": 3.0}
 
 
 def test_table4_recipes_carry_the_pairs_reference_weights() -> None:
@@ -278,3 +290,34 @@ def test_adaptive_alpha_rules_train_and_are_recorded(cache: Path, tmp_path: Path
 def test_an_alpha_outside_0_1_or_no_rule_is_one_line(cache: Path, tmp_path: Path, alpha: str) -> None:
     result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--alpha", alpha, "--out", tmp_path / "r")
     assert result.exit_code == 2 and "alpha" in result.output and not (tmp_path / "r").exists()
+
+
+def test_a_default_run_trains_on_multi_by_name_and_says_so(digits_cache: Path, tmp_path: Path) -> None:
+    """The paper's method is multi-prompting (sec. 3.1): a cache holding single, multi and complex (complex
+    first in sort order) trains, analyses and reports on multi when no set is named."""
+    cache = tmp_path / "digits.zarr"
+    shutil.copytree(digits_cache, cache)
+    assert invoke("prompts", "add", cache, "--file", "complex").exit_code == 0
+    assert open_cache(str(cache)).prompt_sets() == ["complex", "multi", "single"]
+    run = tmp_path / "run"
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--out", run)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["prompts"] == "multi"
+    assert json.loads(invoke("analyze", cache, "--json").output)["prompt_set"] == "multi"
+    info = json.loads(invoke("info", cache, "--json").output)
+    assert [r["prompt_set"] for r in info["prompt_sets"] if r["default"]] == ["multi"]
+    named = tmp_path / "named"
+    assert invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--prompts", "complex", "--out", named).exit_code == 0
+    assert json.loads((named / "config.json").read_text())["prompts"] == "complex"
+
+
+def test_precision_is_recorded_and_a_bad_one_is_one_line(cache: Path, tmp_path: Path) -> None:
+    """fp32 by default (as mdistiller trains); bf16 autocast on request, which a CPU run records and ignores."""
+    assert TrainConfig(student="resnet8", out="unused").precision == "fp32"
+    run = tmp_path / "bf16"
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--precision", "bf16", "--out", run)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["precision"] == "bf16"
+    result = invoke("train", "--cache", cache, *FAST, "--epochs", "1", "--precision", "fp16", "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "--precision takes fp32 or bf16, not 'fp16'" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

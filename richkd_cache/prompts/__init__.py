@@ -2,8 +2,13 @@
 
 Shipped sets (by dataset): `single` ("a photo of a {}."), `multi` (CLIP's 18 CIFAR templates; the 80
 ImageNet templates open_clip carries for image folders), `complex` (the multi templates x several
-names per class, written for CIFAR-10, CIFAR-100 and the bundled digits). User sets come from TOML or
-JSON files with `templates`, optional per-class `synonyms` and optional `class_names` overrides.
+names per class, written for CIFAR-10, CIFAR-100 and the bundled digits), `richkd-code` (the 12 templates
+of the RichKD authors' released code, github.com/IPL-sharif/RichKD `cache.py`, filled with the dataset's
+class names as they are, underscores included, as that code does). User sets come from TOML or JSON files
+with `templates`, optional per-class `synonyms` and optional `class_names` overrides.
+
+Wherever a set is chosen for the user it is `multi` (`default_prompt_set`): the paper's method is
+multi-prompting (sec. 3.1), so a cache holding several sets trains on it by name, never by sort order.
 
 Class names are cleaned as CLIP's own CIFAR lists are (underscores to spaces: "aquarium_fish" ->
 "aquarium fish"); the names that stay ambiguous ("ray", "plain", "tank") get disambiguating
@@ -24,7 +29,8 @@ from pathlib import Path
 from cache_store.schema import PROMPT_SET_NAME
 from richkd_cache.errors import ClipError
 
-SHIPPED = ("single", "multi", "complex")
+SHIPPED = ("single", "multi", "complex", "richkd-code")
+DEFAULT = "multi"  # the paper's multi-prompting (sec. 3.1)
 _SYNONYM_FILES = {"cifar10": "cifar10_synonyms.json", "cifar100": "cifar100_synonyms.json", "digits": "digits_synonyms.json"}
 _CIFAR_LIKE = ("cifar10", "cifar100", "digits")
 _FILE_KEYS = ("name", "templates", "synonyms", "class_names", "classes")
@@ -34,17 +40,29 @@ _FILE_KEYS = ("name", "templates", "synonyms", "class_names", "classes")
 class PromptSet:
     """templates: each with one "{}" for the class name; synonyms: raw class -> names to fill in
     (replacing the class name); class_names: raw class -> the single name to use instead;
-    classes: the class list a prompt file was written for, when it says (checked against the data)."""
+    classes: the class list a prompt file was written for, when it says (checked against the data);
+    raw_names: fill in the dataset's class names uncleaned ("aquarium_fish"), as the released code does."""
 
     name: str
     templates: tuple[str, ...]
     synonyms: dict[str, tuple[str, ...]] | None = None
     class_names: dict[str, str] | None = None
     classes: tuple[str, ...] | None = None
+    raw_names: bool = False
 
 
 def list_prompt_sets() -> list[str]:
     return list(SHIPPED)
+
+
+def default_prompt_set(stored: list[str]) -> str:
+    """The set used when the user names none: `multi` when it is among `stored`, else the first stored.
+
+    Raises ClipError when nothing is stored (callers that can go without CLIP check before asking).
+    """
+    if not stored:
+        raise ClipError("no prompt set is stored: add one with `richkd-cache prompts add CACHE multi`")
+    return DEFAULT if DEFAULT in stored else stored[0]
 
 
 def get_prompt_set(name: str, dataset: str) -> PromptSet:
@@ -52,6 +70,8 @@ def get_prompt_set(name: str, dataset: str) -> PromptSet:
         raise ClipError(f"unknown prompt set {name!r}; shipped: {', '.join(SHIPPED)} (or give a .toml/.json file)")
     if name == "single":
         return PromptSet("single", tuple(_templates()["single"]))
+    if name == "richkd-code":
+        return PromptSet("richkd-code", tuple(_released_code_templates()), raw_names=True)
     multi = tuple(_templates()["cifar"]) if dataset in _CIFAR_LIKE else tuple(_imagenet_templates())
     if name == "multi":
         return PromptSet("multi", multi)
@@ -187,7 +207,7 @@ def _names(prompt_set: PromptSet, raw: str) -> tuple[str, ...]:
         return tuple(names)
     if prompt_set.class_names and raw in prompt_set.class_names:
         return (prompt_set.class_names[raw],)
-    return (clean_class_name(raw),)
+    return (raw,) if prompt_set.raw_names else (clean_class_name(raw),)
 
 
 def prompt_set_hash(prompt_set: PromptSet, raw_classes: list[str]) -> str:
@@ -202,6 +222,7 @@ def prompt_set_manifest(prompt_set: PromptSet, raw_classes: list[str]) -> dict:
         "templates": list(prompt_set.templates),
         "synonyms": {k: list(v) for k, v in (prompt_set.synonyms or {}).items()},
         "class_names": dict(prompt_set.class_names or {}),
+        "raw_names": prompt_set.raw_names,
         "hash": prompt_set_hash(prompt_set, raw_classes),
         "reduction": "per template: mean of the normalised embeddings of the class's names",
     }
@@ -210,6 +231,11 @@ def prompt_set_manifest(prompt_set: PromptSet, raw_classes: list[str]) -> dict:
 @lru_cache(maxsize=1)
 def _templates() -> dict[str, list[str]]:
     return json.loads(resources.files(__name__).joinpath("cifar_templates.json").read_text())
+
+
+@lru_cache(maxsize=1)
+def _released_code_templates() -> list[str]:
+    return json.loads(resources.files(__name__).joinpath("richkd_code_templates.json").read_text())["templates"]
 
 
 def _imagenet_templates() -> list[str]:
