@@ -33,6 +33,7 @@ from richkd_cache.metrics import (
     outcome_changes,
     topk_accuracy,
 )
+from richkd_cache.prompts import default_prompt_set
 
 SWEEP = tuple(round(0.05 * i, 2) for i in range(21))  # alpha = 0, 0.05, ..., 1
 CONFIDENT = 0.5  # Fig. 1a: a prediction is confident when its top softmax probability is at least this
@@ -52,7 +53,7 @@ def run_analyze(url: str, prompts: str | None, alpha: float, out_dir: str | None
     if not (prompts or reader.prompt_sets_of(models)):
         raise DataError(f"cache {url} stores no prompt set for {' and '.join(models)}; add one with "
                         "`richkd-cache prompts add`")
-    prompt_set = prompts or reader.prompt_sets_of(models)[0]  # the default `train` uses too
+    prompt_set = prompts or default_prompt_set(reader.prompt_sets_of(models))  # the default `train` uses too
     labels, logits = clean_logits(reader, prompt_set, alpha, models)
     sweep = [{"alpha": a, "top1": top1} for a, top1 in alpha_sweep(logits["teacher"], logits["clip"], labels, SWEEP)]
     errors = error_statistics(logits["teacher"], logits["clip"], labels)
@@ -193,6 +194,10 @@ def render_analysis(result: dict, console: Console) -> None:
     best, optimal = result["best_alpha"], result["optimal_alpha"]
     console.print(f"best alpha {best['alpha']:.2f} (fused top-1 {best['top1']:.2f}%);  alpha* {optimal['alpha']:.3f} "
                   f"(s_t {optimal['s_t']:.4f}, s_c {optimal['s_c']:.4f}, rho {optimal['rho']:.3f})")
+    if optimal["alpha"] >= 0.9 and ds["split"] == "train":
+        console.print(f"alpha* is {optimal['alpha']:.2f}, nearly the teacher alone: on its training split the teacher "
+                      "is rarely wrong (it was fitted to these images), so its errors look small beside CLIP's; "
+                      "alpha* over held-out images (a cache of the val split) says more")
     console.print(sweep_table(result))
     console.print(adaptive_table(result))
     console.print(class_alpha_table(result))

@@ -8,6 +8,7 @@ runs, so `--help` and the settings' refusals answer at once (tests/test_cli_star
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -213,6 +214,19 @@ def train_settings(recipe: str | None, given: dict[str, Any], command: str, new_
         raise ConfigError("--out is required (or out = FOLDER in the --config file)")
     check_fields(TrainConfig, settings, command)
     return settings
+
+
+def check_sweep_used(settings: dict[str, Any], axes: dict[str, tuple], user: set[str]) -> None:
+    """A setting the user gave (fixed or swept) that no run of the sweep would read is refused, as `train`
+    refuses it; one some runs read is kept (`--target ce,richkd --alpha 0.5`), and a recipe's setting a run
+    does not read is dropped by that run."""
+    deciding = {k: axes[k] for k in ("target", "method", "feature_loss") if k in axes}
+    probe = {**settings, **{k: v[0] for k, v in axes.items()}}
+    runs = [{**probe, **dict(zip(deciding, combo))} for combo in itertools.product(*deciding.values())]
+    unused = [{key for key, _ in unused_settings(run)} for run in runs]
+    refused = set.intersection(*unused) & user
+    if refused:  # named as `train` names them, for the first run
+        check_used({k: v for k, v in runs[0].items() if k not in unused[0] - refused}, user)
 
 
 def refuse_missing_cache(url: str) -> None:
@@ -587,7 +601,7 @@ def sweep(
              "workers": workers, "log": split_list(log) if log is not None else None,
              **{k: "none" if v[0] is None else v[0] for k, v in values.items() if len(v) == 1 or k == "student"}}
     settings = train_settings(recipe, fixed, "sweep", new_method="method" in axes, file=file)
-    check_used({**settings, **{k: v[0] for k, v in axes.items()}}, set(values))  # a swept setting is read too
+    check_sweep_used(settings, axes, set(values) | set(file))
     if "cache" not in settings:
         raise ConfigError("--cache is required (or cache = CACHE in the --config file)")
     seed_list = seeds_to_run(seeds, file_seeds, settings)
@@ -633,13 +647,10 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:
     """Fused soft labels (and features) per (sample, view) as a plain file, for other trainers."""
-    from cache_store import open_cache
     from pipelines.export import run_export
-    from pipelines.train import used_prompt_set
 
     cfg = TrainConfig(student="-", out=out, cache=cache, target=target, alpha=alpha, temperature=temperature,
                       lam=lam, prompts=prompts, feature_loss="cosine" if features else None, clip_model=clip_model)
-    cfg = replace(cfg, prompts=used_prompt_set(cfg, open_cache(cache)))  # the set train uses by default
     result = run_export(cfg, out, features, overwrite)
     out_console.print(f"{result['rows']} rows (sample, view) of {result['target']} soft labels at T "
                       f"{result['temperature']} -> {result['out']}")

@@ -61,11 +61,13 @@ def test_a_resumed_build_says_so_and_what_differs(tmp_path: Path, teacher: Path)
     from cache_store import open_cache
     from pipelines.build import resume_line, resolve_prompt_set
     from pipelines.config import BuildConfig
+    from richkd_cache.data import create_dataset
 
     cfg = BuildConfig(dataset="digits", data_root=None, split="train", teacher=None, teacher_checkpoint=str(teacher),
                       clip="richkd-tiny", clip_pretrained="random", clip_checkpoint=None, prompts=("single", "multi"),
                       out=str(out))
-    prompt_sets = [resolve_prompt_set(p, "digits") for p in cfg.prompts]
+    classes = create_dataset("digits", None, "train").classes
+    prompt_sets = [resolve_prompt_set(p, "digits", classes) for p in cfg.prompts]
     stopped = {2: ["written", "clip/richkd-tiny/written"]}  # the last block lacks the teacher's and CLIP's rows
     line = resume_line(cfg, open_cache(str(out)), ["richkd-tiny"], prompt_sets, stopped)
     assert line == f"resuming the build of {out}: 2 of 3 write blocks done; same settings as the cache records"
