@@ -133,7 +133,7 @@ def load_plain_data(path: str | Path, map_location: str = "cpu", allowed: list |
 def holds_code(path: str | Path, error: Exception, allowed: list | tuple = ()) -> str | None:
     """The refusal of a file whose pickle names other Python objects (a crafted file: loading it would run
     their code), naming them; None when `error` is another failure. torch's own message advises
-    retrying with weights_only=False, which is what must never be done with such a file."""
+    retrying with full unpickling, which is what must never be done with such a file."""
     if "Weights only load failed" not in str(error):
         return None
     objects = _unsafe_objects(str(path), list(allowed), str(error))
