@@ -162,12 +162,3 @@ def disk_free(folder: Path) -> int:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     return shutil.disk_usage(existing).free
-
-
-def local_copies(root: Path | None = None) -> list[tuple[Path, int]]:
-    """Every local copy under the root with its size in bytes."""
-    root = root or local_root()
-    if not root.is_dir():
-        return []
-    return [(folder, sum(f.stat().st_size for f in folder.iterdir() if f.is_file()))
-            for folder in sorted(root.iterdir()) if folder.is_dir()]

@@ -388,11 +388,6 @@ class StageTwoTargets:
         return fuse_batch(dataclasses.replace(self.state, features=False), strong_rows, labels)[0]
 
 
-def row_bytes(arrays: dict[str, np.ndarray], names: tuple[str, ...]) -> int:
-    """Bytes of one gathered row of each of `names` (one (sample, view) of each array)."""
-    return sum(int(np.prod(arrays[n].shape[2:])) * arrays[n].dtype.itemsize for n in names)
-
-
 def private_growth(cfg: TrainConfig, cache: CacheReader, plan: RowPlan, pool_size: int, cached_stats: bool) -> int:
     """Private bytes the cached path adds to a cross-entropy run of the same student: the epoch's draws
     (a permutation and a view per sample, int64, with the temporaries of drawing them), three batches of
