@@ -93,7 +93,7 @@ def train_ranks(cfg: TrainConfig, reporter: Reporter, ctx: DistContext) -> dict:
         scheduler.step()
         state.epoch = epoch + 1
         if ctx.is_main:
-            top1, top5 = evaluate(student, val_images, val_set, cfg.batch_size, cfg.workers)
+            top1, top5 = evaluate(student, val_images, val_set, cfg.batch_size, cfg.workers, reporter)
             stats = {"lr": lr, **stats, "val_top1": top1, "val_top5": top5, "epoch_s": time.perf_counter() - t0}
             run.end_epoch(state, stats, student, objective, optimizer, scheduler, train_set.num_classes, reporter)
         barrier(ctx)
@@ -406,20 +406,24 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(
-    student: torch.nn.Module, images: torch.Tensor | None, dataset: ImageDataset, batch_size: int, workers: int = 0
+    student: torch.nn.Module, images: torch.Tensor | None, dataset: ImageDataset, batch_size: int, workers: int = 0,
+    reporter: Reporter | None = None,
 ) -> tuple[float, float]:
     """Top-1 and top-5 (%) on the clean validation images, in batches of at least 1024 (no weights change,
-    so a batch is as large as memory allows), counted on the device and read once."""
+    so a batch is as large as memory allows), counted on the device and read once; with `reporter`, its
+    progress by images (ImageNet's 50,000 validation JPEGs take minutes to decode)."""
     student.eval()
     device = next(student.parameters()).device
     order = torch.arange(len(dataset))
     correct1 = correct5 = torch.zeros((), dtype=torch.long, device=device)
     k = min(5, dataset.num_classes)
-    for _, x, y in batches(images, dataset, max(batch_size, 1024), order, workers):  # files: decoded in workers
-        x, y = model_input(x.to(device), dataset), y.to(device)
-        logits, _ = student(x)
-        top = logits.topk(k, dim=1).indices
-        correct1 = correct1 + (top[:, 0] == y).sum()
-        correct5 = correct5 + (top == y[:, None]).any(dim=1).sum()
+    with (reporter or Reporter(quiet=True)).task("validation", total=len(dataset)) as advance:
+        for _, x, y in batches(images, dataset, max(batch_size, 1024), order, workers):  # files: decoded in workers
+            x, y = model_input(x.to(device), dataset), y.to(device)
+            logits, _ = student(x)
+            top = logits.topk(k, dim=1).indices
+            correct1 = correct1 + (top[:, 0] == y).sum()
+            correct5 = correct5 + (top == y[:, None]).any(dim=1).sum()
+            advance(len(y))
     n = max(len(dataset), 1)
     return 100.0 * int(correct1) / n, 100.0 * int(correct5) / n

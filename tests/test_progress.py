@@ -87,3 +87,15 @@ def test_plain_lines_come_every_tenth_and_every_30_s_of_a_slow_task() -> None:
     assert all(c in counts for c in range(100, 1001, 100)), "a line at every tenth"
     assert any(c % 100 for c in counts), "and one when 30 s passed between tenths"
     assert lines[-1].startswith("build: 1,000/1,000 img (100 %)") and counts.count(1000) == 1
+
+
+def test_train_reports_validation_by_images_off_a_terminal(digits_cache: Path, tmp_path: Path) -> None:
+    """Each epoch's validation pass logs its progress like training's (done/total images, rate, ETA)."""
+    from clirun import invoke
+
+    result = invoke("train", "--cache", digits_cache, "--student", "resnet8", "--epochs", "1", "--device", "cpu",
+                    "--workers", "0", "--feature-loss", "none", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("validation: ")]
+    assert lines and lines[-1].startswith("validation: 355/355 img (100 %)"), result.output
+    assert all("img/s" in line and "ETA" in line for line in lines[1:])
