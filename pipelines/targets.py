@@ -372,6 +372,10 @@ class StageTwoTargets:
     state: FusionState  # on the training device
     online: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None
 
+    def __post_init__(self) -> None:
+        # the strong views' targets are logits only (no feature loss reads them): made once, not per batch
+        self.strong_state = dataclasses.replace(self.state, features=False)
+
     def gather(self, draws: Draws) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         return self.rows.gather(draws)
 
@@ -385,7 +389,7 @@ class StageTwoTargets:
 
     def strong_targets(self, strong_rows: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """The strong views' target logits (B, C): the teacher's on them, fused (eq. 4) with CLIP's clean view."""
-        return fuse_batch(dataclasses.replace(self.state, features=False), strong_rows, labels)[0]
+        return fuse_batch(self.strong_state, strong_rows, labels)[0]
 
 
 def private_growth(cfg: TrainConfig, cache: CacheReader, plan: RowPlan, pool_size: int, cached_stats: bool) -> int:
