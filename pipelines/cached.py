@@ -20,6 +20,12 @@ def clean_views(reader: CacheReader) -> dict[str, int | None]:
             for model, v in model_views(reader.manifest).items()}
 
 
+def teacher_logit_arrays(cache: CacheReader, strong: bool = False) -> tuple[str, ...]:
+    """The arrays holding the teacher's logits (on its views, or on the strong views): full, or top-k."""
+    prefix = "teacher/strong_" if strong else "teacher/"
+    return tuple(f"{prefix}{n}" for n in (("topk_values", "topk_indices") if cache.layout.teacher_topk else ("logits",)))
+
+
 def clean_view(reader: CacheReader,
                models: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Labels (N,), the teacher's logits (N, C) and each CLIP model's image embeddings (N, D) of the clean
@@ -32,7 +38,7 @@ def clean_view(reader: CacheReader,
         raise DataError(f"cache {reader.url} holds no clean view of the {' and '.join(missing)} (views: "
                         f"{', '.join(f'{m} {p}' for m, p in policies.items())}); accuracy is measured on the clean view")
     t, c = clean["teacher"], clean["clip"]
-    names = [n for n in ("teacher/logits", "teacher/topk_values", "teacher/topk_indices") if n in reader.layout.arrays()]
+    names = teacher_logit_arrays(reader)
     z_t = teacher_rows_logits({n: torch.from_numpy(reader.load_view(n, t)) for n in names}, reader.layout.num_classes)
     models = reader.select_clip(None) if models is None else models
     embeds = {m: torch.from_numpy(reader.load_view(reader.clips[m].image_embeds, c).astype(np.float32)) for m in models}

@@ -26,7 +26,7 @@ import torch
 from cache_store import CacheReader
 from cache_store.local import LocalCopy
 from cache_store.schema import ClipLayout
-from pipelines.cached import clean_views
+from pipelines.cached import clean_views, teacher_logit_arrays
 from pipelines.config import TrainConfig
 from pipelines.progress import Reporter
 from pipelines.summary import human_bytes
@@ -80,11 +80,6 @@ def strong_views_needed(cfg: TrainConfig, cache: CacheReader | None) -> bool:
         raise ConfigError(f"method {cfg.method} also trains on strong views, which cache {cache.url} does not store: "
                           "build the cache with `richkd-cache build ... --strong-views K`")
     return True
-
-
-def teacher_logit_arrays(cache: CacheReader, strong: bool = False) -> tuple[str, ...]:
-    prefix = "teacher/strong_" if strong else "teacher/"
-    return tuple(f"{prefix}{n}" for n in (("topk_values", "topk_indices") if cache.layout.teacher_topk else ("logits",)))
 
 
 @dataclass(frozen=True)
@@ -199,16 +194,15 @@ def cached_alpha_sums(copy: LocalCopy, arrays: dict[str, np.ndarray], labels: np
     stored = copy.load_stats(key)
     if stored is not None and "sums" in stored:
         return torch.from_numpy(stored["sums"])
-    sums = alpha_error_sums(arrays, labels, state, np.sort(pool))
+    sums = alpha_error_sums(arrays, labels, state, np.sort(pool), teacher_logit_arrays(copy.reader))
     copy.save_stats(key, {"sums": sums.numpy()})
     return sums
 
 
 def alpha_error_sums(arrays: dict[str, np.ndarray], labels: np.ndarray, state: FusionState,
-                     samples: np.ndarray) -> torch.Tensor:
+                     samples: np.ndarray, names: tuple[str, ...]) -> torch.Tensor:
     """Streams the teacher's and CLIP's logits of `samples` (every teacher view, each paired with its CLIP
     row) through `error_sums`, a chunk of samples at a time."""
-    names = [n for n in ("teacher/logits", "teacher/topk_values", "teacher/topk_indices") if n in arrays]
     views = arrays[names[0]].shape[1]
     total = torch.zeros(state.num_classes, 6, dtype=torch.float64)
     step = max(1, _STAT_ELEMENTS // (views * state.num_classes))  # float64 temporaries of 8 MB each
