@@ -42,7 +42,8 @@ from cache_store import create_cache
 from richkd_cache.clip import load_clip, resolve_clip
 from richkd_cache.data import ArrayImageDataset, create_dataset
 from richkd_cache.models import create_model
-from richkd_cache.views import teacher_policy, view_params
+from pipelines.build import BuildViews
+from richkd_cache.views import policy_of, teacher_policy
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,15 +76,16 @@ def main() -> None:
     teacher = Teacher(model, args.teacher, {"arch": args.teacher, "checkpoint_sha256": "benchmark"})
     clip = load_clip(resolve_clip(args.clip, "random"), device=device)
     size = int(dataset[0]["image"].shape[-1])
-    params = view_params(teacher_policy(args.teacher_views, size), len(dataset), size)  # (N, V, 5)
-    forward = make_forward(teacher, [(bench_clip_layout(clip), clip)], dataset, device, params)
+    value = teacher_policy(args.teacher_views, size)
+    views = BuildViews(value, policy_of(value, size))  # the teacher's views, replayed on the device
+    forward = make_forward(teacher, [(bench_clip_layout(clip), clip)], dataset, device, views)
     batches = preload(dataset, args.batch_size)
 
     forward_s, build_s = [], []
     forward(batches[0])  # warm-up: kernels, allocator
     for _ in range(args.rounds):
         forward_s.append(time_forward(forward, batches, device))
-        build_s.append(time_build(args, dataset, teacher, clip, device, params))
+        build_s.append(time_build(args, dataset, teacher, clip, device, views))
     n = len(dataset)
     flops = forward_flops(forward, dataset)
     peak = args.peak_tflops or bf16_peak_tflops(device)
@@ -91,7 +93,7 @@ def main() -> None:
         "forward_img_s": n / statistics.median(forward_s),
         "build_img_s": n / statistics.median(build_s),
         "flops_per_image": flops, "peak_tflops": peak,
-        "images": n, "teacher_views": params.shape[1], "teacher": args.teacher, "clip": args.clip, "batch_size": args.batch_size,
+        "images": n, "teacher_views": views.num_views, "teacher": args.teacher, "clip": args.clip, "batch_size": args.batch_size,
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
@@ -147,7 +149,7 @@ def time_forward(forward, batches: list[dict], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def time_build(args, dataset, teacher: Teacher, clip, device: torch.device, params) -> float:
+def time_build(args, dataset, teacher: Teacher, clip, device: torch.device, views: BuildViews) -> float:
     """The build loop into a fresh local cache (creation and finalising are not timed)."""
     folder = tempfile.mkdtemp(prefix="richkd-bench-")
     try:
@@ -155,13 +157,12 @@ def time_build(args, dataset, teacher: Teacher, clip, device: torch.device, para
                           teacher_checkpoint="", clip=args.clip, clip_pretrained="random", clip_checkpoint=None,
                           prompts=("single",), out=f"{folder}/bench.zarr", batch_size=args.batch_size,
                           workers=args.workers, teacher_views=args.teacher_views)
-        layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, [clip],
-                              num_views=params.shape[1])
+        layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, [clip], None, views)
         writer = create_cache(cfg.out, layout, build_manifest(cfg, dataset, teacher, {BENCH_CLIP: clip}))
         sync(device)
         t0 = time.perf_counter()
         forward_blocks(writer, writer.pending_blocks(), dataset, teacher, [(writer.clips[BENCH_CLIP], clip)], device,
-                       args.batch_size, args.workers, Reporter(quiet=True), params=params)
+                       args.batch_size, args.workers, Reporter(quiet=True), views=views)
         sync(device)
         return time.perf_counter() - t0
     finally:

@@ -73,10 +73,11 @@ from richkd_cache.distill import create_objective
 from richkd_cache.distill.batch import ClipPart, FusionState
 from richkd_cache.distill.fusion import feature_moments, joint_space_from_moments
 from richkd_cache.models import create_model
-from richkd_cache.views import view_params
+from richkd_cache.views import create_policy, num_views, stored_views
 
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 LOGITS, FEATURES, VIEWS = "teacher/logits", "teacher/features", "views/params"
+CROP_FLIP = create_policy("crop-flip", 32)  # CIFAR's views: stored (162 records) or drawn fresh for CE
 EMBEDS, CLIP_FEATURES = "clip/bench/image_embeds", "clip/bench/features"  # one CLIP model, named "bench"
 PROMPTS, TAU, LAM, CRD_DIM, CRD_NEGATIVES = 18, 100.0, 0.7, 128, 16384
 
@@ -168,7 +169,7 @@ def cache_shapes(args: argparse.Namespace, samples: int, clip=None) -> Shapes:
     else:
         config = open_clip.get_model_config(resolve_clip(args.clip, "random", None).arch)
         embed_dim, clip_dim = config["embed_dim"], config["vision_cfg"]["width"]
-    views = view_params("all", 1, 32).shape[1] if args.views == "all" else 1
+    views = num_views("all", 32) if args.views == "all" else 1
     return Shapes(samples, views, args.num_classes, teacher_dim, embed_dim, clip_dim)
 
 
@@ -191,9 +192,10 @@ def write_rows(folder: Path, shapes: Shapes, seed: int = 0, chunk: int = 512) ->
         out.flush()
         del out
     if v > 1:
-        out = np.lib.format.open_memmap(folder / file_name(VIEWS), mode="w+", dtype=np.float32, shape=(n, v, 5))
+        table = stored_views("all", create_policy("crop-flip", 32), 0, 0, v)  # (162, 2) packed records
+        out = np.lib.format.open_memmap(folder / file_name(VIEWS), mode="w+", dtype=np.uint8, shape=(n, *table.shape))
         for start in range(0, n, chunk):
-            out[start : start + chunk] = view_params("all", min(chunk, n - start), 32)
+            out[start : start + chunk] = table
         out.flush()
         del out
 
@@ -229,7 +231,7 @@ def cached_source(arrays: dict[str, np.ndarray], feature_loss: str, device: torc
                                          feature_moments(arrays[CLIP_FEATURES], "clip"), LAM)
     state = FusionState("richkd", classes, (ClipPart("bench", EMBEDS, CLIP_FEATURES, text, TAU),), alpha=LAM,
                         space=space, features=True)
-    return StageTwoTargets(CachedRows(plan, arrays, torch.device("cpu")), state.to(device))
+    return StageTwoTargets(CachedRows(plan, arrays, torch.device("cpu")), state.to(device), CROP_FLIP)
 
 
 def online_source(cached: StageTwoTargets, teacher: torch.nn.Module, clip, dataset: ArrayImageDataset,
@@ -248,7 +250,7 @@ def online_source(cached: StageTwoTargets, teacher: torch.nn.Module, clip, datas
     plan = cached.rows.plan
     views_only = dataclasses.replace(plan, teacher=tuple(n for n in plan.teacher if n == VIEWS), clip=())
     rows = CachedRows(views_only, cached.rows.arrays, cached.rows.device)
-    return StageTwoTargets(rows, cached.state, online=run_models)
+    return dataclasses.replace(cached, rows=rows, online=run_models)
 
 
 def make_objective(name: str, student: torch.nn.Module, arrays: dict[str, np.ndarray], feature_loss: str,
@@ -327,7 +329,7 @@ def make_step(name: str, source: StageTwoTargets | None, args: argparse.Namespac
         rows = {} if source is None else to_device(source.gather(Draws(index, view))[0], device)
         index = index.to(device)
         x, y = images[index], labels[index]
-        pixels = augment(x, rows.pop(VIEWS, None), generator)
+        pixels = augment(x, rows.pop(VIEWS, None), CROP_FLIP, generator)
         target_logits, target_feats = (None, {}) if source is None else source.targets(rows, x, pixels, y)
         train_step(student, objective, optimizer, model_input(pixels, dataset), y, index, target_logits,
                    target_feats, 0)
@@ -713,14 +715,14 @@ def overhead_model(args: argparse.Namespace, shapes: Shapes, overhead: int) -> d
 # Full-size caches: (samples, views, per (sample, view) bytes, per sample bytes, classes, teacher width,
 # CLIP embedding width, whether the run trains a CRD feature loss)
 PROJECTIONS = {
-    # resnet32x4 + ViT-L/14 on CIFAR-100's 162 views: 100 fp16 logits + 256 fp16 features + 5 float32
-    # parameters per view; 768-d fp16 embeddings + 1024-d fp16 features per sample; RichKD L+F with CRD
-    "cifar100": {"samples": 50_000, "views": 162, "view_bytes": 2 * 100 + 2 * 256 + 4 * 5,
+    # resnet32x4 + ViT-L/14 on CIFAR-100's 162 views: 100 fp16 logits + 256 fp16 features + a 2-byte view
+    # record per view; 768-d fp16 embeddings + 1024-d fp16 features per sample; RichKD L+F with CRD
+    "cifar100": {"samples": 50_000, "views": 162, "view_bytes": 2 * 100 + 2 * 256 + 2,
                  "sample_bytes": 2 * 768 + 2 * 1024, "classes": 100, "teacher_dim": 256, "embed_dim": 768,
                  "crd": True},
-    # ImageNet-1k, 10 views: top-10 fp16 values + int32 indices + 5 float32 parameters per view; 768-d
-    # fp16 embeddings per sample; logits only (no features stored, so no feature loss)
-    "imagenet1k": {"samples": 1_281_167, "views": 10, "view_bytes": 2 * 10 + 4 * 10 + 4 * 5,
+    # ImageNet-1k, 100 views (one per epoch): top-10 fp16 values + int16 indices + an 8-byte view record per
+    # view; 768-d fp16 embeddings per sample; logits only (no features stored, so no feature loss)
+    "imagenet1k": {"samples": 1_281_167, "views": 100, "view_bytes": 2 * 10 + 2 * 10 + 8,
                    "sample_bytes": 2 * 768, "classes": 1000, "teacher_dim": 0, "embed_dim": 768, "crd": False},
 }
 

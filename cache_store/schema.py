@@ -1,10 +1,10 @@
-"""Cache format 2 (and the reading of format 1): the arrays, their dtypes, shapes and chunking, and the
-manifest rules.
+"""Cache format 3: the arrays, their dtypes, shapes and chunking, and the manifest rules.
 
-Format 2 holds several CLIP models, each under `clip/<name>/` with its own write flags and prompt sets, so
-a model can be added to a complete cache without touching the teacher's arrays. Format 1 held one CLIP
-model directly under `clip/`, flagged with the teacher in `written`; it is read as a cache of one model.
-docs/cache-format.md is the prose version of this module; keep the two in step.
+A cache holds several CLIP models, each under `clip/<name>/` with its own write flags and prompt sets, so
+a model can be added to a complete cache without touching the teacher's arrays. Views are packed records
+(uint8, `views/params`: the view policy's integer fields, listed in the manifest's `views`), top-k class
+indices int16 where the classes fit. Formats 1 and 2 (float32 view fractions of a centre crop) are refused
+with the reason. docs/cache-format.md is the prose version of this module; keep the two in step.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import numpy as np
 
 from cache_store.errors import CacheError
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)  # format 1: one CLIP model under clip/ (read as a one-model cache)
+FORMAT_VERSION = 3
+READABLE_FORMATS = (3,)
+# formats 1-2 stored views as float32 fractions of the centre crop: their pixels are not those format 3 replays
+OLD_FORMATS = (1, 2)
 MANIFEST_KEY = "richkd_cache"
 STATUS_BUILDING, STATUS_COMPLETE = "building", "complete"
 CLIP_GROUP = "clip"
@@ -49,16 +51,12 @@ _COMMON_FIELDS: dict = {
 }
 MANIFEST_FIELDS: dict = {**_COMMON_FIELDS, "clip_models": dict}  # each entry: CLIP_MODEL_FIELDS
 CLIP_MODEL_FIELDS: dict = {**CLIP_FIELDS, "status": str, "embed_dim": int, "feature_dim": int}
-FORMAT1_FIELDS: dict = {**_COMMON_FIELDS, "clip": CLIP_FIELDS}
-OPTIONAL_LAYOUT_KEYS = ("teacher_topk", "clip_views", "strong_views", "features")  # None when unused; absent in older manifests
-FORMAT1_CLIP_LAYOUT_KEYS = ("clip_embed_dim", "clip_feature_dim")  # format 2 keeps them per model
+OPTIONAL_LAYOUT_KEYS = ("teacher_topk", "clip_views", "strong_views", "strong_param_dim", "features")  # None when unused; absent in older manifests
 MODELS = ("teacher", "clip")
 CLIP_MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # A prompt set's name: one array under a model's text group, so no nesting, no "." or "..", no hidden name
 PROMPT_SET_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
-# A strong view's parameters: crop and flip, two (op, magnitude) pairs, the cutout square
-# (richkd_cache/strong_views.py STRONG_PARAM_NAMES; the manifest's views.strong lists them)
-STRONG_PARAM_DIM = 12
+VIEW_FILL = 0xFF  # packed view records never hold an all-0xFF row (richkd_cache/views.py Record)
 STRONG_PREFIX = "strong_"  # views/strong_params, teacher/strong_logits (or strong_topk_*): the strong views' arrays
 
 
@@ -78,7 +76,8 @@ class CacheLayout:
     `num_views` is the teacher's view count (and that of `views/params`); `clip_views` is CLIP's: 1 (the
     clean view) or `num_views` (the teacher's views). None, in caches written before the two had their
     own policies, means `num_views`. `strong_views` is K, the strong (RandAugment) views per sample whose
-    parameters and teacher logits are stored for methods that train on a second view (MLKD); None: none.
+    records and teacher logits are stored for methods that train on a second view (MLKD); None: none.
+    `view_param_dim` and `strong_param_dim` are the bytes of one packed view record of each policy.
     `features` False: no pooled features are stored (no `teacher/features`, no CLIP model's `features`),
     only feature losses (eq. 7-8) read them; None (older caches) or True: they are.
     """
@@ -92,6 +91,7 @@ class CacheLayout:
     teacher_topk: int | None = None
     clip_views: int | None = None
     strong_views: int | None = None
+    strong_param_dim: int | None = None
     features: bool | None = None
 
     def __post_init__(self) -> None:
@@ -103,6 +103,9 @@ class CacheLayout:
             wrong.append(f"teacher_topk={self.teacher_topk!r} (must be 1..num_classes or None)")
         if self.strong_views is not None and not _is_count(self.strong_views):
             wrong.append(f"strong_views={self.strong_views!r} (must be a positive integer or None)")
+        if (self.strong_views is None) != (self.strong_param_dim is None) or not (
+                self.strong_param_dim is None or _is_count(self.strong_param_dim)):
+            wrong.append(f"strong_param_dim={self.strong_param_dim!r} (a positive integer with strong_views, else None)")
         if not isinstance(self.features, (bool, type(None))):
             wrong.append(f"features={self.features!r} (must be true, false or absent)")
         if wrong:
@@ -111,6 +114,11 @@ class CacheLayout:
     @property
     def stores_features(self) -> bool:
         return self.features is not False
+
+    @property
+    def index_dtype(self) -> str:
+        """Top-k class indices: int16 where every class index fits (C <= 32,768), else int32."""
+        return "int16" if self.num_classes <= 1 << 15 else "int32"
 
     @property
     def clip_num_views(self) -> int:
@@ -140,18 +148,18 @@ class CacheLayout:
         per_view = self.per_view
         specs = [
             ArraySpec("labels", "int32", (self.num_samples,), (self.block_rows,), -1),
-            per_view("views/params", "float32", self.view_param_dim),
+            per_view("views/params", "uint8", self.view_param_dim, fill=VIEW_FILL),
         ]
         if self.stores_features:
             specs.append(per_view("teacher/features", "float16", self.teacher_dim))
         if self.teacher_topk:
             specs += [per_view("teacher/topk_values", "float16", self.teacher_topk),
-                      per_view("teacher/topk_indices", "int32", self.teacher_topk, fill=-1)]
+                      per_view("teacher/topk_indices", self.index_dtype, self.teacher_topk, fill=-1)]
         else:
             specs.append(per_view("teacher/logits", "float16", self.num_classes))
         if self.strong_views:  # the teacher's logits on K strong views, stored like those on its own views
             k = self.strong_views
-            specs.append(per_view(f"views/{STRONG_PREFIX}params", "float32", STRONG_PARAM_DIM, k))
+            specs.append(per_view(f"views/{STRONG_PREFIX}params", "uint8", self.strong_param_dim, k, fill=VIEW_FILL))
             specs += [per_view(spec.name.replace("/", f"/{STRONG_PREFIX}", 1), spec.dtype, spec.shape[2], k,
                                spec.fill_value)
                       for spec in specs if spec.name.startswith("teacher/") and "features" not in spec.name]
@@ -216,40 +224,24 @@ def clip_model_name(requested: str) -> str:
 
 
 def read_layout(manifest: dict) -> CacheLayout:
-    """The teacher's layout of a (validated) manifest of either format."""
-    return CacheLayout(**{k: v for k, v in manifest["layout"].items() if k not in FORMAT1_CLIP_LAYOUT_KEYS})
+    """The teacher's layout of a (validated) manifest."""
+    return CacheLayout(**manifest["layout"])
 
 
 def clip_records(manifest: dict) -> dict[str, dict]:
-    """Each CLIP model's manifest entry by name, with its `status`: format 2's `clip_models`; format 1's one
-    `clip`, named as a format-2 build would name it and complete when the cache is."""
-    if manifest["format_version"] == 1:
-        layout = manifest["layout"]
-        record = {**manifest["clip"], "status": manifest["status"], "embed_dim": layout["clip_embed_dim"],
-                  "feature_dim": layout["clip_feature_dim"]}
-        return {clip_model_name(record["requested"]): record}
+    """Each CLIP model's manifest entry by name, with its `status`."""
     return {name: dict(record) for name, record in manifest["clip_models"].items()}
 
 
 def clip_layouts(manifest: dict) -> dict[str, ClipLayout]:
-    """Each CLIP model's arrays by name (format 1: its one model under `clip/`)."""
-    if manifest["format_version"] == 1:
-        ((name, record),) = clip_records(manifest).items()
-        return {name: ClipLayout(name, record["embed_dim"], record["feature_dim"], CLIP_GROUP, "written")}
+    """Each CLIP model's arrays by name."""
     return {name: ClipLayout(name, r["embed_dim"], r["feature_dim"], f"{CLIP_GROUP}/{name}", f"{CLIP_GROUP}/{name}/written")
             for name, r in manifest["clip_models"].items()}
 
 
 def layout_record(layout: CacheLayout) -> dict:
-    """The manifest's `layout`: every size, `strong_views` only when set and `features` only when false, so
-    that a cache without strong views and with features records the layout it did before either existed
-    (older readers accept it, a build started by an older version resumes)."""
-    record = asdict(layout)
-    if record["strong_views"] is None:
-        del record["strong_views"]
-    if record["features"] is not False:
-        del record["features"]
-    return record
+    """The manifest's `layout`: every size, the optional ones only when set (`features` only when false)."""
+    return {k: v for k, v in asdict(layout).items() if v is not None and not (k == "features" and v)}
 
 
 def model_of(array: str) -> str | None:
@@ -286,6 +278,10 @@ def validate_manifest(manifest: object, url: str = "cache") -> None:
     if not isinstance(manifest, dict):
         raise CacheError(f"{url} is not a richkd-cache cache (no '{MANIFEST_KEY}' manifest)")
     version = manifest.get("format_version")
+    if version in OLD_FORMATS and not isinstance(version, bool):
+        raise CacheError(f"{url}: cache format {version} was written by an earlier richkd-cache, whose views are "
+                         "not those this version replays (format 3 crops whole images and packs view records); "
+                         "rebuild it with `richkd-cache build`")
     if version not in READABLE_FORMATS or isinstance(version, bool):
         if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise CacheError(
@@ -294,7 +290,7 @@ def validate_manifest(manifest: object, url: str = "cache") -> None:
             )
         raise CacheError(f"{url}: unknown cache format version {version!r} (this richkd-cache reads "
                          f"{', '.join(map(str, READABLE_FORMATS))})")
-    problem = manifest_problem(manifest, FORMAT1_FIELDS if version == 1 else MANIFEST_FIELDS)
+    problem = manifest_problem(manifest, MANIFEST_FIELDS)
     if problem:
         raise CacheError(f"{url}: the manifest's {problem}; the cache is damaged, rebuild it")
     if manifest["status"] not in (STATUS_BUILDING, STATUS_COMPLETE):
@@ -303,15 +299,12 @@ def validate_manifest(manifest: object, url: str = "cache") -> None:
         )
     _check_layout_keys(manifest["layout"], version, url)
     _check_dataset(manifest["dataset"], read_layout(manifest), url)  # sizes must be valid too
-    if version == 1:
-        _check_tau(manifest["clip"]["tau"], "clip.tau", url)
-        return
     for name, record in manifest["clip_models"].items():
         _check_clip_model(name, record, url)
 
 
 def _check_layout_keys(layout: object, version: int, url: str) -> None:
-    expected = {f.name for f in fields(CacheLayout)} | (set(FORMAT1_CLIP_LAYOUT_KEYS) if version == 1 else set())
+    expected = {f.name for f in fields(CacheLayout)}
     if not isinstance(layout, dict) or not expected - set(OPTIONAL_LAYOUT_KEYS) <= set(layout) <= expected:
         got = sorted(layout) if isinstance(layout, dict) else type(layout).__name__
         raise CacheError(f"{url}: the manifest's layout has keys {got}, format {version} needs {sorted(expected)}")

@@ -149,9 +149,6 @@ def _create_missing_arrays(group: zarr.Group, arrays: dict, replace: bool = Fals
 def _resume(url: str, layout: CacheLayout, manifest: dict) -> "CacheWriter":
     group = open_group_write(url)
     old = group.attrs.get(MANIFEST_KEY)
-    if isinstance(old, dict) and old.get("format_version") == 1:
-        raise CacheError(f"{url} is a format-1 cache (one CLIP model, written by an older richkd-cache): it stays "
-                         "readable, but a build cannot resume or add models to it; pass --overwrite to rebuild it")
     differences = _differences(old, manifest, layout)
     if differences:
         raise CacheError(
@@ -385,13 +382,10 @@ class CacheWriter:
         self._keep_consolidated()
 
     def update_clip_record(self, model: str | None, **fields: object) -> None:
-        """Merge keys into one CLIP model's manifest entry (format 1: its `clip` entry)."""
+        """Merge keys into one CLIP model's manifest entry."""
         clip = self.clip(model)
         self._check_same_cache()
         manifest = self.group.attrs[MANIFEST_KEY]
-        if manifest["format_version"] == 1:
-            self.update_manifest(clip={**manifest["clip"], **fields})
-            return
         models = dict(manifest["clip_models"])
         models[clip.name] = {**models[clip.name], **fields}
         self.update_manifest(clip_models=models)

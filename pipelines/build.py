@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
-import os
 import shutil
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +36,7 @@ from cache_store import (
 )
 from cache_store._store import check_filesystem, is_remote, local_path
 from cache_store.schema import ClipLayout, clip_model_name
-from pipelines.cached import clean_views
+from pipelines.cached import clean_views, stored_policy
 from pipelines.config import BuildConfig, resolve_device
 from pipelines.distributed import (
     DistContext,
@@ -56,25 +55,18 @@ from richkd_cache.distill import topk_kl, topk_log_probs
 from richkd_cache.errors import ConfigError, RichKDError
 from richkd_cache.files import file_sha256
 from richkd_cache.models import load_checkpoint, resolve_checkpoint
-from richkd_cache.strong_views import (
-    CUTOUT_FILL,
-    CUTOUT_MAX,
-    OPS,
-    OPS_PER_VIEW,
-    STRONG_PARAM_NAMES,
-    apply_strong_views,
-    draw_strong_views,
-)
+from richkd_cache.data.replay import WithViews
 from richkd_cache.views import (
     CIFAR_SIZE,
-    CLEAN,
-    PARAM_NAMES,
-    apply_views,
+    ViewPolicy,
     clean_view_index,
     clip_policy,
+    create_policy,
     num_views,
+    parse_policy,
+    policy_of,
+    stored_views,
     teacher_policy,
-    view_params,
 )
 from richkd_cache.prompts import (
     PromptSet,
@@ -89,6 +81,51 @@ from richkd_cache.prompts import (
 # larger than CLIP's: the pixels of 4096 CIFAR images, or --batch-size views where that is more. Larger
 # images get --batch-size views per call, however many views a sample has.
 TEACHER_PIXELS_PER_CALL = 4096 * CIFAR_SIZE * CIFAR_SIZE
+
+
+@dataclass(frozen=True)
+class BuildViews:
+    """The views stage one stores per sample: the teacher's (`value`: clean, all, or K draws of `policy`, from
+    `seed`), CLIP's count (1, the clean view, or the teacher's), and K strong views (MLKD's) or none."""
+
+    value: str | int
+    policy: ViewPolicy
+    seed: int = 0
+    clip_views: int = 1
+    strong: ViewPolicy | None = None
+    strong_views: int = 0
+
+    @property
+    def num_views(self) -> int:
+        return num_views(self.value, self.policy.size)
+
+    def records(self, index: np.ndarray) -> np.ndarray:
+        """(B, V, nbytes) uint8: the stored records of the samples `index` (views replayed on the device)."""
+        if not isinstance(self.value, int):  # clean, all: the same records for every sample
+            table = stored_views(self.value, self.policy, self.seed, 0, self.num_views)
+            return np.broadcast_to(table, (len(index), *table.shape)).copy()
+        return np.stack([stored_views(self.value, self.policy, self.seed, int(i), self.num_views) for i in index])
+
+    def strong_records(self, index: np.ndarray) -> np.ndarray:
+        """(B, K, nbytes) uint8: the samples' strong views, each drawn from the sample's own generator."""
+        return np.stack([stored_views(self.strong_views, self.strong, self.seed, int(i), self.strong_views)
+                         for i in index])
+
+
+def recorded_views(reader: CacheReader) -> BuildViews:
+    """The views a cache records, as its build drew them (verify recomputes rows with them)."""
+    views, layout = reader.manifest["views"], reader.layout
+    value = parse_policy(str(views["policy"]))
+    strong = stored_policy(reader, "strong") if layout.strong_views else None
+    return BuildViews(value, stored_policy(reader), int(views.get("seed") or 0), layout.clip_num_views, strong,
+                      layout.strong_views or 0)
+
+
+def build_views(cfg: BuildConfig, size: int) -> BuildViews:
+    policies = view_policies(cfg, size)
+    value = policies["teacher"]["policy"]
+    return BuildViews(value, policy_of(value, size, cfg.view_policy), cfg.view_seed, policies["clip"]["num_views"],
+                      create_policy("mlkd-strong", size) if cfg.strong_views else None, cfg.strong_views)
 
 
 @dataclass(frozen=True)
@@ -112,8 +149,7 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
         device = resolve_device(rank_device(cfg.device, ctx))
         say = reporter if ctx.is_main else Reporter(reporter.console, quiet=True)
         dataset = create_dataset(cfg.dataset, cfg.data_root, cfg.split, image_size=cfg.image_size, resize=cfg.resize)
-        views = view_policies(cfg, image_size(dataset))
-        check_view_table(len(dataset), views["teacher"]["num_views"], cfg.strong_views)
+        views = build_views(cfg, image_size(dataset))
         prompt_sets = [resolve_prompt_set(p, cfg.dataset, dataset.classes) for p in cfg.prompts]  # before the models
         specs = clip_specs(cfg)
         with say.stage("loading teacher " + " ".join(filter(None, (cfg.teacher, cfg.teacher_checkpoint)))):
@@ -122,21 +158,17 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
         for name, spec in specs.items():
             with say.stage(f"loading CLIP {name} on {device}"):
                 models[name] = load_clip(spec, device=device)
-        params = view_params(views["teacher"]["policy"], len(dataset), image_size(dataset), cfg.view_seed)  # (N, V, 5)
-        strong = (draw_strong_views(len(dataset), cfg.strong_views, image_size(dataset), cfg.view_seed)
-                  if cfg.strong_views else None)  # (N, K, 12): the views MLKD's second input is drawn from
         existing = existing_cache(cfg)
         stored = existing.layout if existing else None
         features = cfg.features if cfg.features is not None else stored is None or stored.stores_features
         layout = cache_layout(len(dataset), dataset.num_classes, teacher.model.num_features, list(models.values()),
-                              cfg.block_rows or (stored and stored.block_rows), params.shape[1], cfg.topk,
-                              views["clip"]["num_views"], cfg.strong_views or None, features)
+                              cfg.block_rows or (stored and stored.block_rows), views, cfg.topk, features)
         writer, pending = open_cache_for_build(cfg, layout, build_manifest(cfg, dataset, teacher, models),
                                                models, prompt_sets, dataset.classes, ctx, say, existing)
         clips = [(writer.clips[name], model) for name, model in models.items()]
         blocks = contiguous_share(list(pending), ctx)
         topk_error = forward_blocks(writer, blocks, dataset, teacher, clips, device, cfg.batch_size, cfg.workers,
-                                    say, ctx.world_size, params, cfg.topk, layout.clip_num_views, strong, pending)
+                                    say, ctx.world_size, views, cfg.topk, pending)
         barrier(ctx)
         if ctx.is_main:
             finish_build(writer, cfg, list(models), topk_error)
@@ -286,18 +318,6 @@ def check_view_policy(policy: str | int, size: int) -> None:
         )
 
 
-def check_view_table(num_samples: int, views: int, strong_views: int = 0) -> None:
-    """The view parameters of the split, (N, V, 5) float32 and the strong views' (N, K, 12), are built in
-    memory before anything else."""
-    needed = num_samples * (views * len(PARAM_NAMES) + strong_views * len(STRONG_PARAM_NAMES)) * 4
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
-    if memory and needed > memory:
-        strong = f" and {strong_views} strong views" if strong_views else ""
-        raise ConfigError(f"{views} views{strong} of {num_samples} samples need a {human_bytes(needed)} table of view "
-                          f"parameters, more than this machine's {human_bytes(memory)} of memory: "
-                          f"use fewer --teacher-views{' or --strong-views' if strong_views else ''}")
-
-
 def layout_bytes(layout: CacheLayout, models: list[ClipTeacher]) -> int:
     """Uncompressed bytes of every array: an upper bound of the disk use (fp16 rows barely compress)."""
     clip_row = sum(2 * (m.embed_dim + (m.feature_dim if layout.stores_features else 0)) for m in models)
@@ -324,16 +344,16 @@ def check_space(url: str, needed: int) -> None:
 
 
 def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, models: list[ClipTeacher],
-                 block_rows: int | None = None, num_views: int = 1, topk: int | None = None,
-                 clip_views: int = 1, strong_views: int | None = None, features: bool = True) -> CacheLayout:
+                 block_rows: int | None, views: BuildViews, topk: int | None = None,
+                 features: bool = True) -> CacheLayout:
     """Chunks of whole write blocks, a few MB each (DESIGN.md section 3) unless block_rows is given.
-    num_views: the teacher's views per sample; clip_views: CLIP's (1, or num_views); strong_views: K strong
-    views with the teacher's logits (None: none); `models`: the CLIP models built now (a cache keeps the
-    block rows it was created with: `existing_cache`); features: whether the teacher's and CLIP's pooled
-    features are stored (only feature losses, eq. 7-8, read them)."""
+    `views`: the teacher's, CLIP's and the strong views per sample and their record sizes; `models`: the
+    CLIP models built now (a cache keeps the block rows it was created with: `existing_cache`); features:
+    whether the teacher's and CLIP's pooled features are stored (only feature losses, eq. 7-8, read them)."""
     if topk is not None and not 0 < topk <= num_classes:
         raise ConfigError(f"--topk must be between 1 and {num_classes} (the dataset has {num_classes} classes)")
-    logit_width = 3 * topk if topk else num_classes  # top-k: fp16 values + int32 indices
+    num_views, clip_views, strong_views = views.num_views, views.clip_views, views.strong_views or None
+    logit_width = 2 * topk if topk else num_classes  # top-k: fp16 values + int16 indices
     feature_width = teacher_dim if features else 0
     clip_row = sum(m.embed_dim + (m.feature_dim if features else 0) for m in models)
     row_bytes = 2 * (num_views * (logit_width + feature_width) + clip_views * clip_row
@@ -344,11 +364,12 @@ def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, models: l
         num_views=num_views,
         num_classes=num_classes,
         teacher_dim=teacher_dim,
-        view_param_dim=len(PARAM_NAMES),
+        view_param_dim=views.policy.record.nbytes,
         block_rows=min(block_rows, max(num_samples, 1)),
         teacher_topk=topk,
         clip_views=clip_views,
         strong_views=strong_views,
+        strong_param_dim=views.strong.record.nbytes if strong_views else None,
         features=None if features else False,  # recorded only when false: older caches read unchanged
     )
 
@@ -369,20 +390,23 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, mo
     }
     size = image_size(dataset)
     per_model = view_policies(cfg, size)
+    chosen = build_views(cfg, size)
     policy = per_model["teacher"]["policy"]
-    # top-level policy / num_views: the teacher's, which `views/params` holds (as in one-policy caches)
-    views = {"num_views": per_model["teacher"]["num_views"], "policy": str(policy),
-             "param_names": list(PARAM_NAMES), "seed": cfg.view_seed if isinstance(policy, int) else None,
+    # top-level policy / num_views: the teacher's, whose records `views/params` holds
+    views = {"num_views": per_model["teacher"]["num_views"], "policy": str(policy), **policy_manifest(chosen.policy),
+             "seed": cfg.view_seed if isinstance(policy, int) else None,
              "image_size": size, **{m: {**v, "policy": str(v["policy"])} for m, v in per_model.items()}}
     if cfg.strong_views:
-        views["strong"] = strong_views_manifest(cfg.strong_views, cfg.view_seed)
+        views["strong"] = {"policy": "mlkd-strong", "num_views": cfg.strong_views, "seed": cfg.view_seed,
+                           **policy_manifest(chosen.strong),
+                           "reference": "Jin-Ying/Multi-Level-Logit-Distillation mdistiller/dataset/cifar100.py"}
     build_key = {
         "dataset_fingerprint": fingerprint,
         "split": dataset.split,
         **({"dataset_options": dataset.options} if dataset.options else {}),  # imagefolder's image size
         "teacher_arch": teacher.arch,
         "teacher_checkpoint_sha256": teacher.manifest["checkpoint_sha256"],
-        "views": {k: views[k] for k in ("policy", "seed", "num_views", "clip", "strong") if k in views},
+        "views": {k: views[k] for k in ("policy", "augment", "seed", "num_views", "clip", "strong") if k in views},
         "teacher_topk": cfg.topk,
     }
     return {
@@ -399,12 +423,10 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, mo
     }
 
 
-def strong_views_manifest(k: int, seed: int) -> dict:
-    """How the strong views were drawn (richkd_cache/strong_views.py, after MLKD's CIFAR strong augmentation)."""
-    return {"policy": "randaugment", "num_views": k, "seed": seed, "param_names": list(STRONG_PARAM_NAMES),
-            "ops": [list(op) for op in OPS], "ops_per_view": OPS_PER_VIEW, "cutout_max": CUTOUT_MAX,
-            "cutout_fill": list(CUTOUT_FILL),
-            "reference": "Jin-Ying/Multi-Level-Logit-Distillation mdistiller/dataset/cifar100.py"}
+def policy_manifest(policy: ViewPolicy) -> dict:
+    """How a policy's records read: its name, and its fields in packing order (name, bits), little-endian."""
+    return {"augment": policy.name, "fields": policy.record.manifest(), "record_bytes": policy.record.nbytes,
+            "whole_image": policy.whole_image}
 
 
 def view_policies(cfg: BuildConfig, size: int) -> dict[str, dict]:
@@ -492,10 +514,8 @@ def forward_blocks(
     workers: int,
     reporter: Reporter,
     world_size: int = 1,
-    params: np.ndarray | None = None,
+    views: BuildViews | None = None,
     topk: int | None = None,
-    clip_views: int = 1,
-    strong: np.ndarray | None = None,
     parts: dict[int, list[str]] | None = None,
 ) -> tuple[float, int]:
     """Run the teacher and the CLIP models over the given blocks; a writer thread stores finished blocks.
@@ -503,10 +523,9 @@ def forward_blocks(
     parts: for each block, the flags of the parts it lacks (the teacher's `written`, a CLIP model's own);
     only those models run on it (None: all of them, on every block).
 
-    params: the teacher's (N, V, 5) views (None: the clean view); strong: (N, K, 12) strong views the
-    teacher also sees (None: none); clip_views: CLIP's views per sample,
-    1 (the clean view) or V (the teacher's). A batch holds batch_size CLIP images: batch_size // V
-    samples when CLIP sees every view, batch_size samples when it sees the clean one.
+    views: the views stored per sample (None: the clean view only). A batch holds batch_size views: batch_size
+    // V samples when CLIP sees every view or the views are cut from whole images in the loader's workers
+    (`WithViews`), batch_size samples otherwise.
     The bar shows this process's blocks; with several ranks its rate is scaled to the total.
     Returns (sum, count) of the per-row KL cost of keeping only the teacher's top k (0, 0 without top-k).
     """
@@ -515,18 +534,19 @@ def forward_blocks(
         return 0.0, 0
     # Batches never straddle blocks and start at block boundaries, so a resumed build runs exactly
     # the batches an uninterrupted one does (and writes bit-identical rows).
-    per_batch = max(1, batch_size // clip_views)
+    whole = views is not None and views.policy.whole_image
+    per_batch = max(1, batch_size // (views.num_views if views and (whole or views.clip_views > 1) else 1))
     batch_indices = [list(range(i, min(i + per_batch, stop))) for start, stop in ranges
                      for i in range(start, stop, per_batch)]
     loader = DataLoader(
-        dataset,
+        WithViews(dataset, views.policy, views.value, views.seed, views.num_views) if whole else dataset,
         batch_sampler=batch_indices,
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
     block_rows = writer.layout.block_rows
     wanted = None if parts is None else (lambda index: parts[int(index[0]) // block_rows])
-    forward = make_forward(teacher, clips, dataset, device, params, topk, clip_views, batch_size, strong, wanted)
+    forward = make_forward(teacher, clips, dataset, device, views, topk, batch_size, wanted)
     kl_sum, kl_rows = 0.0, 0
     total = sum(stop - start for start, stop in ranges)
     label = "build" if world_size == 1 else f"build (rank 0 of {world_size}; total ~{world_size}x this rate)"
@@ -564,8 +584,7 @@ def forward_blocks(
 
 def make_forward(
     teacher: Teacher, clips: list[Clip], dataset: ImageDataset, device: torch.device,
-    params: np.ndarray | None = None, topk: int | None = None, clip_views: int = 1, batch_size: int = 256,
-    strong: np.ndarray | None = None,
+    views: BuildViews | None = None, topk: int | None = None, batch_size: int = 256,
     parts: Callable[[np.ndarray], Collection[str]] | None = None,
 ) -> Callable[[dict], dict[str, np.ndarray]]:
     """One batch of samples -> numpy rows for every sample-axis array: the teacher's V views of each
@@ -573,68 +592,75 @@ def make_forward(
     `parts` maps the batch's sample indices to the flags of the parts to compute (the teacher's
     `written`, CLIP models' own flags); None: every part. A model whose part is not asked never runs.
 
-    params: (N, V, 5) view parameters of the whole split (None: the clean view only). Each view's pixels
-    come from `apply_views`, the function stage two replays them with; the clean view is the image.
-    strong: (N, K, 12) strong views (None: none): the teacher's logits on their `apply_strong_views` pixels.
+    views: None, the clean view only. Views cut from whole images come with the batch (`WithViews`: their
+    records and pixels); the others are replayed here, on the device, from the samples' records, by the
+    policy stage two replays them with. The teacher also sees the strong views, when stored (logits only).
     CLIP sees at most `batch_size` images per call, and the teacher `teacher_views_per_call` views, so a
     call's memory does not grow with V (when V alone exceeds the batch, a sample's views are split).
     """
+    views = views or BuildViews("clean", create_policy("clean", image_size(dataset)))
+
     @torch.no_grad()
     def forward(batch: dict) -> dict[str, np.ndarray]:
         images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) uint8
         index = batch["index"].numpy()
         b = len(index)
-        batch_params = params[index] if params is not None else np.broadcast_to(CLEAN, (b, 1, CLEAN.size)).copy()
-        v = batch_params.shape[1]
+        if "views" in batch:  # (B, V, 3, S, S) uint8, cut in the loader's workers
+            records = batch["records"].numpy()
+            pixels = batch["views"].flatten(0, 1)
+            view_pixels = lambda rows: pixels[rows].to(device, non_blocking=True)  # noqa: E731
+        else:
+            records = views.records(index)  # (B, V, nbytes)
+            view_pixels = lambda rows: views_of(images, records, rows, views.policy)  # noqa: E731
+        v = records.shape[1]
         wanted = None if parts is None else set(parts(index))
 
-        def rows(t: torch.Tensor, views: int) -> np.ndarray:  # (B * views, X) -> (B, views, X) float32
-            return t.float().cpu().numpy().reshape(b, views, -1)
+        def rows(t: torch.Tensor, count: int) -> np.ndarray:  # (B * count, X) -> (B, count, X) float32
+            return t.float().cpu().numpy().reshape(b, count, -1)
 
         out = {}
         for layout, clip in clips:
             if wanted is None or layout.written in wanted:
-                c_embeds, c_feats = run_clip(clip, images, batch_params if clip_views > 1 else None, device,
-                                             batch_size)  # (B * Vc, D), (B * Vc, Fc)
-                out.update({layout.image_embeds: rows(c_embeds, clip_views), layout.features: rows(c_feats, clip_views)})
+                c_embeds, c_feats = run_clip(clip, images, view_pixels if views.clip_views > 1 else None, b * v,
+                                             device, batch_size)  # (B * Vc, D), (B * Vc, Fc)
+                out.update({layout.image_embeds: rows(c_embeds, views.clip_views),
+                            layout.features: rows(c_feats, views.clip_views)})
         if wanted is not None and TEACHER_FLAGS not in wanted:
             return out
         per_call = teacher_views_per_call(batch_size, images.shape[-1])
-        # (B * V, C), (B * V, Ft)
-        t_logits, t_feats = run_teacher(teacher, dataset, images, batch_params, device, per_call)
+        t_logits, t_feats = run_teacher(teacher, dataset, view_pixels, b * v, device, per_call)  # (B * V, C), (B * V, Ft)
         out.update({
             "labels": batch["label"].numpy().astype(np.int32),
-            "views/params": batch_params.astype(np.float32),
+            "views/params": records,
             "teacher/logits": rows(t_logits, v),
             "teacher/features": rows(t_feats, v),
         })
-        if strong is not None:  # (B, K, C): the teacher on the strong views (its features are not needed)
-            strong_params = strong[index]
-            s_logits, _ = run_teacher(teacher, dataset, images, strong_params, device, per_call, apply_strong_views)
-            out.update({"views/strong_params": strong_params, "teacher/strong_logits": rows(s_logits, strong.shape[1])})
+        if views.strong is not None:  # (B, K, C): the teacher on the strong views (its features are not needed)
+            strong = views.strong_records(index)
+            s_logits, _ = run_teacher(teacher, dataset, lambda r: views_of(images, strong, r, views.strong),
+                                      b * views.strong_views, device, per_call)
+            out.update({"views/strong_params": strong, "teacher/strong_logits": rows(s_logits, views.strong_views)})
         if topk:  # keep the k largest log-probabilities per view, and what dropping the rest costs
             logits = torch.from_numpy(out.pop("teacher/logits"))
             values, indices = topk_log_probs(logits, topk)
-            out.update({"teacher/topk_values": values.numpy(), "teacher/topk_indices": indices.numpy().astype(np.int32),
+            out.update({"teacher/topk_values": values.numpy(), "teacher/topk_indices": indices.numpy(),
                         "topk_kl": topk_kl(logits, topk).numpy()})  # (B, V)
-            if strong is not None:
+            if views.strong is not None:
                 values, indices = topk_log_probs(torch.from_numpy(out.pop("teacher/strong_logits")), topk)
                 out.update({"teacher/strong_topk_values": values.numpy(),
-                            "teacher/strong_topk_indices": indices.numpy().astype(np.int32)})
+                            "teacher/strong_topk_indices": indices.numpy()})
         return out
 
     return forward
 
 
-def views_of(images: torch.Tensor, params: np.ndarray, rows: slice,
-             apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = apply_views) -> torch.Tensor:
+def views_of(images: torch.Tensor, records: np.ndarray, rows: slice, policy: ViewPolicy) -> torch.Tensor:
     """Pixels of views `rows` of the sample-major list of B x V views: flat row i * V + j is view j of
-    sample i. images: (B, 3, H, W) uint8, params: (B, V, P) -> (len(rows), 3, H, W) uint8, made by `apply`
-    (crop+flip views, or apply_strong_views)."""
-    b, v = params.shape[:2]
-    flat = torch.from_numpy(np.ascontiguousarray(params.reshape(b * v, -1)[rows]))
+    sample i. images: (B, 3, H, W) uint8, records: (B, V, nbytes) uint8 -> (len(rows), 3, H, W) uint8."""
+    b, v = records.shape[:2]
+    flat = torch.from_numpy(np.ascontiguousarray(records.reshape(b * v, -1)[rows])).to(images.device)
     sample = torch.arange(b * v, device=images.device).div(v, rounding_mode="floor")[rows]
-    return apply(images[sample], flat)
+    return policy.replay_packed(images[sample], flat)
 
 
 def teacher_views_per_call(batch_size: int, size: int) -> int:
@@ -662,21 +688,19 @@ def in_calls(total: int, per_call: int,
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def run_teacher(teacher: Teacher, dataset: ImageDataset, images: torch.Tensor, params: np.ndarray,
-                device: torch.device, per_call: int,
-                apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = apply_views) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's logits and pooled features on all B x V views, `per_call` views per call."""
-    return in_calls(params.shape[0] * params.shape[1], per_call,
-                    lambda rows: teacher_forward(teacher, dataset, views_of(images, params, rows, apply), device))
+def run_teacher(teacher: Teacher, dataset: ImageDataset, pixels: Callable[[slice], torch.Tensor], total: int,
+                device: torch.device, per_call: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's logits and pooled features on `total` views, whose pixels `pixels(rows)` gives,
+    `per_call` views per call."""
+    return in_calls(total, per_call, lambda rows: teacher_forward(teacher, dataset, pixels(rows), device))
 
 
-def run_clip(clip: ClipTeacher, images: torch.Tensor, params: np.ndarray | None, device: torch.device,
-             per_call: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP's normalised embeddings and features on the images, or with params (B, V, 5) on their B x V
-    views, `per_call` images per call."""
-    total = len(images) if params is None else params.shape[0] * params.shape[1]
-    return in_calls(total, per_call, lambda rows: clip_forward(
-        clip, images[rows] if params is None else views_of(images, params, rows), device))
+def run_clip(clip: ClipTeacher, images: torch.Tensor, pixels: Callable[[slice], torch.Tensor] | None, total: int,
+             device: torch.device, per_call: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's normalised embeddings and features on the images (`pixels` None), or on the `total` views
+    `pixels(rows)` gives, `per_call` images per call."""
+    return in_calls(len(images) if pixels is None else total, per_call, lambda rows: clip_forward(
+        clip, images[rows] if pixels is None else pixels(rows), device))
 
 
 def assemble_blocks(

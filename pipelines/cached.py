@@ -9,8 +9,8 @@ import torch
 from cache_store import CacheReader
 from cache_store.schema import model_views
 from richkd_cache.distill.batch import teacher_rows_logits
-from richkd_cache.errors import DataError
-from richkd_cache.views import CIFAR_SIZE, clean_view_index, parse_policy
+from richkd_cache.errors import DataError, RichKDError
+from richkd_cache.views import CIFAR_SIZE, ViewPolicy, clean_view_index, create_policy, parse_policy
 
 
 def clean_views(reader: CacheReader) -> dict[str, int | None]:
@@ -18,6 +18,24 @@ def clean_views(reader: CacheReader) -> dict[str, int | None]:
     size = (reader.manifest.get("views") or {}).get("image_size", CIFAR_SIZE)
     return {model: clean_view_index(parse_policy(str(v["policy"])), size)
             for model, v in model_views(reader.manifest).items()}
+
+
+def stored_policy(reader: CacheReader, which: str = "teacher") -> ViewPolicy:
+    """The policy whose records a cache stores for the teacher's views (`views/params`) or the strong views
+    (`which="strong"`), refused in one line when its recorded fields are not those this version replays."""
+    views = reader.manifest.get("views") or {}
+    entry = views.get("strong") if which == "strong" else views
+    size = views.get("image_size", CIFAR_SIZE)
+    try:
+        policy = create_policy(str(entry["augment"]), int(size))
+    except (KeyError, TypeError, ValueError, RichKDError):
+        raise DataError(f"cache {reader.url} records no view policy this version replays for its {which} views "
+                        f"({entry.get('augment') if isinstance(entry, dict) else entry!r})") from None
+    if entry.get("fields") != policy.record.manifest():
+        raise DataError(f"cache {reader.url} packs its {which} views' records with fields {entry.get('fields')}, "
+                        f"but policy {policy.name} here packs {policy.record.manifest()}: rebuild the cache or "
+                        "use the richkd-cache that built it")
+    return policy
 
 
 def teacher_logit_arrays(cache: CacheReader, strong: bool = False) -> tuple[str, ...]:

@@ -147,7 +147,8 @@ def build(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace a cache built with other settings.")] = False,
     block_rows: Annotated[Optional[int], typer.Option(help="Rows per write block and chunk (default: ~4 MB chunks).")] = None,
-    teacher_views: Annotated[str, typer.Option(help="Teacher views: all (CIFAR's 162 crop+flip views, what the student draws), clean, K random views, or auto (all for 32 px images, else clean).")] = "auto",
+    teacher_views: Annotated[str, typer.Option(help="Teacher views: all (CIFAR's 162 crop+flip views, what the student draws), clean, K random views (one per epoch trained: a fresh view every epoch), or auto (all for 32 px images, else 100 random views).")] = "auto",
+    view_policy: Annotated[str, typer.Option(help="What the K random views are: random-resized-crop (torchvision's RandomResizedCrop of the whole image and a flip) or deit (that, RandAugment m9 and random erasing: the ViT students' augmentation).")] = "random-resized-crop",
     clip_views: Annotated[str, typer.Option(help="CLIP views: clean (the paper's setting) or same (the teacher's views).")] = "clean",
     view_seed: Annotated[int, typer.Option(help="Seed of the random views (with --teacher-views K) and of the strong views.")] = 0,
     topk: Annotated[Optional[int], typer.Option(help="Store only the teacher's top-k log-probabilities (large class counts).")] = None,
@@ -165,7 +166,7 @@ def build(
         teacher_checkpoint=teacher_checkpoint, clip=clip, clip_pretrained=clip_pretrained,
         clip_checkpoint=clip_checkpoint, clip_activation=clip_activation, prompts=split_list(prompts), out=out,
         batch_size=batch_size, workers=workers, device=device, overwrite=overwrite, block_rows=block_rows,
-        teacher_views=teacher_views, clip_views=clip_views, view_seed=view_seed, topk=topk, strong_views=strong_views,
+        teacher_views=teacher_views, view_policy=view_policy, clip_views=clip_views, view_seed=view_seed, topk=topk, strong_views=strong_views,
         image_size=image_size, resize=resize, features=features,
     )
     url = run_build(cfg, Reporter(err_console, quiet=quiet))

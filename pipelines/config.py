@@ -43,7 +43,8 @@ class BuildConfig:
     device: str = "auto"
     overwrite: bool = False
     block_rows: int | None = None  # rows per write block (= chunk); None: a few MB per chunk
-    teacher_views: str = "auto"  # clean | all | K random views | auto: all for 32 px images, else clean
+    teacher_views: str = "auto"  # clean | all | K random views | auto: all for 32 px images, else 100 views
+    view_policy: str = "random-resized-crop"  # what K random views are (richkd_cache/views.py); deit: ViT students'
     clip_views: str = "clean"  # clean | same (the teacher's views)
     topk: int | None = None  # store only the teacher's top-k log-probabilities (large class counts)
     view_seed: int = 0
@@ -58,10 +59,11 @@ class BuildConfig:
         """Flags and scripts are checked alike, before anything is loaded or written."""
         check_settings(self)
         check_device_name("--device", self.device)
-        if self.teacher_views != "auto":
-            from richkd_cache.views import parse_policy
+        from richkd_cache.views import check_random_policy, parse_policy
 
+        if self.teacher_views != "auto":
             parse_policy(self.teacher_views)
+        check_random_policy(self.view_policy)
         # every target but kd needs CLIP's logits (eq. 2-3), hence a prompt set; one costs a single
         # text-tower pass, and the manifest's zero-shot accuracy is measured with it
         if not self.prompts:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cache_store import open_cache
+from pipelines.cached import stored_policy
 from pipelines.config import TrainConfig
 from pipelines.progress import Reporter
 from pipelines.targets import (StageTwoTargets, check_features_stored, chosen_prompt_set, row_plan, selected_clips,
@@ -26,6 +27,7 @@ from pipelines.targets import (StageTwoTargets, check_features_stored, chosen_pr
 from richkd_cache.distill.batch import fuse_batch
 from richkd_cache.errors import ConfigError
 from richkd_cache.files import atomic_path
+from richkd_cache.views import ViewPolicy
 
 FORMATS = (".parquet", ".npz")
 
@@ -49,7 +51,7 @@ def run_export(cfg: TrainConfig, out: str, with_features: bool, overwrite: bool,
     source = setup_targets(cfg, cache, labels, torch.arange(len(labels)), cpu, cpu,
                            reporter or Reporter(quiet=True), plan)
     with atomic_path(path) as tmp:
-        blocks = export_blocks(cfg, cache.layout.block_rows, source, labels)
+        blocks = export_blocks(cfg, cache.layout.block_rows, source, labels, stored_policy(cache))
         rows = write_parquet(tmp, blocks) if path.suffix == ".parquet" else write_npz(tmp, blocks)
     clips = [c.name for c in source.state.clips]
     return {"out": str(path), "rows": rows, "target": cfg.resolved_target, "alpha": cfg.alpha,
@@ -58,13 +60,14 @@ def run_export(cfg: TrainConfig, out: str, with_features: bool, overwrite: bool,
             "clip_models": clips, "features": with_features}
 
 
-def export_blocks(cfg: TrainConfig, block_rows: int, source: StageTwoTargets,
-                  labels: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
-    """Per block of samples: sample (R,) int64, view (R,) int32, params (R, 5), soft_labels (R, C) float32
-    and optionally features (R, F) float32, one row per (sample, teacher view), each teacher view paired
-    with its CLIP row as training pairs them (the clean view's, or the same view's)."""
+def export_blocks(cfg: TrainConfig, block_rows: int, source: StageTwoTargets, labels: np.ndarray,
+                  policy: ViewPolicy) -> Iterator[dict[str, np.ndarray]]:
+    """Per block of samples: sample (R,) int64, view (R,) int32, each of the view's fields as view_NAME (R,)
+    int32 (the stored policy's: crop box, flip, ...), soft_labels (R, C) float32 and optionally features
+    (R, F) float32, one row per (sample, teacher view), each teacher view paired with its CLIP row as
+    training pairs them (the clean view's, or the same view's)."""
     arrays, plan = source.rows.arrays, source.rows.plan
-    views = arrays["views/params"]  # (N, V, 5)
+    views = arrays["views/params"]  # (N, V, nbytes)
     total, v = views.shape[:2]
     for a in range(0, total, block_rows):
         b = min(a + block_rows, total)
@@ -75,7 +78,8 @@ def export_blocks(cfg: TrainConfig, block_rows: int, source: StageTwoTargets,
         part = {
             "sample": np.repeat(np.arange(a, b, dtype=np.int64), v),
             "view": np.tile(np.arange(v, dtype=np.int32), n),
-            "params": rows["views/params"].numpy().astype(np.float32),
+            **{f"view_{name}": value.numpy().astype(np.int32)
+               for name, value in policy.record.unpack(rows["views/params"]).items()},
             "soft_labels": torch.softmax(logits / cfg.temperature, dim=1).numpy(),  # eq. 5's target side
         }
         if "teacher" in parts:

@@ -55,7 +55,7 @@ def online_source(cfg: TrainConfig, cache: CacheReader, dataset: ImageDataset, c
     plan = cached.rows.plan
     views_only = dataclasses.replace(plan, teacher=tuple(n for n in plan.teacher if n == "views/params"), clip=())
     rows = CachedRows(views_only, cached.rows.arrays, cached.rows.device)
-    return StageTwoTargets(rows, cached.state, online=run_models)
+    return dataclasses.replace(cached, rows=rows, online=run_models)
 
 
 def online_teacher(cfg: TrainConfig, recorded: dict, dataset: ImageDataset, device: torch.device) -> Teacher:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cache_store import open_cache
-from cache_store.schema import ArraySpec, CacheLayout, ClipLayout, model_views
+from cache_store.schema import ArraySpec, CacheLayout, ClipLayout, is_strong, model_views
 from cache_store.verify import checksum_summary
 from pipelines.cached import clean_view, clean_views
 from richkd_cache.clip_logits import clip_logits, ensemble_logits
@@ -79,10 +79,12 @@ def storage(layout: CacheLayout, clips: dict[str, ClipLayout], dataset: str | No
 
     Bytes per sample-view, as written (uncompressed; fp16 rows barely compress, so an upper bound):
         B = sum over the sample-axis arrays of (bytes one sample takes in the array) / V
-    with V the teacher's views per sample: the teacher's logits (C x 2 B, or top-k: k x (2 + 4) B) and
-    features (Ft x 2 B) and the view's parameters (5 x 4 B) are per view; CLIP's rows (clean view:
-    (D + Fc) x 2 B) and the label (4 B) are per sample, so spread over its V views. ImageNet-1k at
-    this layout: 1,281,167 x V x B, full logits counted at its 1,000 classes (top-k rows do not depend on C).
+    with V the teacher's views per sample: the teacher's logits (C x 2 B, or top-k: k x (2 + 2) B) and
+    features (Ft x 2 B) and the view's packed record (8 B for a random-resized crop) are per view; CLIP's
+    rows (clean view: (D + Fc) x 2 B) and the label (4 B) are per sample, so spread over its V views.
+    `view_arrays_bytes` counts the per-view arrays alone (what TinyViT's and ml-dr's figures count: a view's
+    teacher outputs and augmentation). ImageNet-1k at this layout: 1,281,167 x V x B, full logits counted at
+    its 1,000 classes (top-k rows do not depend on C).
     """
     views = layout.num_views
     specs = {**layout.sample_arrays(), **{n: s for c in clips.values() for n, s in c.sample_arrays(layout).items()}}
@@ -91,6 +93,8 @@ def storage(layout: CacheLayout, clips: dict[str, ClipLayout], dataset: str | No
     result = {
         "views": views,
         "bytes_per_sample_view": per_view,
+        "view_arrays_bytes": sum(per_sample_bytes(s) / views for n, s in specs.items()
+                                 if len(s.shape) == 3 and s.shape[1] == views and not is_strong(n)),
         "parts": parts,
         "this_cache": {"samples": layout.num_samples, "views": views, "bytes": layout.num_samples * views * per_view},
     }
@@ -224,6 +228,7 @@ def storage_table(storage: dict) -> Table:
         for name, b in storage["parts"].items():
             table.add_row(f"  {name}", f"{b:.1f}", "")
         table.add_row("this cache", f"{storage['bytes_per_sample_view']:.1f}", human_bytes(own["bytes"]))
+        table.add_row("  its per-view arrays (teacher, view record)", f"{storage['view_arrays_bytes']:.1f}", "")
         return table
     n, v = storage["imagenet_1k"]["samples"], storage["views"]
     table = Table(title=f"bytes per sample-view, and ImageNet-1k ({n:,} images x {v} view(s)) at that cost")
@@ -239,6 +244,7 @@ def storage_table(storage: dict) -> Table:
         table.add_row("this cache", f"{storage['bytes_per_sample_view']:.1f}", "")
         table.add_row("its layout with ImageNet's 1,000 classes", f"{at['bytes_per_sample_view']:.1f}",
                       human_bytes(at["bytes"]))
+    table.add_row("  its per-view arrays (teacher, view record)", f"{storage['view_arrays_bytes']:.1f}", "")
     for ref in storage["references"]:
         table.add_row(ref["name"], f"{ref['bytes_per_sample_view']}", human_bytes(ref["imagenet_1k_bytes"]))
     return table

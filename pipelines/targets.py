@@ -26,19 +26,17 @@ import torch
 from cache_store import CacheReader
 from cache_store.local import LocalCopy
 from cache_store.schema import ClipLayout
-from pipelines.cached import clean_views, teacher_logit_arrays
+from pipelines.cached import clean_views, stored_policy, teacher_logit_arrays
 from pipelines.config import TrainConfig
 from pipelines.progress import Reporter
 from pipelines.summary import human_bytes
-from richkd_cache.data import random_crop_flip, random_resized_crop_flip
 from richkd_cache.distill import uses_strong_view
 from richkd_cache.distill.adaptive import alpha_from_sums, class_alphas, error_sums
 from richkd_cache.distill.batch import ClipPart, FusionState, clip_rows_logits, fuse_batch, teacher_rows_logits
 from richkd_cache.distill.fusion import feature_moments, joint_space_from_moments, scaled_concat_moments
 from richkd_cache.errors import ConfigError
 from richkd_cache.prompts import default_prompt_set
-from richkd_cache.strong_views import apply_strong_views
-from richkd_cache.views import CIFAR_PAD, CIFAR_SIZE, apply_views
+from richkd_cache.views import CIFAR_SIZE, ViewPolicy, create_policy
 
 _STAT_ELEMENTS = 1 << 20  # values per chunk of the streaming statistics passes (each temporary 4-8 MB)
 
@@ -95,6 +93,7 @@ class RowPlan:
     num_views: int = 1
     strong_views: int = 0
     clip_clean: int | None = 0  # CLIP's clean view, which the strong views' targets pair with
+    cycle: bool = False  # random views (K draws per sample): epoch e trains on view e mod K, a fresh one each epoch
 
     @property
     def arrays(self) -> tuple[str, ...]:
@@ -119,8 +118,9 @@ def row_plan(cfg: TrainConfig, cache: CacheReader, clips: list[ClipLayout], feat
     strong = ()
     if strong_views_needed(cfg, cache):
         strong = ("views/strong_params", *teacher_logit_arrays(cache, strong=True))
+    cycle = clean_views(cache)["teacher"] is None  # no clean view: K random views
     return RowPlan(teacher, clip, strong, layout.clip_num_views == layout.num_views > 1, layout.num_views,
-                   layout.strong_views or 0, clean_views(cache)["clip"])
+                   layout.strong_views or 0, clean_views(cache)["clip"], cycle)
 
 
 # ---------------------------------------------------------------- fusion state: prompt sets and statistics
@@ -264,11 +264,15 @@ class CachedRows:
             n: resident_copy(arrays[n], device) if self.on_device else arrays[n] for n in plan.arrays}
         self.pin = not self.on_device and torch.cuda.is_available()  # host rows that feed a GPU are pinned
 
-    def draw(self, pool: torch.Tensor, generator: torch.Generator) -> Draws:
-        """A full shuffle of the trained samples and one stored view (and strong view) per sample."""
+    def draw(self, pool: torch.Tensor, generator: torch.Generator, epoch: int = 0) -> Draws:
+        """A full shuffle of the trained samples and one stored view (and strong view) per sample: drawn from
+        an enumerated policy (CIFAR's 162 crop+flips, as online training draws them), or, for K random views,
+        view epoch mod K (K views of an image trained once each, in K epochs: a fresh view every epoch)."""
         order = pool[torch.randperm(len(pool), generator=generator, device=generator.device).cpu()]
         view = strong = None
-        if self.plan.num_views > 1:
+        if self.plan.cycle:
+            view = torch.full((len(order),), epoch % self.plan.num_views, dtype=torch.long)
+        elif self.plan.num_views > 1:
             view = torch.randint(0, self.plan.num_views, (len(order),), generator=generator,
                                  device=generator.device).cpu()
         if self.plan.strong:
@@ -291,6 +295,10 @@ class CachedRows:
             clean = torch.full_like(index, plan.clip_clean or 0)
             strong.update({n: self._take(n, index, clean) for n in plan.clip if n.endswith("image_embeds")})
         return rows, strong
+
+    def records(self, draws: Draws) -> np.ndarray:
+        """The drawn views' records (n, nbytes) uint8, for the loader's workers to replay (a few bytes each)."""
+        return self._take("views/params", draws.index, draws.view).cpu().numpy()
 
     def _take(self, name: str, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         source = self.arrays[name]
@@ -335,23 +343,35 @@ def prefetched(draws: Draws, batch_size: int, gather: Callable[[Draws], tuple[di
 # ---------------------------------------------------------------- pixels
 
 
-def augment(images: torch.Tensor, params: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> the pixels the student sees.
-
-    With stored views, `params` (B, 5) are the drawn views' and replay the very pixels the teacher saw.
-    Without them the student gets mdistiller's augmentation (its targets are the clean view's): CIFAR's
-    pad-4 crop and flip for 32 px images, RandomResizedCrop and flip (its ImageNet recipe) for larger ones.
-    """
-    if params is not None:
-        return apply_views(images, params)
-    if images.shape[-1] == CIFAR_SIZE:
-        return random_crop_flip(images, padding=CIFAR_PAD, generator=generator)
-    return random_resized_crop_flip(images, generator=generator)
+def student_policy(cache: CacheReader | None, image_size: int) -> ViewPolicy:
+    """The views the student trains on: the cache's stored ones when it stores several; else fresh draws
+    of mdistiller's augmentation (its targets are the clean view's): CIFAR's pad-4 crop and flip for 32 px
+    images, RandomResizedCrop of the whole image and flip (its ImageNet recipe) for larger ones."""
+    if cache is not None and cache.layout.num_views > 1:
+        return stored_policy(cache)
+    return create_policy("crop-flip" if image_size == CIFAR_SIZE else "random-resized-crop", image_size)
 
 
-def strong_pixels(images: torch.Tensor, strong_rows: dict[str, torch.Tensor]) -> torch.Tensor:
+def augment(images: torch.Tensor, records: torch.Tensor | None, policy: ViewPolicy,
+            generator: torch.Generator) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> the pixels the student sees: the drawn views' records (B, nbytes) replayed (the
+    very pixels the teacher saw), or with `records` None fresh views of `policy`. Whole-image policies run on
+    the CPU, where stage one ran them, so the bytes are the same."""
+    if not policy.whole_image:
+        return policy.replay(images, policy.draw(generator, len(images)) if records is None
+                             else policy.record.unpack(records))
+    host = images.cpu()
+    if records is None:
+        seed = torch.randint(1 << 62, (1,), generator=generator, device=generator.device).item()
+        fields = policy.draw(torch.Generator().manual_seed(seed), len(host), *host.shape[-2:])
+    else:
+        fields = policy.record.unpack(records.cpu())
+    return policy.replay(host, fields).to(images.device)
+
+
+def strong_pixels(images: torch.Tensor, strong_rows: dict[str, torch.Tensor], policy: ViewPolicy) -> torch.Tensor:
     """The drawn strong views' pixels, replayed exactly as the teacher saw them (B, 3, H, W) uint8."""
-    return apply_strong_views(images, strong_rows["views/params"])
+    return policy.replay_packed(images, strong_rows["views/params"])
 
 
 # ---------------------------------------------------------------- setting a run up
@@ -364,6 +384,8 @@ class StageTwoTargets:
 
     rows: CachedRows
     state: FusionState  # on the training device
+    policy: ViewPolicy  # the student's views (`student_policy`)
+    strong_policy: ViewPolicy | None = None  # the strong views' (MLKD), when the run trains on them
     online: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
@@ -425,7 +447,13 @@ def setup_targets(cfg: TrainConfig, cache: CacheReader, labels: np.ndarray, pool
         copy.ensure(list(plan.arrays), advance)
     arrays = {n: copy.open(n) for n in plan.arrays}
     state = setup_fusion(cfg, cache, copy, arrays, labels, pool.numpy(), reporter)
-    return StageTwoTargets(CachedRows(plan, arrays, cache_device), state.to(device))
+    if plan.cycle and cfg.epochs > plan.num_views:
+        reporter.info(f"the cache stores {plan.num_views} views per image and the run trains {cfg.epochs} epochs: "
+                      f"epoch e trains on view e mod {plan.num_views}, so each view returns every "
+                      f"{plan.num_views} epochs (build with --teacher-views {cfg.epochs} for a fresh view every epoch)")
+    strong = stored_policy(cache, "strong") if plan.strong else None
+    return StageTwoTargets(CachedRows(plan, arrays, cache_device), state.to(device),
+                           student_policy(cache, cache.manifest["views"].get("image_size", CIFAR_SIZE)), strong)
 
 
 def lighter_run(cfg: TrainConfig, cache: CacheReader) -> str:

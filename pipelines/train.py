@@ -26,8 +26,9 @@ from pipelines.resolve import resolve_settings, resolved_lr
 from pipelines.run_folder import RunFolder
 from pipelines.targets import (Draws, StageTwoTargets, augment, check_features_stored, features_needed,
                                prefetched, selected_clips, setup_targets, strong_pixels, strong_views_needed,
-                               to_device)
+                               student_policy, to_device)
 from richkd_cache.data import ImageDataset, create_dataset, dataset_fingerprint, normalize
+from richkd_cache.data.replay import DrawnViews
 from richkd_cache.distill import DistillObjective, create_objective
 from richkd_cache.errors import ConfigError, DataError
 from richkd_cache.models import create_model, input_size_options
@@ -211,9 +212,11 @@ def setup_images(dataset: ImageDataset, device: torch.device) -> torch.Tensor | 
 
 
 def batches(
-    images: torch.Tensor | None, dataset: ImageDataset, batch_size: int, order: torch.Tensor, workers: int = 0
+    images: torch.Tensor | None, dataset: ImageDataset, batch_size: int, order: torch.Tensor, workers: int = 0,
+    views: DrawnViews | None = None,
 ):
-    """Yield (index (B,), images uint8 (B, 3, H, W), labels (B,)) in the given order."""
+    """Yield (index (B,), images uint8 (B, 3, H, W), labels (B,)) in the given order; with `views` (image
+    files, whole-image views), the images are the drawn views, decoded and replayed in the loader's workers."""
     labels = torch.from_numpy(dataset.labels)
     if images is not None:
         labels = labels.to(images.device)
@@ -221,9 +224,8 @@ def batches(
             index = order[start : start + batch_size].to(images.device)
             yield index, images[index], labels[index]
         return
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, order.tolist()), batch_size=batch_size, num_workers=workers
-    )
+    source = views if views is not None else torch.utils.data.Subset(dataset, order.tolist())
+    loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=workers)
     for batch in loader:
         yield batch["index"], batch["image"], batch["label"]
 
@@ -293,21 +295,26 @@ def train_epoch(
     if source is None:
         draws = Draws(pool[torch.randperm(len(pool), generator=generator, device=generator.device).cpu()])
     else:
-        draws = source.rows.draw(pool, generator)
+        draws = source.rows.draw(pool, generator, epoch)
     draws = draws.share(ctx.rank, ctx.world_size)
     order = draws.index.to(device) if images is not None else draws.index  # one copy per epoch, not per batch
+    policy = source.policy if source is not None else student_policy(None, dataset.image_side)
+    in_workers = replayed_in_workers(images, dataset, policy, source, draws, cfg, epoch)
     cached = prefetched(draws, cfg.batch_size, None if source is None else source.gather)
     with reporter.task(f"epoch {epoch + 1}", total=len(draws.index)) as advance:
-        for (index, x, y), (_, rows, strong_rows) in zip(batches(images, dataset, cfg.batch_size, order, cfg.workers),
-                                                         cached):
+        for (index, x, y), (_, rows, strong_rows) in zip(
+                batches(images, dataset, cfg.batch_size, order, cfg.workers, in_workers), cached):
             x, y, index = x.to(device), y.to(device), index.to(device)
             rows, strong_rows = to_device(rows, device), to_device(strong_rows, device)
-            pixels = augment(x, rows.pop("views/params", None), generator)  # (B, 3, H, W) uint8: the drawn views
+            records = rows.pop("views/params", None)
+            # (B, 3, H, W) uint8: the drawn views (already cut from the decoded files in the loader's workers)
+            pixels = x if in_workers is not None else augment(x, records, policy, generator)
             target_logits, target_feats = (None, {}) if source is None else source.targets(rows, x, pixels, y)
             # a two-view method's (MLKD) second input: the drawn strong view's pixels and its targets
             strong = None
             if strong_rows:
-                strong = (model_input(strong_pixels(x, strong_rows), dataset), source.strong_targets(strong_rows, y))
+                strong = (model_input(strong_pixels(x, strong_rows, source.strong_policy), dataset),
+                          source.strong_targets(strong_rows, y))
             x = model_input(pixels, dataset)
             # The compiled step sees one static batch shape. The epoch's last, partial batch runs eagerly
             # on the same weights and optimiser instead of being padded: padded rows would enter
@@ -327,6 +334,20 @@ def train_epoch(
         raise ConfigError(f"the loss became {stats['loss']} in epoch {epoch + 1}; lower --lr or the loss weights")
     stats["train_top1"] = 100.0 * float(correct) / seen
     return stats
+
+
+def replayed_in_workers(images: torch.Tensor | None, dataset: ImageDataset, policy, source: StageTwoTargets | None,
+                        draws: Draws, cfg: TrainConfig, epoch: int) -> DrawnViews | None:
+    """Image files under a whole-image policy are decoded and cut in the loader's workers: the epoch's drawn
+    records (a few bytes per draw, gathered at once), or fresh draws from the epoch's seed. None: the views
+    are replayed on the training device (in-memory images, or views of the clean image)."""
+    if images is not None or not policy.whole_image:
+        return None
+    if source is not None and (source.online is not None or source.strong_policy is not None):
+        raise ConfigError("train --online and strong views replay on the clean image, which image files under "
+                          f"{policy.name} views are not decoded to in training; train from the cache")
+    records = source.rows.records(draws) if source is not None and draws.view is not None else None
+    return DrawnViews(dataset, policy, draws.index.numpy(), records, seed=cfg.seed * 100_003 + epoch)
 
 
 def model_input(pixels: torch.Tensor, dataset: ImageDataset) -> torch.Tensor:

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from cache_store import open_cache
-from pipelines.build import make_forward, recorded_teacher, setup_teacher
+from pipelines.build import make_forward, recorded_teacher, recorded_views, setup_teacher
 from pipelines.config import resolve_device
 from richkd_cache.clip import load_clip, recorded_activation, resolve_clip
 from richkd_cache.data import create_dataset, dataset_fingerprint
+from richkd_cache.data.replay import WithViews
 from richkd_cache.errors import ConfigError, DataError
 from richkd_cache.files import file_sha256
 from richkd_cache.models import resolve_checkpoint
@@ -41,15 +42,21 @@ def recompute_rows(url: str, k: int, data_root: str | None, teacher_checkpoint: 
                                                      clip_checkpoint, recorded_activation(cache.clip_records[m])),
                                         device=torch_device)) for m in models]
     rows = np.sort(np.random.default_rng(seed).choice(len(dataset), size=min(k, len(dataset)), replace=False))
-    params = cache.load("views/params")
-    strong = cache.load("views/strong_params") if cache.layout.strong_views else None  # replayed, as stage two does
-    forward = make_forward(teacher, clips, dataset, torch_device, params, cache.layout.teacher_topk,
-                           cache.layout.clip_num_views, strong=strong)
-    batch = torch.utils.data.default_collate([dataset[int(i)] for i in rows])
+    views = recorded_views(cache)
+    forward = make_forward(teacher, clips, dataset, torch_device, views, cache.layout.teacher_topk)
+    source = WithViews(dataset, views.policy, views.value, views.seed, views.num_views) \
+        if views.policy.whole_image else dataset
+    batch = torch.utils.data.default_collate([source[int(i)] for i in rows])
     fresh = forward(batch)
     compared = [n for n, spec in cache.arrays().items()
                 if spec.dtype == "float16" and n in fresh]  # the model outputs (top-k indices may swap on near-ties)
     problems = []
+    for name in ("views/params", "views/strong_params"):  # the views are drawn again from the recorded seed
+        if name in fresh:
+            stored = np.concatenate([cache.load_rows(name, int(r), int(r) + 1) for r in rows])
+            same = (fresh[name] == stored).all(axis=(1, 2))
+            if not same.all():
+                problems.append(f"{name}: the views of rows {rows[~same][:10].tolist()} are not those their seed draws")
     for name in compared:  # only the chunks holding the rows are read: an ImageNet cache is many GB
         cached = np.concatenate([cache.load_rows(name, int(r), int(r) + 1) for r in rows]).astype(np.float32)
         close = np.isclose(fresh[name], cached, rtol=1e-2, atol=1e-2).all(axis=(1, 2))

@@ -312,7 +312,7 @@ def built(tmp_path_factory) -> Path:
 
     data = create_dataset("digits", None, "train")
     n, c = len(data), data.num_classes
-    layout = CacheLayout(num_samples=n, num_views=1, num_classes=c, teacher_dim=8, view_param_dim=5, block_rows=64)
+    layout = CacheLayout(num_samples=n, num_views=1, num_classes=c, teacher_dim=8, view_param_dim=1, block_rows=64)
     dataset = {"name": "digits", "split": data.split, "root": data.root, "num_samples": n, "num_classes": c,
                "classes": list(data.classes), "fingerprint": dataset_fingerprint(data)}
     url = tmp_path_factory.mktemp("built") / "digits.zarr"
@@ -322,7 +322,7 @@ def built(tmp_path_factory) -> Path:
         start, stop = layout.block_range(b)
         embeds = rng.normal(size=(stop - start, 1, 4))
         writer.write_block(b, {"labels": data.labels[start:stop].astype(np.int32),
-                               "views/params": np.tile(np.array([0, 0, 1, 1, 0], np.float32), (stop - start, 1, 1)),
+                               "views/params": np.zeros((stop - start, 1, 1), np.uint8),
                                "teacher/logits": rng.normal(size=(stop - start, 1, c)),
                                "teacher/features": rng.normal(size=(stop - start, 1, 8)),
                                f"{CLIP}/image_embeds": embeds / np.linalg.norm(embeds, axis=-1, keepdims=True),

@@ -26,7 +26,7 @@ from cache_store import (
 )
 from cache_store.schema import MANIFEST_KEY
 
-LAYOUT = CacheLayout(num_samples=100, num_views=1, num_classes=10, teacher_dim=8, view_param_dim=5, block_rows=16)
+LAYOUT = CacheLayout(num_samples=100, num_views=1, num_classes=10, teacher_dim=8, view_param_dim=1, block_rows=16)
 MANIFEST = {"dataset": {"name": "synthetic", "split": "train", "num_samples": 100, "num_classes": 10,
                         "classes": [f"c{i}" for i in range(10)], "fingerprint": "f" * 64},
             "teacher": {"arch": "resnet8", "checkpoint_sha256": "a" * 64},
@@ -45,7 +45,7 @@ def block_arrays(layout: CacheLayout, block: int) -> dict[str, np.ndarray]:
         return (base / 97.0).astype(np.float32)[:, None, :]
 
     return {"labels": (idx % layout.num_classes).astype(np.int32),
-            "views/params": np.tile(np.array([0, 0, 1, 1, 0], np.float32), (len(idx), 1, 1)),
+            "views/params": np.zeros((len(idx), 1, 1), np.uint8),  # the clean view's record
             "teacher/logits": rows(layout.num_classes, 1), "teacher/features": rows(layout.teacher_dim, 2),
             f"{CLIP}/image_embeds": rows(4, 3), f"{CLIP}/features": rows(6, 4)}
 
@@ -123,9 +123,13 @@ def test_unknown_version_and_broken_arrays_are_refused(tmp_path: Path) -> None:
     build(url)
     group = zarr.open_group(url, mode="r+", use_consolidated=False)
     manifest = dict(group.attrs[MANIFEST_KEY])
-    group.attrs[MANIFEST_KEY] = {**manifest, "format_version": 3}
+    group.attrs[MANIFEST_KEY] = {**manifest, "format_version": 2}
     zarr.consolidate_metadata(url)
-    with pytest.raises(CacheError, match="cache format 3 is newer than this richkd-cache understands"):
+    with pytest.raises(CacheError, match="cache format 2 was written by an earlier richkd-cache.*rebuild it"):
+        open_cache(url)  # its views are float32 fractions of a centre crop, not the records this version replays
+    group.attrs[MANIFEST_KEY] = {**manifest, "format_version": 4}
+    zarr.consolidate_metadata(url)
+    with pytest.raises(CacheError, match="cache format 4 is newer than this richkd-cache understands"):
         open_cache(url)
     with pytest.raises(CacheError, match="upgrade richkd-cache"):
         open_for_write(url)  # an older writer must not touch a newer format
@@ -278,7 +282,7 @@ def test_files_that_are_not_a_cache_are_never_replaced(tmp_path: Path) -> None:
 
 def test_top_k_teacher_layout_round_trips_and_checks_indices(tmp_path: Path) -> None:
     layout = CacheLayout(**{**asdict(LAYOUT), "teacher_topk": 3})
-    assert "teacher/logits" not in layout.arrays() and layout.arrays()["teacher/topk_indices"].dtype == "int32"
+    assert "teacher/logits" not in layout.arrays() and layout.arrays()["teacher/topk_indices"].dtype == "int16"
     writer = create_cache(str(tmp_path / "k.zarr"), layout, MANIFEST)
     arrays = {k: v for k, v in block_arrays(layout, 0).items() if k != "teacher/logits"}
     values = np.tile(np.array([3.0, 2.0, 1.0], np.float32), (16, 1, 1))

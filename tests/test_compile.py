@@ -16,6 +16,7 @@ from pipelines.cli import app
 from pipelines.config import TrainConfig
 from pipelines.distributed import DistContext
 from pipelines.progress import Reporter
+from richkd_cache.views import create_policy
 from pipelines.targets import CachedRows, RowPlan, StageTwoTargets
 from richkd_cache.distill.batch import ClipPart, FusionState
 from richkd_cache.data._base import ArrayImageDataset
@@ -56,7 +57,7 @@ def random_source() -> StageTwoTargets:
     plan = RowPlan(("teacher/logits", "teacher/features"), ("clip/m/image_embeds", "clip/m/features"))
     clip = ClipPart("m", "clip/m/image_embeds", "clip/m/features", torch.randn(2, CLASSES, 6), 10.0)
     state = FusionState("richkd", CLASSES, (clip,), alpha=0.7, features=True)
-    return StageTwoTargets(CachedRows(plan, arrays, torch.device("cpu")), state)
+    return StageTwoTargets(CachedRows(plan, arrays, torch.device("cpu")), state, create_policy("crop-flip", 32))
 
 
 def run_epochs(compiled: bool, epochs: int, monkeypatch) -> list[dict]:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from richkd_cache.data import create_dataset, dataset_fingerprint, list_datasets, normalize, random_crop_flip
+from richkd_cache.data import create_dataset, dataset_fingerprint, list_datasets, normalize
+from richkd_cache.views import create_policy
 from richkd_cache.errors import DataError
 
 
@@ -257,18 +258,23 @@ def test_normalize_follows_the_images_device_and_formula() -> None:
 
 
 def test_random_crop_flip_is_a_crop_and_flip_of_the_padded_image() -> None:
-    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
-    out = random_crop_flip(images, padding=2, generator=torch.Generator().manual_seed(0))
-    again = random_crop_flip(images, padding=2, generator=torch.Generator().manual_seed(0))
-    other = random_crop_flip(images, padding=2, generator=torch.Generator().manual_seed(1))
+    """The crop-flip policy drawn fresh (a run without stored views): an 8 px image pads by 1 * 8 // 32 -> 1;
+    at 16 px by 2."""
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    policy = create_policy("crop-flip", 16)
+
+    def random_crop_flip(seed: int) -> torch.Tensor:
+        return policy.replay(images, policy.draw(torch.Generator().manual_seed(seed), len(images)))
+
+    out, again, other = random_crop_flip(0), random_crop_flip(0), random_crop_flip(1)
     assert out.dtype == torch.uint8 and out.shape == images.shape and torch.equal(out, again)
     assert not torch.equal(out, other)
     padded = F.pad(images, (2, 2, 2, 2))
     chosen = set()
     for i in range(64):
         matches = [(t, l, f) for t in range(5) for l in range(5) for f in (False, True)
-                   if torch.equal(out[i], padded[i, :, t : t + 8, l : l + 8].flip(-1) if f else
-                                  padded[i, :, t : t + 8, l : l + 8])]
+                   if torch.equal(out[i], padded[i, :, t : t + 16, l : l + 16].flip(-1) if f else
+                                  padded[i, :, t : t + 16, l : l + 16])]
         assert matches, f"sample {i} is no crop/flip of its padded input"
         chosen.add(matches[0])
     # the draws cover every offset and both flips, as RandomCrop + RandomHorizontalFlip do

@@ -1,5 +1,6 @@
 """The ImageNet workflow on an ImageNet-layout folder of small JPEGs: a torchvision teacher from its own
-weights file, K random-resized-crop views with top-k logits, a streamed stage two decoding in workers."""
+weights file, K random-resized crops of each whole image with top-10 logits (48 bytes a sample-view), and a
+stage two that decodes each image once per draw and replays the stored view on it."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from PIL import Image
 
 from cache_store import CacheReader
 from pipelines.evaluate import resolve_dataset
+from richkd_cache.data import normalize
 from richkd_cache.data.imagefolder import ImageFolderDataset
 from clirun import invoke
 
-CLASSES = ("n01440764", "n01443537", "n01484850")  # ImageNet's synset folder names
-TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 2
-VIEWS, TOPK = 2, 2
+CLASSES = tuple(f"n0{1440764 + 7 * i}" for i in range(11))  # synset-style folder names: top-10 of 11 classes
+TRAIN_PER_CLASS, VAL_PER_CLASS = 2, 1
+VIEWS, TOPK = 2, 10
 # the clean view (and every stored view) is 32 px: the resnets run at CIFAR cost
 SIZE = ("--image-size", "32", "--resize", "36")
 
@@ -49,8 +51,8 @@ def imagenet_cache(imagenet: Path) -> Path:
     result = invoke("build", "--dataset", "imagefolder", "--data-root", imagenet / "data", *SIZE,
                     "--teacher", "tv:resnet18", "--teacher-checkpoint", imagenet / "teacher.pth",
                     "--teacher-views", VIEWS, "--topk", TOPK, "--clip", "richkd-tiny", "--clip-pretrained", "random",
-                    "--prompts", "single", "--block-rows", "6", "--device", "cpu", "--workers", "1", "--quiet",
-                    "--out", out)
+                    "--prompts", "single", "--block-rows", "6", "--no-features", "--device", "cpu", "--workers", "1",
+                    "--quiet", "--out", out)
     assert result.exit_code == 0, result.output
     return out
 
@@ -97,13 +99,13 @@ def test_stage_two_decodes_each_image_once_per_draw(imagenet: Path, imagenet_cac
     one per validation image each epoch (workers 0, so the decodes are counted in this process). The run
     is the ImageNet recipe's RichKD (L), shortened."""
     decoded: list[tuple[str, int]] = []
-    original = ImageFolderDataset.__getitem__
+    original = ImageFolderDataset.whole
 
     def counted(self: ImageFolderDataset, i: int) -> dict:
         decoded.append((self.split, i))
         return original(self, i)
 
-    monkeypatch.setattr(ImageFolderDataset, "__getitem__", counted)
+    monkeypatch.setattr(ImageFolderDataset, "whole", counted)
     read: list[str] = []
 
     def recorded(method):
@@ -186,16 +188,55 @@ def test_torchvision_weights_offline_is_one_line_naming_the_file(imagenet: Path,
 
 
 def test_info_reports_bytes_per_sample_view_and_the_imagenet_size(imagenet_cache: Path) -> None:
+    """A top-10 logits-only cache of random-resized crops: 48 bytes per sample-view (TinyViT stores 44)."""
     result = invoke("info", imagenet_cache, "--json")
     assert result.exit_code == 0, result.output
     storage = json.loads(result.output)["storage"]
-    # per view: top-k values fp16 + indices int32, resnet18's 512 fp16 features, 5 float32 view parameters;
-    # per sample, over the 2 views: the label (int32), richkd-tiny's 32-d embedding and 64-d feature (fp16)
-    per_view = TOPK * (2 + 4) + 512 * 2 + 5 * 4 + (4 + 32 * 2 + 64 * 2) / VIEWS
-    assert storage["bytes_per_sample_view"] == pytest.approx(per_view) == 1154
-    assert storage["parts"]["teacher/features"] == 1024 and storage["parts"]["clip/richkd-tiny/features"] == 64
+    # per view: top-10 values fp16 + indices int16, the packed view (8 B); per sample, over the 2 views: the
+    # label (int32) and richkd-tiny's 32-d embedding (fp16)
+    assert storage["view_arrays_bytes"] == TOPK * (2 + 2) + 8 == 48
+    per_view = 48 + (4 + 32 * 2) / VIEWS
+    assert storage["bytes_per_sample_view"] == pytest.approx(per_view)
+    assert storage["parts"]["views/params"] == 8 and storage["parts"]["teacher/topk_indices"] == 20
     assert storage["imagenet_1k"]["bytes"] == pytest.approx(1_281_167 * VIEWS * per_view)
     assert [r["bytes_per_sample_view"] for r in storage["references"]] == [44, 65]
     assert storage["references"][0]["imagenet_1k_bytes"] == 1_281_167 * VIEWS * 44
     table = invoke("info", imagenet_cache).output
-    assert "ImageNet-1k (1,281,167 images x 2 view(s))" in table and "2.8 GiB" in table and "TinyViT" in table
+    assert "ImageNet-1k (1,281,167 images x 2 view(s))" in table and "TinyViT" in table
+    assert "its per-view arrays (teacher, view record)" in table and "48.0" in table
+
+
+def test_a_stored_view_is_torchvisions_crop_of_the_whole_image_and_gives_the_cached_top_k(
+        imagenet: Path, imagenet_cache: Path) -> None:
+    """Each stored record replays, on the whole decoded JPEG, as torchvision's resized_crop at the stored box
+    (and flip); the teacher re-run on those pixels gives the cached top-10."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from richkd_cache.data.replay import DrawnViews
+    from richkd_cache.models import load_checkpoint
+    from richkd_cache.views import create_policy
+
+    group = zarr.open_group(str(imagenet_cache), mode="r")
+    records, values = group["views/params"][:], group["teacher/topk_values"][:]  # (N, V, 8), (N, V, 10)
+    indices = group["teacher/topk_indices"][:]
+    assert records.dtype == np.uint8 and indices.dtype == np.int16
+    dataset = ImageFolderDataset(str(imagenet / "data"), "train", image_size=32, resize=36)
+    policy = create_policy("random-resized-crop", 32)
+    teacher, _ = load_checkpoint(str(imagenet / "teacher.pth"), arch="tv:resnet18", num_classes=len(CLASSES))
+    teacher.eval()
+    samples = np.array([0, 5, 13, 21])
+    for v in range(VIEWS):
+        replayed = DrawnViews(dataset, policy, samples, records[samples, v])
+        pixels = torch.stack([replayed[j]["image"] for j in range(len(samples))])
+        for j, i in enumerate(samples):
+            f = {n: int(x[0]) for n, x in policy.record.unpack(records[i : i + 1, v]).items()}
+            whole = dataset.whole(int(i))
+            assert f["top"] + f["height"] <= whole.shape[1] and f["left"] + f["width"] <= whole.shape[2]
+            expected = TF.resized_crop(whole, f["top"], f["left"], f["height"], f["width"], [32, 32],
+                                       interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+            assert torch.equal(pixels[j], TF.horizontal_flip(expected) if f["flip"] else expected)
+        with torch.no_grad():
+            logits, _ = teacher(normalize(pixels, dataset.mean, dataset.std))
+        top = torch.log_softmax(logits, 1).topk(TOPK, dim=1)
+        assert np.array_equal(top.indices.numpy(), indices[samples, v])
+        np.testing.assert_allclose(top.values.numpy(), values[samples, v].astype(np.float32), atol=2e-2)

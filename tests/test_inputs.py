@@ -20,7 +20,7 @@ from pipelines.studies import corruption_accuracy
 from richkd_cache.data import create_dataset
 from richkd_cache.errors import ConfigError, DataError
 from richkd_cache.models import create_model
-from richkd_cache.views import view_params
+from richkd_cache.views import create_policy
 from clirun import invoke
 
 TRAIN = ["train", "--dataset", "digits", "--student", "resnet8", "--epochs", "1", "--device", "cpu",
@@ -84,7 +84,7 @@ def test_evaluate_epsilons_must_be_numbers(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flags, words", [
     (["--device", "tpu"], ["--device", "'tpu'"]),
-    (["--teacher-views", "99999999999"], ["99999999999 views", "TiB", "memory"]),
+    (["--teacher-views", "99999999999"], ["the cache needs", "TiB", "store fewer views"]),  # before any view is drawn
     (["--teacher-views", "\u00b2"], ["--teacher-views", "clean, all or a number"]),
     (["--clip-views", "\u00b2"], ["--clip-views", "clean or same"]),
     (["--prompts", ""], ["--prompts", "at least one"]),
@@ -165,15 +165,15 @@ class _Recorder(torch.nn.Module):
 
 def test_forward_never_runs_more_than_batch_size_views_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     data = create_dataset("digits", None, "val")
-    params = view_params(7, len(data), 32, seed=0)  # (N, 7, 5)
+    views = build.BuildViews(7, create_policy("mlkd-strong", 32), clip_views=7)  # 7 views per sample, on the device
     batch = {k: torch.stack([torch.as_tensor(data[i][k]) for i in range(3)]) for k in ("image", "label", "index")}
     outputs = {}
     for batch_size in (10**6, 4):
         model = _Recorder()
         teacher = build.Teacher(model=model, arch="recorder", manifest={})
         clip = ClipLayout("recorder", 3, 12, "clip/recorder", "clip/recorder/written")
-        outputs[batch_size] = build.make_forward(teacher, [(clip, model)], data, torch.device("cpu"), params,
-                                                 clip_views=7, batch_size=batch_size)(batch)
+        outputs[batch_size] = build.make_forward(teacher, [(clip, model)], data, torch.device("cpu"), views,
+                                                 batch_size=batch_size)(batch)
         monkeypatch.setattr(build, "TEACHER_PIXELS_PER_CALL", 0)  # images as large as a CIFAR teacher's budget
         seen = model.seen
     assert max(seen) <= 4 and sum(seen) == 2 * 3 * 7  # each view once through each model, 4 at a time

@@ -79,7 +79,7 @@ def test_clip_model_added_to_logits_only_cache_stores_no_features(digits_logits_
 
 
 def test_layout_records_features_only_when_left_out() -> None:
-    sizes = dict(num_samples=8, num_views=1, num_classes=3, teacher_dim=4, view_param_dim=5, block_rows=8)
+    sizes = dict(num_samples=8, num_views=1, num_classes=3, teacher_dim=4, view_param_dim=1, block_rows=8)
     assert "features" not in layout_record(CacheLayout(**sizes))  # older caches' layouts, read unchanged
     logits_only = CacheLayout(**sizes, features=False)
     assert layout_record(logits_only)["features"] is False and "teacher/features" not in logits_only.arrays()

@@ -13,11 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
-import cache_store.schema as schema
-from cache_store import CacheError, open_cache, verify_cache
+from cache_store import open_cache, verify_cache
 from clirun import invoke
 
 A, B = "richkd-tiny", "richkd-tiny2"  # two tiny CLIP configs of different widths (D 32 / 24, Fc 64 / 48)
@@ -66,7 +63,7 @@ def teacher_files(url: Path) -> dict[str, tuple[int, bytes]]:
 
 def test_each_model_has_its_own_arrays_flags_prompt_sets_and_manifest_entry(both: Path) -> None:
     reader = open_cache(str(both))
-    assert reader.manifest["format_version"] == 2 and list(reader.clips) == [A, B]
+    assert reader.manifest["format_version"] == 3 and list(reader.clips) == [A, B]
     for name, (d, f) in {A: (32, 64), B: (24, 48)}.items():
         record = reader.clip_records[name]
         assert (record["status"], record["embed_dim"], record["feature_dim"], record["arch"]) == ("complete", d, f, name)
@@ -195,57 +192,3 @@ def test_clip_lists_are_checked_in_one_line(teacher: Path, tmp_path: Path) -> No
         assert result.exit_code == 2 and message in result.output and not (tmp_path / "x.zarr").exists()
 
 
-# ------------------------------------------------------------------ format 1
-
-def write_format1(source: Path, url: Path) -> None:
-    """The same rows as a format-1 cache, laid out as richkd-cache wrote it before several CLIP models:
-    the one model's arrays under clip/ (flagged by the one `written`), its manifest entry under `clip`,
-    its widths in the layout, consolidated metadata."""
-    reader = open_cache(str(source))
-    manifest = json.loads(json.dumps(reader.manifest))
-    ((name, record),) = manifest.pop("clip_models").items()
-    record.pop("status")
-    manifest.update(format_version=1, clip=record,
-                    layout={**manifest["layout"], "clip_embed_dim": record["embed_dim"],
-                            "clip_feature_dim": record["feature_dim"]},
-                    build_key={**manifest["build_key"], "clip": {k: record.get(k) for k in ("arch", "pretrained",
-                                                                                             "checkpoint_sha256")}})
-    group = zarr.create_group(str(url), zarr_format=3, attributes={"richkd_cache": manifest})
-    paths = {path: path.replace(f"clip/{name}/", "clip/") for path in reader.arrays() if path != f"clip/{name}/written"}
-    paths.update({f"clip/{name}/text/{s}": f"clip/text/{s}" for s in reader.prompt_sets(name)})
-    for path, old in paths.items():
-        array = reader.group[path]
-        copy = group.create_array(old, shape=array.shape, chunks=array.chunks, dtype=array.dtype,
-                                  fill_value=array.fill_value, serializer=BytesCodec(),
-                                  compressors=(ZstdCodec(level=3), Crc32cCodec()), attributes=dict(array.attrs))
-        copy[...] = array[...]
-    zarr.consolidate_metadata(str(url))
-
-
-def test_a_format1_cache_opens_verifies_and_trains_exactly_as_before(digits_cache: Path, teacher: Path,
-                                                                    tmp_path: Path) -> None:
-    old = tmp_path / "format1.zarr"
-    write_format1(digits_cache, old)
-    assert sorted(p.name for p in (old / "clip").iterdir()) == ["features", "image_embeds", "text", "zarr.json"]
-    reader = open_cache(str(old))
-    assert reader.manifest["format_version"] == 1 and reader.select_clip(None) == [A]
-    assert reader.prompt_sets() == ["multi", "single"] and verify_cache(str(old)).ok
-    recomputed = invoke("verify", old, "--recompute", "8", "--device", "cpu")
-    assert recomputed.exit_code == 0, recomputed.output
-    info = invoke("info", old)
-    assert info.exit_code == 0 and "format 1" in info.output and f"clip     {A}:" in info.output
-    runs = {}
-    for name, cache in (("old", old), ("new", digits_cache)):
-        result = invoke("train", "--cache", cache, *TRAIN, "--feature-loss", "cosine", "--out", tmp_path / name)
-        assert result.exit_code == 0, result.output
-        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
-    assert runs["old"]["best_top1"] == runs["new"]["best_top1"] and runs["old"]["last_top1"] == runs["new"]["last_top1"]
-    refused = invoke(*BUILD, "--teacher-checkpoint", teacher, "--clip", B, "--out", old)
-    assert refused.exit_code == 2 and "format-1 cache" in refused.output and "--overwrite" in refused.output
-
-
-def test_a_reader_of_format1_refuses_format2_in_one_line(digits_cache: Path, monkeypatch) -> None:
-    monkeypatch.setattr(schema, "FORMAT_VERSION", 1)
-    monkeypatch.setattr(schema, "READABLE_FORMATS", (1,))
-    with pytest.raises(CacheError, match=r"cache format 2 is newer than this richkd-cache understands \(1\); upgrade"):
-        open_cache(str(digits_cache))

@@ -18,12 +18,13 @@ from cache_store import open_cache
 from pipelines.cli import app
 from richkd_cache.data import create_dataset, normalize
 from richkd_cache.models import create_model, load_checkpoint, save_checkpoint
-from richkd_cache.strong_views import OPS, STRONG_PARAM_NAMES, apply_strong_views, draw_strong_views
+from richkd_cache.view_ops import OPS, apply_op
+from richkd_cache.views import create_policy, stored_views
 
 runner = CliRunner()
 K = 2
-CROP_FLIP = len(STRONG_PARAM_NAMES) - 7  # the crop and flip parameters come first
 OP = {name: i for i, (name, _, _) in enumerate(OPS)}
+STRONG = create_policy("mlkd-strong", 32)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +42,13 @@ def strong_cache(tmp_path_factory) -> tuple[Path, Path]:
     return out, teacher
 
 
-def one_view(op: str = "identity", magnitude: float = 0.0, cutout: tuple[float, float, float] = (0.5, 0.5, 0.0),
-             n: int = 1) -> torch.Tensor:
-    """(n, 12) parameters: no crop offset, no flip, `op` then identity, and a cutout box (side 0: none)."""
-    row = [0.0, 0.0, 1.0, 1.0, 0.0, OP[op], magnitude, OP["identity"], 0.0, *cutout]
-    return torch.tensor([row] * n, dtype=torch.float32)
+def one_view(op: str = "identity", level: int = 0, cutout: tuple[int, int, int, int] = (1, 1, 0, 0),
+             n: int = 1) -> dict[str, torch.Tensor]:
+    """n strong views' fields: no crop offset, no flip, `op` at `level` then identity, and a cutout box
+    (x0, y0, x1, y1; x1 < x0: none)."""
+    row = {"dy": 4, "dx": 4, "flip": 0, "op0": OP[op], "level0": level, "op1": OP["identity"], "level1": 0,
+           **dict(zip(("cut_x0", "cut_y0", "cut_x1", "cut_y1"), cutout))}
+    return {name: torch.full((n,), value, dtype=torch.long) for name, value in row.items()}
 
 
 def images(n: int = 3) -> torch.Tensor:
@@ -56,8 +59,8 @@ def test_a_replayed_strong_view_gives_the_cached_teacher_logits(strong_cache) ->
     out, teacher_file = strong_cache
     cache = open_cache(str(out))
     assert cache.layout.strong_views == K and cache.manifest["views"]["strong"]["num_views"] == K
-    params, cached = cache.load("views/strong_params"), cache.load("teacher/strong_logits")  # (N, K, 12), (N, K, C)
-    assert params.shape == (1442, K, len(STRONG_PARAM_NAMES)) and cached.shape == (1442, K, 10)
+    params, cached = cache.load("views/strong_params"), cache.load("teacher/strong_logits")  # (N, K, 8), (N, K, C)
+    assert params.shape == (1442, K, STRONG.record.nbytes) and cached.shape == (1442, K, 10)
     dataset = create_dataset("digits", None, "train")
     rows = [0, 7, 700, 1441]
     x = torch.stack([torch.as_tensor(dataset[i]["image"]) for i in rows])  # (4, 3, 32, 32) uint8
@@ -65,8 +68,8 @@ def test_a_replayed_strong_view_gives_the_cached_teacher_logits(strong_cache) ->
     teacher.eval()
     for k in range(K):
         view = torch.from_numpy(params[rows, k])
-        pixels = apply_strong_views(x, view)
-        assert torch.equal(pixels, apply_strong_views(x, view))  # replay is bit-identical across calls
+        pixels = STRONG.replay_packed(x, view)
+        assert torch.equal(pixels, STRONG.replay_packed(x, view))  # replay is bit-identical across calls
         assert not torch.equal(pixels, x)
         with torch.no_grad():
             logits, _ = teacher(normalize(pixels, dataset.mean, dataset.std))
@@ -74,38 +77,41 @@ def test_a_replayed_strong_view_gives_the_cached_teacher_logits(strong_cache) ->
 
 
 def test_strong_views_are_drawn_from_the_seed_within_their_ranges() -> None:
-    a, b = draw_strong_views(50, 4, 32, seed=3), draw_strong_views(50, 4, 32, seed=3)
-    assert np.array_equal(a, b) and not np.array_equal(a, draw_strong_views(50, 4, 32, seed=4))
-    offsets = a[..., :2] * 32
-    assert np.array_equal(offsets, offsets.round()) and np.abs(offsets).max() <= 4  # RandomCrop(32, padding=4)
-    for slot in (5, 7):
-        ops = a[..., slot].astype(int)
-        low, high = (np.array([op[i] for op in OPS])[ops] for i in (1, 2))
-        assert ((a[..., slot + 1] >= low) & (a[..., slot + 1] <= high)).all()
-    assert ((a[..., -1] >= 0) & (a[..., -1] <= 0.5)).all()  # the cutout side: up to half the image
+    def draw(seed: int) -> np.ndarray:
+        return np.stack([stored_views(4, STRONG, seed, i, 4) for i in range(50)])  # (50, 4, 8)
+
+    a = draw(3)
+    assert np.array_equal(a, draw(3)) and not np.array_equal(a, draw(4))
+    fields = STRONG.record.unpack(a.reshape(200, -1))
+    assert fields["dy"].max() <= 8 and fields["dx"].max() <= 8  # RandomCrop(32, padding=4): offsets -4..4
+    assert {int(v) for v in fields["op0"]} | {int(v) for v in fields["op1"]} <= set(range(len(OPS)))
+    side = (fields["cut_x1"] - fields["cut_x0"]).float()
+    assert side.max() <= 16 and side.mean() > 3  # the cutout side: up to half the image
 
 
 def test_identity_without_cutout_is_the_image_and_cutout_fills_its_box() -> None:
     x = images()
-    assert torch.equal(apply_strong_views(x, one_view(n=3)), x)
-    # side 0.25 * 32 = 8 centred at (16, 8): columns 12..20 and rows 4..12, ends included as ImageDraw's
-    out = apply_strong_views(x, one_view(cutout=(0.5, 0.25, 0.25), n=3))
+    assert torch.equal(STRONG.replay(x, one_view(n=3)), x)
+    # columns 12..20 and rows 4..12, ends included as ImageDraw's
+    out = STRONG.replay(x, one_view(cutout=(12, 4, 20, 12), n=3))
     box = torch.zeros(32, 32, dtype=torch.bool)
     box[4:13, 12:21] = True
     assert (out[:, :, box] == torch.tensor([125, 123, 114], dtype=torch.uint8).view(1, 3, 1)).all()
     assert torch.equal(out[:, :, ~box], x[:, :, ~box])
 
 
-def views(op: str, magnitudes: np.ndarray) -> torch.Tensor:
-    """(n, 12) parameters applying `op` at each magnitude (then identity), no crop, flip or cutout."""
-    return torch.cat([one_view(op, float(m)) for m in magnitudes])
-
-
-def drawn(op: str, n: int) -> np.ndarray:
-    """n magnitudes of `op` as draw_strong_views draws them (uniform in the op's range), as stored (float32)."""
+def drawn(op: str, n: int) -> torch.Tensor:
+    """n magnitudes of `op` as a strong view stores them: a level 0..255 of the op's range (float64)."""
     _, low, high = OPS[OP[op]]
-    return (low + (high - low) * np.random.default_rng(OP[op]).uniform(size=n)).astype(np.float32)
+    levels = torch.from_numpy(np.random.default_rng(OP[op]).integers(0, 256, size=n)).double()
+    return low + (high - low) * levels / 255
 
+
+def test_a_stored_level_replays_its_ops_magnitude() -> None:
+    """The record's level k of 255 is the magnitude low + (high - low) k / 255 the op is applied with."""
+    x = images(2)
+    out = STRONG.replay(x, {**one_view(n=2), "op0": torch.full((2,), OP["solarize"]), "level0": torch.tensor([0, 255])})
+    assert torch.equal(out, apply_op(x, "solarize", torch.tensor([0.0, 256.0], dtype=torch.float64)))
 
 def pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(x.permute(1, 2, 0).numpy())
@@ -147,7 +153,7 @@ def test_ops_match_pillow_exactly(op: str) -> None:
     bytes as Pillow at every drawn magnitude."""
     magnitudes = drawn(op, 12)
     x = images(len(magnitudes))
-    out = apply_strong_views(x, views(op, magnitudes))
+    out = apply_op(x, op, magnitudes)
     for i, m in enumerate(magnitudes):
         assert np.array_equal(hwc(out[i]), np.asarray(PILLOW[op](pil(x[i]), float(m)))), (op, float(m))
 
@@ -164,7 +170,7 @@ def test_blends_are_pillows_but_rounded_where_pillow_truncates(op: str) -> None:
     moves a pixel by one more level in either direction."""
     magnitudes = drawn(op, 24)
     x = images(len(magnitudes))
-    out = apply_strong_views(x, views(op, magnitudes))
+    out = apply_op(x, op, magnitudes)
     diff = np.stack([hwc(out[i]).astype(int) - np.asarray(PILLOW[op](pil(x[i]), float(m))).astype(int)
                      for i, m in enumerate(magnitudes)])
     low = -1 if op == "color" else 0
@@ -172,19 +178,24 @@ def test_blends_are_pillows_but_rounded_where_pillow_truncates(op: str) -> None:
     assert 0.3 < diff.mean() < 0.7  # rounding where Pillow truncates: +0.5 level on average
 
 
-def test_cutout_is_pillows_rectangle_at_the_stored_box() -> None:
-    """CutoutAbs on the stored centre and side: ImageDraw.rectangle from (int(max(0, c - v/2))) to min(S, that + v),
-    both ends included, filled with (125, 123, 114)."""
-    boxes = draw_strong_views(24, 1, 32, seed=5)[:, 0, -3:].astype(np.float64)  # (n, 3): centre x, y, side
-    x = images(len(boxes))
-    out = apply_strong_views(x, torch.cat([one_view(cutout=tuple(float(v) for v in b)) for b in boxes]))
-    for i, (cx, cy, size) in enumerate(boxes):
+def test_cutout_is_pillows_rectangle_at_the_drawn_box() -> None:
+    """CutoutAbs as MLKD draws it (side v = U(0, 0.5) x 32, centre uniform in (1, 32]): ImageDraw.rectangle from
+    (int(max(0, c - v/2))) to min(S, that + v), both ends included, filled with (125, 123, 114); the stored
+    corners replay exactly that rectangle."""
+    from richkd_cache.views import Cutout
+
+    generator = torch.Generator().manual_seed(5)
+    side = 0.5 * torch.rand(24, generator=generator, dtype=torch.float64) * 32
+    centre = 32 - 31 * torch.rand(24, 2, generator=generator, dtype=torch.float64)
+    boxes = Cutout().draw(torch.Generator().manual_seed(5), 24, 32, 32, 32)
+    x = images(24)
+    out = Cutout().replay(x, boxes, 32)
+    for i in range(24):
         expected = pil(x[i])
-        v = size * 32
-        x0, y0 = int(max(0, cx * 32 - v / 2)), int(max(0, cy * 32 - v / 2))
-        if v > 0:
-            ImageDraw.Draw(expected).rectangle((x0, y0, min(32, x0 + v), min(32, y0 + v)), fill=(125, 123, 114))
-        assert np.array_equal(hwc(out[i]), np.asarray(expected))
+        v = float(side[i])
+        x0, y0 = int(max(0, float(centre[i, 0]) - v / 2)), int(max(0, float(centre[i, 1]) - v / 2))
+        ImageDraw.Draw(expected).rectangle((x0, y0, min(32, x0 + v), min(32, y0 + v)), fill=(125, 123, 114))
+        assert np.array_equal(hwc(out[i]), np.asarray(expected)), i
 
 
 def coordinates(n: int) -> torch.Tensor:
@@ -206,7 +217,7 @@ def test_rotate_and_shears_take_pillows_source_pixels_up_to_its_fixed_point(op: 
     device, and every cache with strong views was built with them."""
     magnitudes = drawn(op, 64)
     x = coordinates(len(magnitudes))
-    out = apply_strong_views(x, views(op, magnitudes))
+    out = apply_op(x, op, magnitudes)
     differing = 0
     for i, m in enumerate(magnitudes):
         ours = hwc(out[i]).astype(int)
@@ -241,7 +252,7 @@ def test_the_cache_reports_and_verifies_its_strong_views(strong_cache) -> None:
     info = runner.invoke(app, ["info", str(out), "--json"])
     assert info.exit_code == 0, info.output
     summary = json.loads(info.output)
-    assert summary["views"]["strong"] == {"policy": "randaugment", "num_views": K, "seed": 0}
+    assert summary["views"]["strong"] == {"policy": "mlkd-strong", "num_views": K, "seed": 0}
     assert summary["bytes_per_sample_view"]["strong"]["bytes_per_row"] == 20  # 10 fp16 logits
     verify = runner.invoke(app, ["verify", str(out), "--recompute", "3", "--device", "cpu"])
     assert verify.exit_code == 0 and "ok" in verify.output, verify.output
@@ -257,9 +268,9 @@ def test_verify_recompute_catches_a_wrong_strong_row(strong_cache, tmp_path: Pat
     assert verify.exit_code != 0 and "teacher/strong_logits" in verify.output, verify.output
 
 
-def test_a_cache_without_strong_views_records_the_layout_it_did_before_them(digits_cache: Path) -> None:
+def test_a_cache_without_strong_views_records_no_strong_layout(digits_cache: Path) -> None:
     layout = open_cache(str(digits_cache)).manifest["layout"]
-    assert "strong_views" not in layout and {"teacher_topk", "clip_views"} <= set(layout)
+    assert not {"strong_views", "strong_param_dim"} & set(layout) and "clip_views" in layout
 
 
 def test_mlkd_on_a_cache_without_strong_views_names_the_build_flag(digits_cache: Path, tmp_path: Path) -> None:

@@ -12,69 +12,108 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-import zarr
 
-from cache_store import MANIFEST_KEY, open_cache
+from cache_store import open_cache
 from pipelines.cli import app
 from cache_store.schema import model_views
 from pipelines.cached import clean_view
 from pipelines.config import TrainConfig
-from pipelines.targets import augment
+from pipelines.targets import augment, student_policy
 from stagetwo import Batches
 from richkd_cache.clip import load_clip, resolve_clip
 from richkd_cache.data import create_dataset, normalize
 from richkd_cache.models import create_model, load_checkpoint, save_checkpoint
 from richkd_cache.views import (
-    all_crop_flips,
-    apply_views,
+    BOX_BITS,
+    Record,
     clean_view_index,
     clip_policy,
+    create_policy,
+    enumerated_views,
     num_views,
-    random_resized_crops,
+    resized_crop_box,
+    stored_views,
     teacher_policy,
-    view_params,
 )
 
 runner = CliRunner()
 
 
 def test_cifar_augmentation_has_exactly_162_views() -> None:
-    table = all_crop_flips(32)
-    assert table.shape == (162, 5) and len({tuple(r) for r in table.tolist()}) == 162
-    assert num_views("all", 32) == 162
+    table = enumerated_views(create_policy("crop-flip", 32))
+    rows = set(zip(*(v.tolist() for v in table.values())))
+    assert len(rows) == 162 and num_views("all", 32) == 162
+    records = stored_views("all", create_policy("crop-flip", 32), 0, 0, 162)
+    assert records.shape == (162, 2) and len({r.tobytes() for r in records}) == 162  # 9 bits: two bytes a view
 
 
 def test_all_views_are_the_padded_crops_and_flips() -> None:
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     padded = F.pad(images, (4, 4, 4, 4))
-    for k, row in enumerate(all_crop_flips(32)[::7]):
-        params = torch.from_numpy(np.tile(row, (3, 1)))
-        top, left = int(round(row[0] * 32)) + 4, int(round(row[1] * 32)) + 4
+    policy = create_policy("crop-flip", 32)
+    table = enumerated_views(policy)
+    for k in range(0, 162, 7):
+        fields = {name: values[k].repeat(3) for name, values in table.items()}
+        top, left = int(table["dy"][k]), int(table["dx"][k])
         expected = padded[:, :, top : top + 32, left : left + 32]
-        expected = expected.flip(-1) if row[4] else expected
-        assert torch.equal(apply_views(images, params), expected), k
+        expected = expected.flip(-1) if table["flip"][k] else expected
+        assert torch.equal(policy.replay(images, fields), expected), k
+    clean = clean_view_index("all", 32)
+    assert torch.equal(policy.replay(images, {n: v[clean].repeat(3) for n, v in table.items()}), images)
 
 
-def test_random_resized_views_are_deterministic_and_in_range() -> None:
-    a, b = random_resized_crops(10, 4, seed=3), random_resized_crops(10, 4, seed=3)
-    assert np.array_equal(a, b) and a.shape == (10, 4, 5)
-    assert (a[..., 0] + a[..., 2] <= 1 + 1e-6).all() and (a[..., 1] + a[..., 3] <= 1 + 1e-6).all()
+def test_records_pack_every_field_into_their_bits() -> None:
+    record = Record((("a", 3), ("b", 15), ("c", 1)))
+    values = {"a": torch.tensor([0, 7, 5]), "b": torch.tensor([0, (1 << 15) - 1, 1234]), "c": torch.tensor([1, 0, 1])}
+    raw = record.pack(values, 3)
+    assert raw.shape == (3, 3) and raw.dtype == np.uint8  # 19 bits
+    assert all(torch.equal(record.unpack(raw)[n], values[n]) for n in values)
+    with pytest.raises(Exception, match="does not fit its 3 bits"):
+        record.pack({**values, "a": torch.tensor([8, 0, 0])}, 3)
 
 
-def test_resized_views_match_torchvisions_crop_resize_and_flip() -> None:
-    """The reference: torchvision's resized_crop (bilinear, antialiased) and horizontal_flip on known boxes."""
+def test_random_resized_crop_views_cost_8_bytes() -> None:
+    """A whole-image crop box (15 bits a coordinate) and a flip: with top-10 fp16 values and int16 indices, a
+    sample-view is 48 bytes."""
+    policy = create_policy("random-resized-crop", 224)
+    assert policy.whole_image and policy.record.nbytes == 8 and BOX_BITS == 15
+    assert policy.record.nbytes + 10 * (2 + 2) == 48
+
+
+@pytest.mark.parametrize("size", [(375, 500), (500, 375), (64, 80), (40, 900), (900, 40)])
+def test_boxes_are_torchvisions_random_resized_crop_params(size: tuple[int, int]) -> None:
+    """The same draws in the same order as RandomResizedCrop.get_params: with the global generator and our
+    generator seeded alike, the boxes are equal, the rejection sampling's centre-crop fallback (extreme
+    aspect ratios) included."""
+    from torchvision.transforms import RandomResizedCrop
+
+    height, width = size
+    image = torch.zeros(3, height, width, dtype=torch.uint8)
+    for seed in range(25):
+        torch.manual_seed(seed)
+        expected = RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
+        assert resized_crop_box(torch.Generator().manual_seed(seed), height, width, (0.08, 1.0), (3 / 4, 4 / 3)) \
+            == tuple(expected), seed
+
+
+def test_a_resized_crop_view_is_torchvisions_resized_crop_of_the_whole_image() -> None:
+    """The replay of a stored record is torchvision's resized_crop (bilinear, antialiased) of the full image at
+    the stored box, flipped when the bit says so."""
     from torchvision.transforms.v2 import functional as TF
 
-    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    boxes = [(4, 6, 20, 16, 0), (0, 0, 9, 30, 1), (10, 3, 22, 12, 1)]  # pixels: top, left, height, width, flip
-    params = torch.tensor([[t / 32, l / 32, h / 32, w / 32, f] for t, l, h, w, f in boxes])
-    ours = apply_views(images, params)
-    for i, (top, left, height, width, flip) in enumerate(boxes):
-        expected = TF.resized_crop(images[i].float(), top, left, height, width, [32, 32],
+    whole = torch.randint(0, 256, (3, 120, 90), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    policy = create_policy("random-resized-crop", 32)
+    records = stored_views(4, policy, seed=3, index=7, k=4, height=120, width=90)
+    assert np.array_equal(records, stored_views(4, policy, 3, 7, 4, 120, 90))  # a sample's views: its seed alone
+    fields = policy.record.unpack(records)
+    replayed = policy.replay(whole[None].expand(4, -1, -1, -1), fields)
+    for k in range(4):
+        top, left, height, width = (int(fields[n][k]) for n in ("top", "left", "height", "width"))
+        assert top + height <= 120 and left + width <= 90
+        expected = TF.resized_crop(whole, top, left, height, width, [32, 32],
                                    interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        expected = expected.round().clamp(0, 255).to(torch.uint8)
-        expected = TF.horizontal_flip(expected) if flip else expected
-        assert torch.equal(ours[i], expected), boxes[i]
+        expected = TF.horizontal_flip(expected) if fields["flip"][k] else expected
+        assert torch.equal(replayed[k], expected), k
 
 
 def write_tiny_cifar10(root: Path) -> Path:
@@ -113,12 +152,12 @@ def test_replayed_views_give_the_cached_targets(all_views_cache) -> None:
     assert model_views(cache.manifest) == {"teacher": {"policy": "all", "num_views": 162, "clean_view": 80},
                                            "clip": {"policy": "clean", "num_views": 1, "clean_view": 0}}
     assert cache.load("teacher/logits").shape == (6, 162, 10) and cache.load("clip/richkd-tiny/image_embeds").shape[:2] == (6, 1)
-    params = torch.from_numpy(cache.load("views/params"))
+    records = cache.load("views/params")  # (6, 162, 2) uint8
     dataset = create_dataset("cifar10", str(data), "train")
     images = torch.from_numpy(dataset.images.transpose(0, 3, 1, 2).copy())
     model, _ = load_checkpoint(str(teacher))
     v = torch.tensor([0, 17, 80, 161, 100, 55])
-    replayed = apply_views(images, params[torch.arange(6), v])
+    replayed = create_policy("crop-flip", 32).replay_packed(images, records[np.arange(6), v.numpy()])
     with torch.no_grad():
         logits, feats = model(normalize(replayed, dataset.mean, dataset.std))
     for name, fresh in (("teacher/logits", logits), ("teacher/features", feats)):
@@ -191,10 +230,6 @@ def test_a_student_trains_from_a_views_cache(all_views_cache, tmp_path: Path) ->
     assert result.exit_code == 0, result.output
 
 
-def test_view_params_of_the_clean_policy() -> None:
-    assert view_params("clean", 3, 32).tolist() == [[[0, 0, 1, 1, 0]]] * 3
-
-
 def test_topk_logits_rebuild_and_report_their_cost(tmp_path: Path) -> None:
     from richkd_cache.distill import logits_from_topk, topk_kl, topk_log_probs
 
@@ -240,39 +275,6 @@ def build_tiny(data: Path, teacher: Path, out: Path, *views: str) -> None:
     assert result.exit_code == 0, result.output
 
 
-def as_shared_policy_cache(url: Path) -> None:
-    """Rewrite a manifest as caches were written when both models shared one view policy."""
-    group = zarr.open_group(str(url), mode="r+", use_consolidated=False)
-    manifest = dict(group.attrs[MANIFEST_KEY])
-    manifest["layout"] = {k: v for k, v in manifest["layout"].items() if k != "clip_views"}
-    manifest["views"] = {k: v for k, v in manifest["views"].items() if k not in ("teacher", "clip")}
-    group.attrs[MANIFEST_KEY] = manifest
-    zarr.consolidate_metadata(group.store)
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning")  # zarr: consolidated metadata is outside the v3 spec
-def test_a_cache_with_one_shared_view_policy_still_opens_reports_and_trains(all_views_cache, tmp_path: Path) -> None:
-    _, data, teacher = all_views_cache
-    out = tmp_path / "shared.zarr"
-    build_tiny(data, teacher, out, "--teacher-views", "all", "--clip-views", "same")
-    as_shared_policy_cache(out)
-    cache = open_cache(str(out))
-    assert cache.layout.clip_num_views == 162 and model_views(cache.manifest)["clip"]["policy"] == "all"
-    _, z_t, embeds = clean_view(cache)
-    assert np.array_equal(embeds["richkd-tiny"].numpy(), cache.load("clip/richkd-tiny/image_embeds")[:, 80].astype(np.float32))
-    cfg = TrainConfig(student="resnet8", out="unused", cache=str(out), alpha=0.7)
-    logits, _, _ = Batches(cfg)([2], [40])
-    z_t_all = torch.from_numpy(cache.load("teacher/logits").astype(np.float64))
-    e = torch.from_numpy(cache.load("clip/richkd-tiny/image_embeds").astype(np.float64))
-    z_c = cache.clip_records["richkd-tiny"]["tau"] * e @ torch.from_numpy(cache.text_embeddings("single")).double().mean(0).T
-    assert torch.allclose(logits[0].double(), 0.7 * z_t_all[2, 40] + 0.3 * z_c[2, 40], atol=1e-4)
-    assert runner.invoke(app, ["info", str(out)]).exit_code == 0
-    trained = runner.invoke(app, ["train", "--cache", str(out), "--data-root", str(data), "--student", "resnet8",
-                                  "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--workers", "0",
-                                  "--quiet", "--out", str(tmp_path / "run")])
-    assert trained.exit_code == 0, trained.output
-
-
 def test_random_teacher_views_have_no_clean_view_to_report_on(all_views_cache, tmp_path: Path) -> None:
     _, data, teacher = all_views_cache
     out = tmp_path / "random.zarr"
@@ -298,7 +300,7 @@ def test_view_policy_errors_are_one_line(all_views_cache, tmp_path: Path, teache
 
 
 def test_default_teacher_views_follow_the_image_size() -> None:
-    assert teacher_policy("auto", 32) == "all" and teacher_policy("auto", 224) == "clean"
+    assert teacher_policy("auto", 32) == "all" and teacher_policy("auto", 224) == 100  # a fresh view per epoch
     assert clip_policy("same", 4) == 4 and clip_policy("all", "all") == "all" and clip_policy("clean", "all") == "clean"
     assert clean_view_index("all", 32) == 80 and clean_view_index(5, 32) is None
 
@@ -307,10 +309,12 @@ def test_larger_images_without_stored_views_get_random_resized_crops() -> None:
     """mdistiller's ImageNet recipe (RandomResizedCrop + flip), not a zero-padded shift: a constant image
     stays constant (a padded crop would bring in black borders), and the crops zoom in."""
     generator = torch.Generator().manual_seed(0)
+    policy = student_policy(None, 64)
+    assert policy.name == "random-resized-crop"
     flat_grey = torch.full((32, 3, 64, 64), 200, dtype=torch.uint8)
-    out = augment(flat_grey, None, generator)
+    out = augment(flat_grey, None, policy, generator)
     assert torch.equal(out, flat_grey)
     ramp = torch.arange(64, dtype=torch.uint8).mul(4).expand(32, 3, 64, 64).contiguous()  # column c is 4c
-    out = augment(ramp, None, generator)
+    out = augment(ramp, None, policy, generator)
     spans = (out[:, 0, 0, -1].int() - out[:, 0, 0, 0].int()).abs()  # a whole-width view spans 252
     assert (spans < 150).float().mean() > 0.3  # scale 0.08-1: many crops are narrower than half the image

@@ -15,7 +15,7 @@ from richkd_cache.data.cifar import load_cifar10, load_cifar100
 from richkd_cache.data.digits import load_digits
 from richkd_cache.data.fingerprint import dataset_fingerprint
 from richkd_cache.data.imagefolder import ImageFolderDataset
-from richkd_cache.data.transforms import normalize, random_crop_flip, random_resized_crop_flip
+from richkd_cache.data.transforms import normalize
 from richkd_cache.errors import DataError
 
 # name -> loader(root, split, **options); every dataset name lives here and only here
@@ -64,6 +64,4 @@ __all__ = [
     "dataset_fingerprint",
     "list_datasets",
     "normalize",
-    "random_crop_flip",
-    "random_resized_crop_flip",
 ]

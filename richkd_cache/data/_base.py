@@ -46,6 +46,14 @@ class ImageDataset(Dataset, abc.ABC):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def whole(self, i: int) -> torch.Tensor:
+        """Image i whole, (3, H, W) uint8: what whole-image views (random-resized crops) are cut from."""
+        return self[i]["image"]
+
+    def clean(self, image: torch.Tensor) -> torch.Tensor:
+        """The clean view of a whole image (the image itself, unless the dataset resizes and crops it)."""
+        return image
+
     @abc.abstractmethod
     def __getitem__(self, i: int) -> dict: ...
 

@@ -1,13 +1,7 @@
-"""Strong views: MLKD's RandAugment-style augmentation, drawn once per (sample, view) from a seeded generator,
-stored as parameters, and replayed so that stage two sees exactly the pixels the teacher saw in stage one.
+"""Pillow's image ops on uint8 batches, exact and device-independent: the RandAugment ops of strong views
+(richkd_cache/views.py's `mlkd-strong` policy) and CutoutAbs.
 
-The policy follows Jin-Ying/Multi-Level-Logit-Distillation, mdistiller/dataset/cifar100.py
-(get_cifar100_train_transform_strong): RandomCrop(32, padding=4) and RandomHorizontalFlip, then
-RandAugment(2, 10) (two ops drawn with replacement from its augment_list, each with a magnitude uniform in
-the op's range; the 10 is unused there), then Cutout of a square whose side is uniform in [0, 0.5] of the
-image, filled with (125, 123, 114).
-
-The ops and their magnitude ranges are that file's; the pixel arithmetic is ours and exact: blends in
+The ops and their magnitude ranges are those of MLKD's mdistiller/dataset/cifar100.py (augment_list); the pixel arithmetic is ours and exact: blends in
 1/256 steps on integers, lookup tables from integer histograms, and geometry as nearest-neighbour index
 maps computed in float64 on the host. A replay of the same parameters gives the same bytes, on any device.
 Against Pillow on the same parameters (tests/test_strong_views.py): the point ops and translations give its
@@ -17,17 +11,10 @@ take a neighbouring source pixel where Pillow's 16.16 fixed-point map crosses a 
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
-from richkd_cache.views import PARAM_NAMES, apply_views, pad_for
-
-# One strong view: the crop and flip (views.PARAM_NAMES), two (op, magnitude) pairs, the cutout square
-# (centre x, centre y as fractions of the side; side as a fraction, 0 = none)
-STRONG_PARAM_NAMES = (*PARAM_NAMES, "op1", "magnitude1", "op2", "magnitude2", "cutout_x", "cutout_y", "cutout_size")
-# (name, low, high): augment_list() of mdistiller/dataset/cifar100.py, in its order (the op ids)
+# (name, low, high): augment_list() of mdistiller/dataset/cifar100.py in MLKD's repository, in its order (the
+# op ids); a stored magnitude is a level 0..255 of [low, high]
 OPS = (
     ("auto_contrast", 0.0, 1.0),
     ("brightness", 0.05, 0.95),
@@ -44,45 +31,12 @@ OPS = (
     ("translate_x", -0.3, 0.3),  # fraction of the side
     ("translate_y", -0.3, 0.3),
 )
-OPS_PER_VIEW = 2  # RandAugment(2, 10)
-CUTOUT_MAX = 0.5  # Cutout(img, random.random() * 0.5)
 CUTOUT_FILL = (125, 123, 114)  # CutoutAbs's colour
-_STREAM = 0x5747  # the strong views' own generator stream, apart from the random crop views' (views.py)
 
 
-def draw_strong_views(num_samples: int, k: int, image_size: int, seed: int = 0) -> np.ndarray:
-    """(N, K, 12) float32 parameters (STRONG_PARAM_NAMES), deterministic for (N, K, size, seed)."""
-    rng = np.random.default_rng([seed, _STREAM])
-    pad = pad_for(image_size)
-    shape = (num_samples, k)
-    offsets = rng.integers(-pad, pad + 1, size=(*shape, 2)) / image_size  # RandomCrop(32, padding=4)
-    flip = rng.integers(0, 2, size=shape).astype(np.float64)
-    ops = rng.integers(0, len(OPS), size=(*shape, OPS_PER_VIEW))  # random.choices: with replacement
-    low = np.array([o[1] for o in OPS])[ops]
-    high = np.array([o[2] for o in OPS])[ops]
-    magnitudes = low + (high - low) * rng.uniform(size=ops.shape)
-    side = CUTOUT_MAX * rng.uniform(size=shape)
-    # CutoutAbs draws the centre with np.random.uniform(w), i.e. low = w, high = 1: a pixel in (1, w]
-    centre = (image_size - (image_size - 1) * rng.uniform(size=(*shape, 2))) / image_size
-    ones = np.ones(shape)
-    columns = [offsets[..., 0], offsets[..., 1], ones, ones, flip]
-    for slot in range(OPS_PER_VIEW):
-        columns += [ops[..., slot], magnitudes[..., slot]]
-    columns += [centre[..., 0], centre[..., 1], side]
-    return np.stack(columns, axis=-1).astype(np.float32)
-
-
-def apply_strong_views(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Pixels of one strong view per image: (B, 3, S, S) uint8 and (B, 12) params -> (B, 3, S, S) uint8."""
-    out = apply_views(images, params[:, : len(PARAM_NAMES)])  # the padded crop and flip, exact
-    host = params.detach().to("cpu", torch.float64)
-    for slot in range(OPS_PER_VIEW):
-        ops = host[:, len(PARAM_NAMES) + 2 * slot].round().long()
-        magnitudes = host[:, len(PARAM_NAMES) + 2 * slot + 1]
-        for op in ops.unique().tolist():
-            rows = torch.nonzero(ops == op).flatten()
-            out[rows.to(out.device)] = _OP_FUNCTIONS[OPS[op][0]](out[rows.to(out.device)], magnitudes[rows])
-    return _cutout(out, host[:, -3:])
+def apply_op(images: torch.Tensor, name: str, magnitudes: torch.Tensor) -> torch.Tensor:
+    """One op on a batch: (n, 3, S, S) uint8 and (n,) float64 host magnitudes -> (n, 3, S, S) uint8."""
+    return _OP_FUNCTIONS[name](images, magnitudes)
 
 
 # ---------------------------------------------------------------- the ops: (n, 3, S, S) uint8, (n,) float64 host
@@ -215,17 +169,15 @@ def _affine(x: torch.Tensor, a, b, c, d, e, f) -> torch.Tensor:
     return torch.where(inside[:, None], picked, torch.zeros_like(picked))
 
 
-def _cutout(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """CutoutAbs: a square of side v = size * S at the stored centre, clipped to the image, corners
-    (int(max(0, c - v/2)), then + v) included as ImageDraw.rectangle includes them; none when v = 0."""
-    n, _, s, _ = x.shape
-    side = box[:, 2] * s
-    start = torch.floor(torch.clamp_min(box[:, :2] * s - side[:, None] / 2, 0))  # (n, 2): x0, y0
-    stop = torch.floor(torch.minimum(start + side[:, None], torch.full_like(start, s)))  # inclusive
-    pixels = torch.arange(s, dtype=torch.float64)
-    cols = (pixels >= start[:, 0:1]) & (pixels <= stop[:, 0:1])  # (n, S)
-    rows = (pixels >= start[:, 1:2]) & (pixels <= stop[:, 1:2])
-    mask = (rows[:, :, None] & cols[:, None, :] & (side > 0).view(-1, 1, 1)).to(x.device)
+def cutout(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """CutoutAbs's square: (n, 3, S, S) uint8, box (n, 4) integer (x0, y0, x1, y1), both corners included as
+    ImageDraw.rectangle includes them, filled with CUTOUT_FILL; x1 < x0 draws nothing."""
+    s = x.shape[-1]
+    box = box.to(x.device)
+    pixels = torch.arange(s, device=x.device)
+    cols = (pixels >= box[:, 0:1]) & (pixels <= box[:, 2:3])  # (n, S)
+    rows = (pixels >= box[:, 1:2]) & (pixels <= box[:, 3:4])
+    mask = rows[:, :, None] & cols[:, None, :]
     fill = torch.tensor(CUTOUT_FILL, dtype=torch.uint8, device=x.device).view(1, 3, 1, 1)
     return torch.where(mask[:, None], fill, x)
 
