@@ -119,17 +119,6 @@ Matrix = tuple[float, float, float, float, float, float]
 PixelOp = Callable[[torch.Tensor, list[float], Fill], torch.Tensor]  # images, one argument per image, fill
 
 
-def _auto_contrast(x: torch.Tensor, args: list[float], fill: Fill) -> torch.Tensor:
-    """ImageOps.autocontrast(image) per channel, in its float64 steps: int(v * scale + offset) with
-    scale = 255.0 / (hi - lo), offset = -lo * scale (view_ops' exact integer stretch is up to one level above it
-    where that sum lands just below an integer), unchanged where a channel is flat."""
-    v = x.double()
-    low, high = v.amin(dim=(2, 3), keepdim=True), v.amax(dim=(2, 3), keepdim=True)
-    scale = torch.full_like(high, 255.0) / (high - low).clamp_min(1)  # a true division: 255.0 / t is 255 * (1 / t)
-    stretched = torch.trunc(v * scale + -low * scale).clamp(0, 255).to(torch.uint8)
-    return torch.where(high > low, stretched, x)
-
-
 def _invert(x: torch.Tensor, args: list[float], fill: Fill) -> torch.Tensor:
     return 255 - x
 
@@ -222,7 +211,7 @@ class TimmOp:
 
 # timm's _RAND_INCREASING_TRANSFORMS, in its order (the stored op id); the arguments are LEVEL_TO_ARG's
 RAND_INCREASING_OPS = (
-    TimmOp("AutoContrast", _no_argument, False, _auto_contrast),
+    TimmOp("AutoContrast", _no_argument, False, _view_op("auto_contrast")),
     TimmOp("Equalize", _no_argument, False, _view_op("equalize")),
     TimmOp("Invert", _no_argument, False, _invert),
     TimmOp("Rotate", _rotate_degrees, True, _geometric(_rotate_matrix)),

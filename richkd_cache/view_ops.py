@@ -86,12 +86,14 @@ def _sharpness(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def _auto_contrast(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Stretch each channel's range to 0..255 (unchanged where a channel is flat)."""
-    v = x.to(torch.int32)
+    """ImageOps.autocontrast per channel, in its float64 steps: int(v * scale + offset) with scale = 255.0 /
+    (hi - lo) and offset = -lo * scale (an exact integer stretch lands one level higher where that sum falls
+    just below an integer); unchanged where a channel is flat. Separate float64 ops round alike on every device."""
+    v = x.double()
     low, high = v.amin(dim=(2, 3), keepdim=True), v.amax(dim=(2, 3), keepdim=True)
-    span = (high - low).clamp_min(1)
-    stretched = torch.div((v - low) * 255, span, rounding_mode="floor")
-    return torch.where(high > low, stretched, v).to(torch.uint8)
+    scale = torch.full_like(high, 255.0) / (high - low).clamp_min(1)  # a true division: 255.0 / t is 255 * (1 / t)
+    stretched = torch.trunc(v * scale + -low * scale).clamp(0, 255).to(torch.uint8)
+    return torch.where(high > low, stretched, x)
 
 
 def _equalize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

@@ -189,6 +189,8 @@ class Flip(Stage):
         return {"flip": (torch.rand(n, generator=gen, device=gen.device) < 0.5).long()}
 
     def replay(self, images: torch.Tensor, f: Fields, size: int) -> torch.Tensor:
+        if len(images) == 1:  # a loader worker's one view: no full-size select
+            return images.flip(-1) if bool(f["flip"][0]) else images
         flip = f["flip"].to(images.device).bool()[:, None, None, None]
         return torch.where(flip, images.flip(-1), images)
 
