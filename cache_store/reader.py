@@ -1,6 +1,6 @@
 """Reading a cache: read-only, whole arrays at a time (random rows straight from zarr are slow).
 
-A cache holds the teacher's arrays and one or more CLIP models' (format 1: exactly one). The teacher's part
+A cache holds the teacher's arrays and one or more CLIP models'. The teacher's part
 is complete when the manifest's status is; each CLIP model has its own status and flags, so a model being
 added to a complete cache is reported incomplete while the others train as before.
 """
@@ -92,7 +92,7 @@ class CacheReader:
 
     def _owner(self, name: str) -> str | None:
         """The CLIP model whose own arrays `name` is one of (None: the teacher's part)."""
-        return next((n for n, c in self.clips.items() if c.own_flags and name in c.arrays(self.layout)), None)
+        return next((n for n, c in self.clips.items() if name in c.arrays(self.layout)), None)
 
     def check_arrays(self) -> None:
         """Every array of the layout is there with its dtype and shape; prompt sets are float32 [M, C, D]."""
@@ -224,8 +224,7 @@ class CacheReader:
         """Arrays and chunks the manifest and written flags say exist but the store lacks."""
         blocks = {"written": self._required_blocks("written", self.manifest["status"] == STATUS_COMPLETE)}
         for name, clip in self.clips.items():
-            if clip.own_flags:
-                blocks[clip.written] = self._required_blocks(clip.written, self.clip_complete(name))
+            blocks[clip.written] = self._required_blocks(clip.written, self.clip_complete(name))
         return missing_chunks(self.group, self.keys, {name: blocks[flags_of(name, self.clips)]
                                                       for name in self.present_arrays()})
 

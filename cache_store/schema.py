@@ -144,7 +144,7 @@ class CacheLayout:
 
     def sample_arrays(self) -> dict[str, ArraySpec]:
         """The teacher's part: arrays with one row per sample (and a view axis), written block by block
-        and flagged in `written` (format 1 also flagged its CLIP arrays there: `ClipLayout`)."""
+        and flagged in `written`."""
         per_view = self.per_view
         specs = [
             ArraySpec("labels", "int32", (self.num_samples,), (self.block_rows,), -1),
@@ -178,8 +178,8 @@ def _is_count(value: object) -> bool:
 @dataclass(frozen=True)
 class ClipLayout:
     """One CLIP model's arrays: image embeddings (N, Vc, D) and features (N, Vc, Fc) under `root`, its
-    block flags, and its prompt sets (M, C, D) under `root`/text. Format 2: root `clip/<name>`, flags
-    `clip/<name>/written`; format 1: root `clip`, flags shared with the teacher (`written`)."""
+    block flags, and its prompt sets (M, C, D) under `root`/text: root `clip/<name>`, flags
+    `clip/<name>/written`."""
 
     name: str
     embed_dim: int
@@ -199,11 +199,6 @@ class ClipLayout:
     def text_group(self) -> str:
         return f"{self.root}/text"
 
-    @property
-    def own_flags(self) -> bool:
-        """Its flags are its own (format 2), not the teacher's."""
-        return self.written != "written"
-
     def sample_arrays(self, layout: CacheLayout) -> dict[str, ArraySpec]:
         v = layout.clip_num_views
         specs = [layout.per_view(self.image_embeds, "float16", self.embed_dim, v)]
@@ -212,9 +207,8 @@ class ClipLayout:
         return {s.name: s for s in specs}
 
     def arrays(self, layout: CacheLayout) -> dict[str, ArraySpec]:
-        """Its arrays, with its flags when they are its own."""
-        flags = {self.written: layout.flags(self.written)} if self.own_flags else {}
-        return {**self.sample_arrays(layout), **flags}
+        """Its arrays, with its flags."""
+        return {**self.sample_arrays(layout), self.written: layout.flags(self.written)}
 
 
 def clip_model_name(requested: str) -> str:

@@ -82,7 +82,7 @@ def _clip_model_problems(reader: CacheReader) -> list[str]:
     """A CLIP model still being added (its own flags) is reported, with how far it got."""
     problems = []
     for name, clip in reader.clips.items():
-        if not clip.own_flags or reader.clip_complete(name):
+        if reader.clip_complete(name):
             continue
         if f"{clip.written}/zarr.json" not in reader.keys:
             problems.append(f"CLIP model {name} is incomplete (its arrays were never created): re-run the build "
@@ -166,6 +166,6 @@ def _scan_prompt_sets(reader: CacheReader) -> list[str]:
                 problems.append(damage(array, path, (0,) * array.ndim, error))
             elif not np.isfinite(array[...]).all():
                 problems.append(f"prompt set {name}{whose}: non-finite text embeddings")
-        if not stored and not (clip.own_flags and not reader.clip_complete(model)):  # being added: reported above
+        if not stored and reader.clip_complete(model):  # being added: reported above
             problems.append(f"no prompt set stored{whose}: CLIP logits cannot be computed")
     return problems

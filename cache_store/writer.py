@@ -220,8 +220,8 @@ class CacheWriter:
 
     @property
     def parts(self) -> dict[str, dict]:
-        """The sample-axis arrays of each flags array: `written` (the teacher's part, and format 1's CLIP
-        arrays) and each format-2 CLIP model's own flags."""
+        """The sample-axis arrays of each flags array: `written` (the teacher's part) and each CLIP model's
+        own flags."""
         parts: dict[str, dict] = {"written": dict(self.layout.sample_arrays())}
         for clip in self.clips.values():
             parts.setdefault(clip.written, {}).update(clip.sample_arrays(self.layout))
@@ -406,8 +406,7 @@ class CacheWriter:
             if missing:
                 raise CacheError(f"CLIP model {model} of cache {self.url} is missing {missing} of {self.num_blocks} "
                                  "blocks; cannot complete it")
-            if clip.own_flags:
-                self.update_clip_record(model, status=STATUS_COMPLETE)
+            self.update_clip_record(model, status=STATUS_COMPLETE)
         self.update_manifest(status=STATUS_COMPLETE)
 
     def _keep_consolidated(self) -> None:
