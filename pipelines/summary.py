@@ -46,7 +46,7 @@ def cache_summary(url: str, alpha: float) -> dict:
         "blocks_written": int(written.sum()),
         "blocks_total": int(written.size),
         "dataset": {k: manifest["dataset"].get(k) for k in ("name", "split", "num_samples", "num_classes", "fingerprint")},
-        "views": {**model_views(manifest), **strong_views(manifest)},
+        "views": {**teacher_views(manifest), **strong_views(manifest)},
         "teacher": {k: manifest["teacher"].get(k)
                     for k in ("arch", "checkpoint_sha256", "accuracy", "topk_kl_mean", "topk_kl_rows")},
         "teacher_topk": reader.layout.teacher_topk,
@@ -65,6 +65,13 @@ def cache_summary(url: str, alpha: float) -> dict:
             summary["prompt_sets"] += [{"clip_model": "ensemble", **row}
                                        for row in prompt_set_accuracy(reader, alpha, *complete)]
     return summary
+
+
+def teacher_views(manifest: dict) -> dict[str, dict]:
+    """Each model's views (model_views), the teacher's with the view policy its records follow (`augment`)."""
+    views = model_views(manifest)
+    views["teacher"]["augment"] = (manifest.get("views") or {}).get("augment")
+    return views
 
 
 def strong_views(manifest: dict) -> dict[str, dict]:
@@ -204,13 +211,14 @@ def views_table(summary: dict) -> Table:
     """Each model's view policy, its rows, and the bytes of one row (one sample-view)."""
     table = Table(title="views and bytes per sample-view")
     for col in ("model", "policy", "views", "rows", "bytes/row", "stored/row", "fp16 total"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     several = len(summary["clip_models"]) > 1
     for model, size in summary["bytes_per_sample_view"].items():
         teacher_rows = model in ("teacher", "strong")  # the teacher on its views, and on the strong views
         v = summary["views"][model if teacher_rows else "clip"]
         label = model if teacher_rows else (f"clip {model}" if several else "clip")
-        table.add_row(label, str(v["policy"]), str(v["num_views"]), str(size["rows"]), str(size["bytes_per_row"]),
+        policy = str(v["policy"]) if v.get("augment") in (None, "clean", "crop-flip") else v["augment"]
+        table.add_row(label, policy, str(v["num_views"]), str(size["rows"]), str(size["bytes_per_row"]),
                       f"{size['stored_bytes_per_row']:.0f}", human_bytes(size["rows"] * size["bytes_per_row"]))
     return table
 

@@ -240,3 +240,24 @@ def test_a_stored_view_is_torchvisions_crop_of_the_whole_image_and_gives_the_cac
         top = torch.log_softmax(logits, 1).topk(TOPK, dim=1)
         assert np.array_equal(top.indices.numpy(), indices[samples, v])
         np.testing.assert_allclose(top.values.numpy(), values[samples, v].astype(np.float32), atol=2e-2)
+
+
+def test_random_views_are_trained_one_per_epoch_in_turn(imagenet_cache: Path) -> None:
+    """K stored random views: epoch e trains every image on its view e mod K (a fresh view each epoch for
+    K >= epochs, as TinyViT), in a full shuffle of the images."""
+    from cache_store import open_cache
+    from pipelines.config import TrainConfig
+    from pipelines.targets import CachedRows, row_plan
+
+    cache = open_cache(str(imagenet_cache))
+    plan = row_plan(TrainConfig(student="tv:resnet18", out="unused", cache=str(imagenet_cache), target="kd",
+                                feature_loss=None), cache, [])
+    assert plan.cycle and plan.num_views == VIEWS and "views/params" in plan.teacher
+    rows = CachedRows(plan, {name: np.zeros(1) for name in plan.arrays}, torch.device("cpu"))
+    n = TRAIN_PER_CLASS * len(CLASSES)
+    orders = []
+    for epoch in range(4):
+        draws = rows.draw(torch.arange(n), torch.Generator().manual_seed(epoch), epoch)
+        assert sorted(draws.index.tolist()) == list(range(n)) and set(draws.view.tolist()) == {epoch % VIEWS}
+        orders.append(draws.index.tolist())
+    assert orders[0] != orders[1]
