@@ -32,6 +32,7 @@ from cache_store.schema import (
     clip_layouts,
     clip_records,
     flags_of,
+    is_clean_row,
     is_strong,
     model_of,
     read_layout,
@@ -300,7 +301,7 @@ class CacheReader:
         `views/params` and `labels` are not counted."""
         stored = {a["name"]: a["stored_bytes"] for a in self.array_info()}
         teacher = [s for n, s in self.layout.sample_arrays().items() if model_of(n) == "teacher"]
-        parts = {"teacher": [s for s in teacher if not is_strong(s.name)]}
+        parts = {"teacher": [s for s in teacher if not is_strong(s.name) and not is_clean_row(s.name)]}
         if self.layout.strong_views:  # "strong": the teacher's rows on the strong views
             parts["strong"] = [s for s in teacher if is_strong(s.name)]
         for name, clip in self.clips.items():

@@ -51,13 +51,14 @@ _COMMON_FIELDS: dict = {
 }
 MANIFEST_FIELDS: dict = {**_COMMON_FIELDS, "clip_models": dict}  # each entry: CLIP_MODEL_FIELDS
 CLIP_MODEL_FIELDS: dict = {**CLIP_FIELDS, "status": str, "embed_dim": int, "feature_dim": int}
-OPTIONAL_LAYOUT_KEYS = ("teacher_topk", "clip_views", "strong_views", "strong_param_dim", "features")  # None when unused; absent in older manifests
+OPTIONAL_LAYOUT_KEYS = ("teacher_topk", "clip_views", "strong_views", "strong_param_dim", "teacher_clean", "features")  # None when unused; absent in older manifests
 MODELS = ("teacher", "clip")
 CLIP_MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # A prompt set's name: one array under a model's text group, so no nesting, no "." or "..", no hidden name
 PROMPT_SET_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 VIEW_FILL = 0xFF  # packed view records never hold an all-0xFF row (richkd_cache/views.py Record)
-STRONG_PREFIX = "strong_"  # views/strong_params, teacher/strong_logits (or strong_topk_*): the strong views' arrays
+STRONG_PREFIX = "strong_"
+CLEAN_PREFIX = "clean_"  # teacher/clean_logits (or clean_topk_*): the teacher on the clean view, beside random views  # views/strong_params, teacher/strong_logits (or strong_topk_*): the strong views' arrays
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class CacheLayout:
     own policies, means `num_views`. `strong_views` is K, the strong (RandAugment) views per sample whose
     records and teacher logits are stored for methods that train on a second view (MLKD); None: none.
     `view_param_dim` and `strong_param_dim` are the bytes of one packed view record of each policy.
+    `teacher_clean` True: random views hold no clean view, so the teacher's logits on it are stored apart
+    (`teacher/clean_*`, one row per sample) for the accuracy reports; None: not stored.
     `features` False: no pooled features are stored (no `teacher/features`, no CLIP model's `features`),
     only feature losses (eq. 7-8) read them; None (older caches) or True: they are.
     """
@@ -92,6 +95,7 @@ class CacheLayout:
     clip_views: int | None = None
     strong_views: int | None = None
     strong_param_dim: int | None = None
+    teacher_clean: bool | None = None
     features: bool | None = None
 
     def __post_init__(self) -> None:
@@ -106,6 +110,8 @@ class CacheLayout:
         if (self.strong_views is None) != (self.strong_param_dim is None) or not (
                 self.strong_param_dim is None or _is_count(self.strong_param_dim)):
             wrong.append(f"strong_param_dim={self.strong_param_dim!r} (a positive integer with strong_views, else None)")
+        if self.teacher_clean not in (True, None):
+            wrong.append(f"teacher_clean={self.teacher_clean!r} (must be true or absent)")
         if not isinstance(self.features, (bool, type(None))):
             wrong.append(f"features={self.features!r} (must be true, false or absent)")
         if wrong:
@@ -157,12 +163,15 @@ class CacheLayout:
                       per_view("teacher/topk_indices", self.index_dtype, self.teacher_topk, fill=-1)]
         else:
             specs.append(per_view("teacher/logits", "float16", self.num_classes))
+        logits = [spec for spec in specs if spec.name.startswith("teacher/") and "features" not in spec.name]
+        if self.teacher_clean:  # the teacher's logits on the clean view, one row per sample
+            specs += [per_view(spec.name.replace("/", f"/{CLEAN_PREFIX}", 1), spec.dtype, spec.shape[2], 1,
+                               spec.fill_value) for spec in logits]
         if self.strong_views:  # the teacher's logits on K strong views, stored like those on its own views
             k = self.strong_views
             specs.append(per_view(f"views/{STRONG_PREFIX}params", "uint8", self.strong_param_dim, k, fill=VIEW_FILL))
             specs += [per_view(spec.name.replace("/", f"/{STRONG_PREFIX}", 1), spec.dtype, spec.shape[2], k,
-                               spec.fill_value)
-                      for spec in specs if spec.name.startswith("teacher/") and "features" not in spec.name]
+                               spec.fill_value) for spec in logits]
         return {s.name: s for s in specs}
 
     def arrays(self) -> dict[str, ArraySpec]:
@@ -247,6 +256,11 @@ def model_of(array: str) -> str | None:
 def is_strong(array: str) -> bool:
     """Whether an array holds the strong views (their parameters or the teacher's outputs on them)."""
     return array.rsplit("/", 1)[-1].startswith(STRONG_PREFIX)
+
+
+def is_clean_row(array: str) -> bool:
+    """Whether an array holds the teacher's clean-view row stored beside random views."""
+    return array.rsplit("/", 1)[-1].startswith(CLEAN_PREFIX)
 
 
 def model_views(manifest: dict) -> dict[str, dict]:

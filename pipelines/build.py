@@ -36,7 +36,7 @@ from cache_store import (
 )
 from cache_store._store import check_filesystem, is_remote, local_path
 from cache_store.schema import ClipLayout, clip_model_name
-from pipelines.cached import clean_views, stored_policy
+from pipelines.cached import has_clean_views, stored_policy
 from pipelines.config import BuildConfig, resolve_device
 from pipelines.distributed import (
     DistContext,
@@ -98,6 +98,11 @@ class BuildViews:
     @property
     def num_views(self) -> int:
         return num_views(self.value, self.policy.size)
+
+    @property
+    def stores_clean_row(self) -> bool:
+        """Random views hold no clean view: the teacher's row on it is stored apart (accuracy reports)."""
+        return clean_view_index(self.value, self.policy.size) is None
 
     def records(self, index: np.ndarray) -> np.ndarray:
         """(B, V, nbytes) uint8: the stored records of the samples `index` (views replayed on the device)."""
@@ -370,6 +375,7 @@ def cache_layout(num_samples: int, num_classes: int, teacher_dim: int, models: l
         clip_views=clip_views,
         strong_views=strong_views,
         strong_param_dim=views.strong.record.nbytes if strong_views else None,
+        teacher_clean=views.stores_clean_row or None,
         features=None if features else False,  # recorded only when false: older caches read unchanged
     )
 
@@ -635,6 +641,9 @@ def make_forward(
             "teacher/logits": rows(t_logits, v),
             "teacher/features": rows(t_feats, v),
         })
+        if views.stores_clean_row:  # (B, 1, C): the teacher on the clean images, what accuracy is measured on
+            c_logits, _ = in_calls(b, per_call, lambda r: teacher_forward(teacher, dataset, images[r], device))
+            out["teacher/clean_logits"] = rows(c_logits, 1)
         if views.strong is not None:  # (B, K, C): the teacher on the strong views (its features are not needed)
             strong = views.strong_records(index)
             s_logits, _ = run_teacher(teacher, dataset, lambda r: views_of(images, strong, r, views.strong),
@@ -645,10 +654,11 @@ def make_forward(
             values, indices = topk_log_probs(logits, topk)
             out.update({"teacher/topk_values": values.numpy(), "teacher/topk_indices": indices.numpy(),
                         "topk_kl": topk_kl(logits, topk).numpy()})  # (B, V)
-            if views.strong is not None:
-                values, indices = topk_log_probs(torch.from_numpy(out.pop("teacher/strong_logits")), topk)
-                out.update({"teacher/strong_topk_values": values.numpy(),
-                            "teacher/strong_topk_indices": indices.numpy()})
+            for part in ("clean_", "strong_"):
+                if f"teacher/{part}logits" in out:
+                    values, indices = topk_log_probs(torch.from_numpy(out.pop(f"teacher/{part}logits")), topk)
+                    out.update({f"teacher/{part}topk_values": values.numpy(),
+                                f"teacher/{part}topk_indices": indices.numpy()})
         return out
 
     return forward
@@ -729,7 +739,7 @@ def accuracy_summary(url: str, models: list[str]) -> tuple[dict, dict[str, dict]
     prompt set, on the clean view, from the cache itself (none when a model has no clean view: random
     views only)."""
     reader = open_cache(url, require_complete=False)
-    clean = None not in clean_views(reader).values()
+    clean = has_clean_views(reader)
     rows = {m: prompt_set_accuracy(reader, 0.7, m) if clean else [] for m in models}
     top1 = next((r[0]["teacher_top1"] for r in rows.values() if r), None)
     teacher = dict(reader.manifest["teacher"], accuracy=top1)

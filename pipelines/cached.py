@@ -20,6 +20,23 @@ def clean_views(reader: CacheReader) -> dict[str, int | None]:
             for model, v in model_views(reader.manifest).items()}
 
 
+def clean_rows(reader: CacheReader) -> dict[str, tuple[tuple[str, ...], int] | None]:
+    """Where each model's clean view is: (arrays, view) for the teacher (its clean view among its views, or
+    the clean row stored beside random views) and CLIP ((), its clean view); None where there is none."""
+    clean = clean_views(reader)
+    teacher = None
+    if clean["teacher"] is not None:
+        teacher = (teacher_logit_arrays(reader), clean["teacher"])
+    elif reader.layout.teacher_clean:
+        teacher = (teacher_logit_arrays(reader, part="clean_"), 0)
+    return {"teacher": teacher, "clip": None if clean["clip"] is None else ((), clean["clip"])}
+
+
+def has_clean_views(reader: CacheReader) -> bool:
+    """Whether accuracy can be measured from the cache: both models have a clean row."""
+    return None not in clean_rows(reader).values()
+
+
 def stored_policy(reader: CacheReader, which: str = "teacher") -> ViewPolicy:
     """The policy whose records a cache stores for the teacher's views (`views/params`) or the strong views
     (`which="strong"`), refused in one line when its recorded fields are not those this version replays."""
@@ -38,9 +55,10 @@ def stored_policy(reader: CacheReader, which: str = "teacher") -> ViewPolicy:
     return policy
 
 
-def teacher_logit_arrays(cache: CacheReader, strong: bool = False) -> tuple[str, ...]:
-    """The arrays holding the teacher's logits (on its views, or on the strong views): full, or top-k."""
-    prefix = "teacher/strong_" if strong else "teacher/"
+def teacher_logit_arrays(cache: CacheReader, strong: bool = False, part: str = "") -> tuple[str, ...]:
+    """The arrays holding the teacher's logits (on its views, on the strong views, or `part="clean_"` its
+    clean row beside random views): full, or top-k."""
+    prefix = "teacher/strong_" if strong else f"teacher/{part}"
     return tuple(f"{prefix}{n}" for n in (("topk_values", "topk_indices") if cache.layout.teacher_topk else ("logits",)))
 
 
@@ -49,15 +67,16 @@ def clean_view(reader: CacheReader,
     """Labels (N,), the teacher's logits (N, C) and each CLIP model's image embeddings (N, D) of the clean
     view (the whole image, which accuracy is measured on), the teacher's rebuilt from its top-k when the
     cache stores only that. `models`: the CLIP models (None: the cache's only one)."""
-    clean = clean_views(reader)
+    clean = clean_rows(reader)
     missing = [m for m, v in clean.items() if v is None]
     if missing:
         policies = {m: v["policy"] for m, v in model_views(reader.manifest).items()}
         raise DataError(f"cache {reader.url} holds no clean view of the {' and '.join(missing)} (views: "
                         f"{', '.join(f'{m} {p}' for m, p in policies.items())}); accuracy is measured on the clean view")
-    t, c = clean["teacher"], clean["clip"]
-    names = teacher_logit_arrays(reader)
-    z_t = teacher_rows_logits({n: torch.from_numpy(reader.load_view(n, t)) for n in names}, reader.layout.num_classes)
+    (names, t), (_, c) = clean["teacher"], clean["clip"]
+    # the clean row's arrays are read under the teacher's own names (teacher/clean_logits -> teacher/logits)
+    z_t = teacher_rows_logits({n.replace("/clean_", "/"): torch.from_numpy(reader.load_view(n, t)) for n in names},
+                              reader.layout.num_classes)
     models = reader.select_clip(None) if models is None else models
     embeds = {m: torch.from_numpy(reader.load_view(reader.clips[m].image_embeds, c).astype(np.float32)) for m in models}
     return torch.from_numpy(reader.load("labels").astype(np.int64)), z_t, embeds

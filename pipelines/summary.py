@@ -15,7 +15,7 @@ from rich.table import Table
 from cache_store import open_cache
 from cache_store.schema import ArraySpec, CacheLayout, ClipLayout, is_strong, model_views
 from cache_store.verify import checksum_summary
-from pipelines.cached import clean_view, clean_views
+from pipelines.cached import clean_view, has_clean_views
 from richkd_cache.clip_logits import clip_logits, ensemble_logits
 from richkd_cache.distill import fuse_logits
 from richkd_cache.errors import ConfigError
@@ -58,7 +58,7 @@ def cache_summary(url: str, alpha: float) -> dict:
         "alpha": alpha,
         "prompt_sets": [],
     }
-    if manifest.get("status") == "complete" and None not in clean_views(reader).values():
+    if manifest.get("status") == "complete" and has_clean_views(reader):
         complete = reader.complete_clip_models()
         summary["prompt_sets"] = [{"clip_model": m, **row} for m in complete for row in prompt_set_accuracy(reader, alpha, m)]
         if len(complete) > 1:

@@ -193,9 +193,9 @@ def test_info_reports_bytes_per_sample_view_and_the_imagenet_size(imagenet_cache
     assert result.exit_code == 0, result.output
     storage = json.loads(result.output)["storage"]
     # per view: top-10 values fp16 + indices int16, the packed view (8 B); per sample, over the 2 views: the
-    # label (int32) and richkd-tiny's 32-d embedding (fp16)
+    # label (int32), richkd-tiny's 32-d embedding (fp16) and the teacher's top-10 on the clean view
     assert storage["view_arrays_bytes"] == TOPK * (2 + 2) + 8 == 48
-    per_view = 48 + (4 + 32 * 2) / VIEWS
+    per_view = 48 + (4 + 32 * 2 + TOPK * (2 + 2)) / VIEWS
     assert storage["bytes_per_sample_view"] == pytest.approx(per_view)
     assert storage["parts"]["views/params"] == 8 and storage["parts"]["teacher/topk_indices"] == 20
     assert storage["imagenet_1k"]["bytes"] == pytest.approx(1_281_167 * VIEWS * per_view)
