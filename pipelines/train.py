@@ -33,6 +33,7 @@ from richkd_cache.distill import DistillObjective, create_objective
 from richkd_cache.errors import ConfigError, DataError
 from richkd_cache.models import create_model, input_size_options
 from richkd_cache.subsets import subset_indices
+from richkd_cache.views import ViewPolicy
 
 
 def run_train(cfg: TrainConfig, reporter: Reporter) -> dict:
@@ -123,6 +124,11 @@ def setup_source(cfg: TrainConfig, cache: CacheReader | None, train_set: ImageDa
     if cfg.online and strong_views_needed(cfg, cache):
         raise ConfigError(f"--online runs no teacher on strong views: train {cfg.method} from the cache")
     source = setup_targets(cfg, cache, train_set.labels, pool, device, cache_device, reporter, working=working)
+    in_files = getattr(train_set, "images", None) is None and source.policy.whole_image
+    if in_files and (cfg.online or source.strong_policy is not None):  # they also need the clean image
+        raise ConfigError(f"{'train --online' if cfg.online else 'strong views'} need the clean image beside the "
+                          f"drawn view, and image files under {source.policy.name} views are decoded to the view "
+                          "alone in the loader's workers: train from the cache without them")
     if cfg.online:
         from pipelines.online import online_source  # builds models: imported only when asked for
 
@@ -336,16 +342,13 @@ def train_epoch(
     return stats
 
 
-def replayed_in_workers(images: torch.Tensor | None, dataset: ImageDataset, policy, source: StageTwoTargets | None,
-                        draws: Draws, cfg: TrainConfig, epoch: int) -> DrawnViews | None:
+def replayed_in_workers(images: torch.Tensor | None, dataset: ImageDataset, policy: ViewPolicy,
+                        source: StageTwoTargets | None, draws: Draws, cfg: TrainConfig, epoch: int) -> DrawnViews | None:
     """Image files under a whole-image policy are decoded and cut in the loader's workers: the epoch's drawn
     records (a few bytes per draw, gathered at once), or fresh draws from the epoch's seed. None: the views
     are replayed on the training device (in-memory images, or views of the clean image)."""
     if images is not None or not policy.whole_image:
         return None
-    if source is not None and (source.online is not None or source.strong_policy is not None):
-        raise ConfigError("train --online and strong views replay on the clean image, which image files under "
-                          f"{policy.name} views are not decoded to in training; train from the cache")
     records = source.rows.records(draws) if source is not None and draws.view is not None else None
     return DrawnViews(dataset, policy, draws.index.numpy(), records, seed=cfg.seed * 100_003 + epoch)
 

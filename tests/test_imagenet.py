@@ -261,3 +261,13 @@ def test_random_views_are_trained_one_per_epoch_in_turn(imagenet_cache: Path) ->
         assert sorted(draws.index.tolist()) == list(range(n)) and set(draws.view.tolist()) == {epoch % VIEWS}
         orders.append(draws.index.tolist())
     assert orders[0] != orders[1]
+
+
+def test_online_on_image_files_with_whole_image_views_is_one_line(imagenet_cache: Path, tmp_path: Path) -> None:
+    """The online reference runs CLIP on the clean image, which the loader's workers do not decode beside a
+    whole-image view: refused before the run folder is written."""
+    result = invoke("train", "--cache", imagenet_cache, "--student", "tv:resnet18", "--online", "--epochs", "1",
+                    "--device", "cpu", "--workers", "0", "--quiet", "--out", tmp_path / "run")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "need the clean image" in lines[0], result.output
+    assert not (tmp_path / "run").exists()
