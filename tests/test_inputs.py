@@ -176,7 +176,9 @@ def test_forward_never_runs_more_than_batch_size_views_at_once(monkeypatch: pyte
                                                  batch_size=batch_size)(batch)
         monkeypatch.setattr(build, "TEACHER_PIXELS_PER_CALL", 0)  # images as large as a CIFAR teacher's budget
         seen = model.seen
-    assert max(seen) <= 4 and sum(seen) == 2 * 3 * 7  # each view once through each model, 4 at a time
+    # each view once through each model, 4 at a time, and the teacher once on each clean image (the clean row
+    # random views store beside them)
+    assert max(seen) <= 4 and sum(seen) == 2 * 3 * 7 + 3
     assert outputs[4]["teacher/logits"].shape == (3, 7, 3) and outputs[4]["clip/recorder/features"].shape == (3, 7, 12)
     for name, value in outputs[10**6].items():
         np.testing.assert_array_equal(outputs[4][name], value, err_msg=name)
