@@ -126,10 +126,13 @@ def recorded_views(reader: CacheReader) -> BuildViews:
                       layout.strong_views or 0)
 
 
-def build_views(cfg: BuildConfig, size: int) -> BuildViews:
+def build_views(cfg: BuildConfig, dataset: ImageDataset) -> BuildViews:
+    """The views `cfg` asks for on `dataset` (its side, and its normalisation for policies that fill pixels)."""
+    size = image_size(dataset)
     policies = view_policies(cfg, size)
     value = policies["teacher"]["policy"]
-    return BuildViews(value, policy_of(value, size, cfg.view_policy), cfg.view_seed, policies["clip"]["num_views"],
+    policy = policy_of(value, size, cfg.view_policy, (dataset.mean, dataset.std))
+    return BuildViews(value, policy, cfg.view_seed, policies["clip"]["num_views"],
                       create_policy("mlkd-strong", size) if cfg.strong_views else None, cfg.strong_views)
 
 
@@ -154,7 +157,7 @@ def run_build(cfg: BuildConfig, reporter: Reporter) -> str:
         device = resolve_device(rank_device(cfg.device, ctx))
         say = reporter if ctx.is_main else Reporter(reporter.console, quiet=True)
         dataset = create_dataset(cfg.dataset, cfg.data_root, cfg.split, image_size=cfg.image_size, resize=cfg.resize)
-        views = build_views(cfg, image_size(dataset))
+        views = build_views(cfg, dataset)
         prompt_sets = [resolve_prompt_set(p, cfg.dataset, dataset.classes) for p in cfg.prompts]  # before the models
         specs = clip_specs(cfg)
         with say.stage("loading teacher " + " ".join(filter(None, (cfg.teacher, cfg.teacher_checkpoint)))):
@@ -396,7 +399,7 @@ def build_manifest(cfg: BuildConfig, dataset: ImageDataset, teacher: Teacher, mo
     }
     size = image_size(dataset)
     per_model = view_policies(cfg, size)
-    chosen = build_views(cfg, size)
+    chosen = build_views(cfg, dataset)
     policy = per_model["teacher"]["policy"]
     # top-level policy / num_views: the teacher's, whose records `views/params` holds
     views = {"num_views": per_model["teacher"]["num_views"], "policy": str(policy), **policy_manifest(chosen.policy),

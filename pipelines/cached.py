@@ -43,8 +43,10 @@ def stored_policy(reader: CacheReader, which: str = "teacher") -> ViewPolicy:
     views = reader.manifest.get("views") or {}
     entry = views.get("strong") if which == "strong" else views
     size = views.get("image_size", CIFAR_SIZE)
+    teacher = reader.manifest.get("teacher") or {}
+    norm = (tuple(teacher["mean"]), tuple(teacher["std"])) if teacher.get("mean") and teacher.get("std") else None
     try:
-        policy = create_policy(str(entry["augment"]), int(size))
+        policy = create_policy(str(entry["augment"]), int(size), norm)  # the normalisation the build drew with
     except (KeyError, TypeError, ValueError, RichKDError):
         raise DataError(f"cache {reader.url} records no view policy this version replays for its {which} views "
                         f"({entry.get('augment') if isinstance(entry, dict) else entry!r})") from None

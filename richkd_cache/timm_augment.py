@@ -32,8 +32,8 @@ distributions from a torch.Generator (timm draws from Python's `random` and nump
   ops as Pillow's BICUBIC affine (libImaging/Geometry.c: the a = -1 cubic, in float64 on the host).
 - PosterizeIncreasing at magnitude 10 keeps 0 bits: black, as the Pillow of LG's time gave; Pillow 13
   refuses 0 bits with a ValueError, so timm itself raises there today.
-- Normalisation: the fill colour and the erasing noise follow the *student's* normalisation (CIFAR-100's
-  mean/std by default, as richkd_cache/data/cifar.py normalises); LG normalises with ImageNet's, so its fill
+- Normalisation: the fill colour and the erasing noise follow the *student's* normalisation (the dataset's
+  mean/std, recorded with the cache's views; CIFAR-100's for the CIFAR recipes); LG normalises with ImageNet's, so its fill
   is (124, 116, 104) where ours is (129, 124, 112).
 - Erasing works on the uint8 view before normalisation: a value of timm's N(0, 1) noise z becomes
   round(255 * (mean + std * z)) clipped to 0..255, the uint8 that normalises nearest to z. Noise outside
@@ -348,8 +348,11 @@ class TimmRandomErasing(Stage):
         return out
 
 
-def deit_policy(size: int) -> ViewPolicy:
+def deit_policy(size: int, norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> ViewPolicy:
     """LG's / timm's DeiT training views of the whole image: random-resized crop and flip, RandAugment
-    rand-m9-mstd0.5-inc1, random erasing (0.25, pixel noise)."""
-    return ViewPolicy("deit", (ResizedCrop(), Flip(), TimmRandAugment(), TimmRandomErasing()), size,
+    rand-m9-mstd0.5-inc1, random erasing (0.25, pixel noise); `norm`: the dataset's (mean, std), which the fill
+    colour and the erasing noise follow (None: CIFAR-100's)."""
+    mean, std = norm or (CIFAR100_MEAN, CIFAR100_STD)
+    return ViewPolicy("deit", (ResizedCrop(), Flip(), TimmRandAugment(fill=fill_colour(mean)),
+                               TimmRandomErasing(mean=tuple(mean), std=tuple(std))), size,
                       whole_image=True, stream=DEIT_STREAM)

@@ -356,14 +356,16 @@ def sample_generator(seed: int, stream: int, index: int) -> torch.Generator:
 
 
 _STRONG_STREAM = 0x5747
-_POLICIES: dict[str, Callable[[int], ViewPolicy]] = {
-    "clean": lambda size: ViewPolicy("clean", (), size),
-    "crop-flip": lambda size: ViewPolicy("crop-flip", (PadCrop(pad_for(size)), Flip()), size),
-    "random-resized-crop": lambda size: ViewPolicy("random-resized-crop", (ResizedCrop(), Flip()), size,
-                                                   whole_image=True, stream=1),
-    "mlkd-strong": lambda size: ViewPolicy("mlkd-strong", (PadCrop(pad_for(size)), Flip(), RandOps(), Cutout()),
-                                           size, stream=_STRONG_STREAM),
-    "deit": lambda size: _lazy_deit(size),
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # the dataset's (mean, std): the student's inputs
+# name -> factory(view side, normalisation); only pixel-filling stages (deit's erasing noise and fill) read the latter
+_POLICIES: dict[str, Callable[[int, Normalization | None], ViewPolicy]] = {
+    "clean": lambda size, norm: ViewPolicy("clean", (), size),
+    "crop-flip": lambda size, norm: ViewPolicy("crop-flip", (PadCrop(pad_for(size)), Flip()), size),
+    "random-resized-crop": lambda size, norm: ViewPolicy("random-resized-crop", (ResizedCrop(), Flip()), size,
+                                                         whole_image=True, stream=1),
+    "mlkd-strong": lambda size, norm: ViewPolicy("mlkd-strong", (PadCrop(pad_for(size)), Flip(), RandOps(),
+                                                                 Cutout()), size, stream=_STRONG_STREAM),
+    "deit": lambda size, norm: _lazy_deit(size, norm),
 }
 
 
@@ -371,10 +373,12 @@ def list_policies() -> list[str]:
     return sorted(_POLICIES)
 
 
-def create_policy(name: str, size: int) -> ViewPolicy:
+def create_policy(name: str, size: int, norm: Normalization | None = None) -> ViewPolicy:
+    """Policy `name` making size x size views; `norm`: the dataset's (mean, std), which a policy that fills
+    pixels (deit) fills for (None: CIFAR-100's)."""
     if name not in _POLICIES:
         raise ConfigError(f"unknown view policy {name!r}; valid: {', '.join(list_policies())}")
-    return _POLICIES[name](size)
+    return _POLICIES[name](size, norm)
 
 
 RANDOM_POLICIES = ("random-resized-crop", "deit")  # what `--view-policy` may name for K random views
@@ -385,13 +389,14 @@ def check_random_policy(name: str) -> None:
         raise ConfigError(f"--view-policy takes {' or '.join(RANDOM_POLICIES)}, not {name!r}")
 
 
-def policy_of(views: str | int, size: int, augment: str = "random-resized-crop") -> ViewPolicy:
+def policy_of(views: str | int, size: int, augment: str = "random-resized-crop",
+              norm: Normalization | None = None) -> ViewPolicy:
     """The policy of a `--teacher-views` value: clean, all (crop-flip, enumerated), K (draws of `augment`)."""
     if views == "clean":
         return create_policy("clean", size)
     if views == "all":
         return create_policy("crop-flip", size)
-    return create_policy(augment, size)
+    return create_policy(augment, size, norm)
 
 
 def enumerated_views(policy: ViewPolicy) -> Fields:
@@ -415,8 +420,8 @@ def stored_views(views: str | int, policy: ViewPolicy, seed: int, index: int, k:
     return policy.record.pack(policy.sample_views(seed, index, k, height, width), k)
 
 
-def _lazy_deit(size: int) -> ViewPolicy:
+def _lazy_deit(size: int, norm: Normalization | None) -> ViewPolicy:
     """The `deit` policy (richkd_cache/timm_augment.py), imported when asked for: that module imports this one."""
     from richkd_cache.timm_augment import deit_policy
 
-    return deit_policy(size)
+    return deit_policy(size, norm)

@@ -233,3 +233,41 @@ def test_a_deit_view_replays_bit_identically_from_its_packed_record() -> None:
     assert views.shape == (4, 3, 224, 224) and views.dtype == torch.uint8
     assert torch.equal(views, policy.replay_packed(x.expand(4, -1, -1, -1), raw))
     assert not torch.equal(views[0], views[1])
+
+
+def test_a_deit_cache_replays_its_views_for_the_teacher_and_trains(teacher, tmp_path) -> None:
+    """`build --teacher-views K --view-policy deit`: the policy stage two rebuilds from the manifest fills with
+    the dataset's normalisation, its replay of a stored record gives the teacher's cached logits, and a student
+    trains from the cache (its views replayed on the host)."""
+    from clirun import invoke
+
+    from cache_store import open_cache
+    from pipelines.cached import stored_policy
+    from richkd_cache.data import create_dataset, normalize
+    from richkd_cache.models import load_checkpoint
+    from richkd_cache.timm_augment import fill_colour
+
+    out = tmp_path / "deit.zarr"
+    result = invoke("build", "--dataset", "digits", "--teacher-checkpoint", teacher, "--clip", "richkd-tiny",
+                    "--clip-pretrained", "random", "--prompts", "single", "--teacher-views", "2", "--view-policy",
+                    "deit", "--no-features", "--device", "cpu", "--workers", "0", "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    cache = open_cache(str(out))
+    dataset = create_dataset("digits", None, "train")
+    policy = stored_policy(cache)
+    assert policy.name == "deit" and policy.stages[2].fill == fill_colour(dataset.mean)
+    assert policy.stages[3].mean == tuple(dataset.mean) and cache.layout.teacher_clean
+    rows = np.array([0, 9, 700])
+    records = cache.load("views/params")[rows]  # (3, 2, nbytes)
+    model, _ = load_checkpoint(str(teacher))
+    model.eval()
+    images = torch.stack([dataset[int(i)]["image"] for i in rows])
+    for v in range(2):
+        pixels = policy.replay_packed(images, records[:, v])
+        with torch.no_grad():
+            logits, _ = model(normalize(pixels, dataset.mean, dataset.std))
+        cached = torch.from_numpy(cache.load("teacher/logits")[rows, v].astype(np.float32))
+        assert torch.allclose(logits, cached, rtol=2e-3, atol=2e-3), v
+    trained = invoke("train", "--cache", out, "--student", "resnet8", "--epochs", "1", "--fraction", "0.1",
+                     "--device", "cpu", "--workers", "0", "--quiet", "--out", tmp_path / "run")
+    assert trained.exit_code == 0, trained.output
