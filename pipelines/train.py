@@ -306,15 +306,16 @@ def train_epoch(
     order = draws.index.to(device) if images is not None else draws.index  # one copy per epoch, not per batch
     policy = source.policy if source is not None else student_policy(None, dataset.image_side)
     in_workers = replayed_in_workers(images, dataset, policy, source, draws, cfg, epoch)
-    cached = prefetched(draws, cfg.batch_size, None if source is None else source.gather)
+    cached = prefetched(draws, cfg.batch_size, gatherer(source, dataset, images))
     with reporter.task(f"epoch {epoch + 1}", total=len(draws.index)) as advance:
         for (index, x, y), (_, rows, strong_rows) in zip(
                 batches(images, dataset, cfg.batch_size, order, cfg.workers, in_workers), cached):
             x, y, index = x.to(device), y.to(device), index.to(device)
             rows, strong_rows = to_device(rows, device), to_device(strong_rows, device)
             records = rows.pop("views/params", None)
-            # (B, 3, H, W) uint8: the drawn views (already cut from the decoded files in the loader's workers)
-            pixels = x if in_workers is not None else augment(x, records, policy, generator)
+            # (B, 3, H, W) uint8: the drawn views (already cut in the loader's workers, or with the rows)
+            pixels = x if in_workers is not None else rows.pop("pixels", None)
+            pixels = augment(x, records, policy, generator) if pixels is None else pixels
             target_logits, target_feats = (None, {}) if source is None else source.targets(rows, x, pixels, y)
             # a two-view method's (MLKD) second input: the drawn strong view's pixels and its targets
             strong = None
@@ -340,6 +341,25 @@ def train_epoch(
         raise ConfigError(f"the loss became {stats['loss']} in epoch {epoch + 1}; lower --lr or the loss weights")
     stats["train_top1"] = 100.0 * float(correct) / seen
     return stats
+
+
+def gatherer(source: StageTwoTargets | None, dataset: ImageDataset,
+             images: torch.Tensor | None) -> Callable[[Draws], tuple[dict, dict]] | None:
+    """What the background thread gathers per batch: the cached rows, and for in-memory images under a
+    whole-image policy (deit, random-resized crops of CIFAR) also the views' pixels, replayed there on the
+    host (where stage one replayed them) rather than in the step."""
+    host = getattr(dataset, "images", None)  # (N, H, W, 3) uint8
+    if source is None or images is None or host is None or not source.policy.whole_image:
+        return None if source is None else source.gather
+    policy = source.policy
+
+    def gather(draws: Draws) -> tuple[dict, dict]:
+        rows, strong = source.gather(draws)
+        x = torch.from_numpy(np.ascontiguousarray(host[draws.index.numpy()].transpose(0, 3, 1, 2)))
+        rows["pixels"] = policy.replay(x, policy.record.unpack(rows.pop("views/params").cpu()))
+        return rows, strong
+
+    return gather
 
 
 def replayed_in_workers(images: torch.Tensor | None, dataset: ImageDataset, policy: ViewPolicy,

@@ -268,6 +268,20 @@ def test_a_deit_cache_replays_its_views_for_the_teacher_and_trains(teacher, tmp_
             logits, _ = model(normalize(pixels, dataset.mean, dataset.std))
         cached = torch.from_numpy(cache.load("teacher/logits")[rows, v].astype(np.float32))
         assert torch.allclose(logits, cached, rtol=2e-3, atol=2e-3), v
+    # stage two replays a batch's views with its rows, in the background thread: the pixels the teacher saw
+    from pipelines.config import TrainConfig
+    from pipelines.progress import Reporter
+    from pipelines.targets import setup_targets
+    from pipelines.train import gatherer, setup_images
+
+    cfg = TrainConfig(student="resnet8", out="unused", cache=str(out), target="kd", feature_loss=None)
+    cpu, pool = torch.device("cpu"), torch.arange(len(dataset))
+    source = setup_targets(cfg, cache, dataset.labels, pool, cpu, cpu, Reporter(quiet=True))
+    batch = source.rows.draw(pool, torch.Generator().manual_seed(0), epoch=1).batch(0, 5)
+    gathered, _ = gatherer(source, dataset, setup_images(dataset, cpu))(batch)
+    expected = policy.replay_packed(torch.stack([dataset[int(i)]["image"] for i in batch.index]),
+                                    cache.load("views/params")[batch.index.numpy(), 1])
+    assert torch.equal(gathered["pixels"], expected) and "views/params" not in gathered
     trained = invoke("train", "--cache", out, "--student", "resnet8", "--epochs", "1", "--fraction", "0.1",
                      "--device", "cpu", "--workers", "0", "--quiet", "--out", tmp_path / "run")
     assert trained.exit_code == 0, trained.output
