@@ -122,7 +122,9 @@ def recorded_views(reader: CacheReader) -> BuildViews:
     views, layout = reader.manifest["views"], reader.layout
     value = parse_policy(str(views["policy"]))
     strong = stored_policy(reader, "strong") if layout.strong_views else None
-    return BuildViews(value, stored_policy(reader), int(views.get("seed") or 0), layout.clip_num_views, strong,
+    # one --view-seed drew both; the top level records it for random teacher views only
+    seed = views.get("seed") if views.get("seed") is not None else (views.get("strong") or {}).get("seed")
+    return BuildViews(value, stored_policy(reader), int(seed or 0), layout.clip_num_views, strong,
                       layout.strong_views or 0)
 
 

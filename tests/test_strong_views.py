@@ -291,3 +291,18 @@ def test_mlkd_recipes_carry_its_own_schedule(pair: str) -> None:
         recipe = load_recipe(name)
         assert (recipe["method"], recipe["target"], recipe["epochs"], recipe["lr"]) == ("mlkd", target, 480, 0.025)
         assert recipe["milestones"] == [150, 180, 210] and recipe["batch_size"] == 64
+
+
+def test_strong_views_of_another_view_seed_verify(teacher, tmp_path: Path) -> None:
+    """`--view-seed` draws the strong views; verify --recompute draws them again from the recorded seed."""
+    out = tmp_path / "seeded.zarr"
+    result = runner.invoke(app, ["build", "--dataset", "digits", "--split", "val", "--teacher-checkpoint", str(teacher),
+                                 "--clip", "richkd-tiny", "--clip-pretrained", "random", "--prompts", "single",
+                                 "--teacher-views", "clean", "--strong-views", "1", "--view-seed", "5", "--device",
+                                 "cpu", "--workers", "0", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    cache = open_cache(str(out))
+    assert not np.array_equal(cache.load("views/strong_params")[:20, 0],
+                              np.stack([stored_views(1, STRONG, 0, i, 1)[0] for i in range(20)]))
+    verify = runner.invoke(app, ["verify", str(out), "--recompute", "3", "--device", "cpu"])
+    assert verify.exit_code == 0 and "ok" in verify.output, verify.output
