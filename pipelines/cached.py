@@ -57,11 +57,10 @@ def stored_policy(reader: CacheReader, which: str = "teacher") -> ViewPolicy:
     return policy
 
 
-def teacher_logit_arrays(cache: CacheReader, strong: bool = False, part: str = "") -> tuple[str, ...]:
-    """The arrays holding the teacher's logits (on its views, on the strong views, or `part="clean_"` its
-    clean row beside random views): full, or top-k."""
-    prefix = "teacher/strong_" if strong else f"teacher/{part}"
-    return tuple(f"{prefix}{n}" for n in (("topk_values", "topk_indices") if cache.layout.teacher_topk else ("logits",)))
+def teacher_logit_arrays(cache: CacheReader, part: str = "") -> tuple[str, ...]:
+    """The arrays holding the teacher's logits: on its views (`part` ""), on the strong views ("strong_"), or
+    its clean row beside random views ("clean_"); full, or top-k."""
+    return tuple(f"teacher/{part}{n}" for n in (("topk_values", "topk_indices") if cache.layout.teacher_topk else ("logits",)))
 
 
 def clean_view(reader: CacheReader,

@@ -117,10 +117,10 @@ def row_plan(cfg: TrainConfig, cache: CacheReader, clips: list[ClipLayout], feat
         clip += tuple(c.features for c in clips)
     strong = ()
     if strong_views_needed(cfg, cache):
-        strong = ("views/strong_params", *teacher_logit_arrays(cache, strong=True))
-    cycle = clean_views(cache)["teacher"] is None  # no clean view: K random views
+        strong = ("views/strong_params", *teacher_logit_arrays(cache, part="strong_"))
+    clean = clean_views(cache)  # the teacher has no clean view among K random views: they are cycled
     return RowPlan(teacher, clip, strong, layout.clip_num_views == layout.num_views > 1, layout.num_views,
-                   layout.strong_views or 0, clean_views(cache)["clip"], cycle)
+                   layout.strong_views or 0, clean["clip"], clean["teacher"] is None)
 
 
 # ---------------------------------------------------------------- fusion state: prompt sets and statistics

@@ -356,7 +356,7 @@ def gatherer(source: StageTwoTargets | None, dataset: ImageDataset,
     def gather(draws: Draws) -> tuple[dict, dict]:
         rows, strong = source.gather(draws)
         x = torch.from_numpy(np.ascontiguousarray(host[draws.index.numpy()].transpose(0, 3, 1, 2)))
-        rows["pixels"] = policy.replay(x, policy.record.unpack(rows.pop("views/params").cpu()))
+        rows["pixels"] = policy.replay_packed(x, rows.pop("views/params").cpu())
         return rows, strong
 
     return gather
